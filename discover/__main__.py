@@ -1,0 +1,3 @@
+from discover.cli import main
+
+raise SystemExit(main())

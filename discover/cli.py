@@ -1,0 +1,382 @@
+"""The `discover` command line: parse arguments, open the store, call one library function,
+format the result. Every user error becomes one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from discover.errors import DiscoverError
+
+EPILOGS: dict[str, str] = {}
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        default=None,
+        help="store directory (default: $DISCOVER_STORE, else ./indexes)",
+    )
+
+
+def _verb(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    EPILOGS[name] = example
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _open_store(args, read_only: bool):
+    from discover.store import Store
+
+    return Store(args.store, read_only=read_only)
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}g}" if abs(x) < 1e4 else f"{x:.3e}"
+    return str(x)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _toks(tokens: list[str], n: int = 6) -> str:
+    return " ".join(repr(t) for t in tokens[:n])
+
+
+# ------------------------------------------------------------------------ scan ----
+def _add_scan(sub) -> None:
+    p = _verb(sub, "scan", "Scan every MLP neuron of a model into the store (weights only).",
+              'discover scan gpt2-large --store indexes')
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="hub id or local model directory (default: the embedded default model)")
+    _add_store(p)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle .bin weights (loaded with weights_only=True)")
+    p.add_argument("--top-k", type=int, default=20, help="top and bottom tokens kept per neuron (20)")
+    p.add_argument("--token-top-k", type=int, default=50,
+                   help="neurons kept per token and sign: the exact depth of `query token` (50)")
+    p.add_argument("--chunk-rows", type=int, default=256, help="neurons per matmul chunk (256)")
+    p.add_argument("--kurtosis", type=float, default=10.0,
+                   help="prediction/suppression: vocabulary kurtosis above this (10)")
+    p.add_argument("--partition-var", type=float, default=5.12,
+                   help="partition: vocabulary variance above this / d_model (5.12)")
+    p.add_argument("--entropy-norm-z", type=float, default=3.0,
+                   help="entropy: ||w_out|| z-score at least this (3)")
+    p.add_argument("--entropy-var", type=float, default=0.5,
+                   help="entropy: vocabulary variance below this / d_model (0.5)")
+    p.add_argument("--io-cos", type=float, default=0.5,
+                   help="memory management / signal boosting: |cos(w_in, w_out)| above this (0.5)")
+    p.add_argument("--force", action="store_true", help="rescan even if this checkpoint is in the store")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_scan)
+
+
+def _cmd_scan(args) -> int:
+    from dataclasses import asdict
+
+    from discover.scan import RoleThresholds, ScanConfig, scan_model
+
+    try:
+        cfg = ScanConfig(
+            top_k=args.top_k, token_top_k=args.token_top_k, chunk_rows=args.chunk_rows,
+            roles=RoleThresholds(kurtosis=args.kurtosis, partition_var=args.partition_var,
+                                 entropy_norm_z=args.entropy_norm_z, entropy_var=args.entropy_var,
+                                 io_cos=args.io_cos),
+        )
+    except ValueError as e:
+        raise DiscoverError(str(e)) from None
+    with _open_store(args, read_only=False) as store:
+        summary = scan_model(args.model, store, cfg, allow_pickle=args.allow_pickle,
+                             progress=not args.json, force=args.force)
+    if args.json:
+        _print_json(asdict(summary))
+        return 0
+    what = {"scanned": "scanned", "unchanged": "already in the store, nothing to do",
+            "roles-updated": "already in the store; roles re-derived with the new thresholds"}[summary.status]
+    print(f"{summary.spec}: {what} (checkpoint {summary.checkpoint_id[:12]}, {summary.n_layers} layers x "
+          f"{summary.d_mlp} neurons, d_model {summary.d_model}, vocab {summary.d_vocab}, {summary.seconds:.1f} s)")
+    print("roles: " + ", ".join(f"{r} {c}" for r, c in summary.role_counts.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------- query ----
+def _add_query(sub) -> None:
+    p = _verb(sub, "query", "Ask the store: neurons by token, one neuron, role candidates.",
+              'discover query token " an" --model gpt2-large --top 20')
+    qs = p.add_subparsers(dest="what", metavar="WHAT")
+    qs.required = True
+
+    t = _verb(qs, "token", "Neurons ranked by congruence w_out . U[:, t] with a token (exact).",
+              'discover query token " an" --model gpt2-large --top 20')
+    t.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the token's text, e.g. \" an\"")
+    t.add_argument("--token-id", type=int, default=None, help="the token by id instead of text")
+    t.add_argument("--negative", action="store_true", help="the most suppressing neurons instead")
+    t.add_argument("--top", type=int, default=20, help="how many neurons (20)")
+    _add_model_opt(t)
+    t.set_defaults(func=_cmd_query_token)
+
+    n = _verb(qs, "neuron", "One neuron's statistics, roles and top/bottom tokens.",
+              "discover query neuron L3.N120 --model gpt2-large --similar")
+    n.add_argument("neuron", metavar="NEURON", help="L<layer>.N<index>, e.g. L3.N120")
+    n.add_argument("--similar", action="store_true",
+                   help="nearest neurons by w_out cosine, across layers and other scanned checkpoints")
+    n.add_argument("--k", type=int, default=10, help="how many similar neurons (10)")
+    _add_model_opt(n)
+    n.set_defaults(func=_cmd_query_neuron)
+
+    r = _verb(qs, "roles", "Role candidates, strongest first.",
+              "discover query roles --model gpt2-large --role prediction --top 50")
+    r.add_argument("--role", required=True,
+                   help="prediction | suppression | partition | entropy | memory_management | signal_boosting")
+    r.add_argument("--top", type=int, default=50, help="how many candidates (50)")
+    _add_model_opt(r)
+    r.set_defaults(func=_cmd_query_roles)
+
+
+def _add_model_opt(p) -> None:
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="the hub id or path that was scanned (default: the embedded default model)")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="JSON on stdout, nothing else")
+
+
+def _model(args) -> str:
+    if args.model:
+        return args.model
+    from discover.scan import default_model_dir
+
+    d = default_model_dir()
+    if d is None:
+        raise DiscoverError("no --model given and the embedded default model is not installed; pass --model")
+    return str(d)
+
+
+def _cmd_query_token(args) -> int:
+    from discover.query import query_token
+
+    if args.text is None and args.token_id is None:
+        raise DiscoverError('give the token text (e.g. " an") or --token-id')
+    with _open_store(args, read_only=True) as store:
+        res = query_token(store, _model(args), args.text, token_id=args.token_id, top=args.top,
+                          negative=args.negative)
+    if args.json:
+        _print_json(res)
+        return 0
+    if res["tokenization"] and len(res["tokenization"]) > 1:
+        print(res["note"])
+    kind = "most negative" if args.negative else "most congruent"
+    print(f"{kind} neurons for token {res['token']!r} (id {res['token_id']}):")
+    print(_table(["rank", "neuron", "congruence", "role", "kurtosis", "top tokens"],
+                 [[r["rank"], r["neuron"], r["congruence"], r["role"], r["vocab_kurt"], _toks(r["top_tokens"])]
+                  for r in res["results"]]))
+    return 0
+
+
+def _cmd_query_neuron(args) -> int:
+    from discover.query import query_neuron
+
+    with _open_store(args, read_only=True) as store:
+        res = query_neuron(store, _model(args), args.neuron, similar=args.similar, k_similar=args.k)
+    if args.json:
+        _print_json(res)
+        return 0
+    s = res["stats"]
+    print(f"{res['neuron']} of {res['model']} (checkpoint {res['checkpoint_id'][:12]})")
+    print("roles: " + (", ".join(f"{r['role']} ({r['score']:.3g})" for r in res["roles"]) or "none"))
+    print(_table(["statistic", "value"], [[k, v] for k, v in s.items() if k != "role"]))
+    for side in ("top", "bottom"):
+        print(f"\n{side} tokens:")
+        print(_table(["token", "id", "congruence", "cosine"],
+                     [[repr(t["token"]), t["token_id"], t["congruence"], t["cosine"]] for t in res[f"{side}_tokens"]]))
+    if args.similar:
+        print("\nmost similar w_out (cosine):")
+        print(_table(["neuron", "cosine", "checkpoint", "model"],
+                     [[r["neuron"], r["cosine"], r["checkpoint_id"][:12] + (" (this)" if r["same_checkpoint"] else ""),
+                       r["model"]] for r in res["similar"]]))
+    return 0
+
+
+def _cmd_query_roles(args) -> int:
+    from discover.query import query_roles
+
+    with _open_store(args, read_only=True) as store:
+        res = query_roles(store, _model(args), args.role, top=args.top)
+    if args.json:
+        _print_json(res)
+        return 0
+    if not res:
+        print(f"no {args.role} candidates (thresholds: see `discover scan --help`)")
+        return 0
+    print(_table(["neuron", "score", "kurtosis", "skew", "var", "top tokens", "bottom tokens"],
+                 [[r["neuron"], r["score"], r["vocab_kurt"], r["vocab_skew"], r["vocab_var"],
+                   _toks(r["top_tokens"]), _toks(r["bottom_tokens"], 3)] for r in res]))
+    return 0
+
+
+# ------------------------------------------------------------------------- sql ----
+def _add_sql(sub) -> None:
+    p = _verb(sub, "sql", "Read-only SQL over the catalog (schema in the README).",
+              'discover sql "SELECT layer, count(*) FROM roles WHERE role = \'prediction\' GROUP BY layer"')
+    p.add_argument("query", metavar="SQL")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="rows as a JSON array of objects")
+    p.set_defaults(func=_cmd_sql)
+
+
+def _cmd_sql(args) -> int:
+    from discover.query import run_sql
+
+    with _open_store(args, read_only=True) as store:
+        cols, rows = run_sql(store, args.query)
+    if args.json:
+        _print_json([dict(zip(cols, r)) for r in rows])
+    else:
+        print(_table(cols, [list(r) for r in rows]) if cols else "ok")
+    return 0
+
+
+# ---------------------------------------------------------------- train (issue 3) ----
+def _add_train(sub) -> None:
+    """The `train` verb: train a small GPT-2 from scratch on a corpus (resumable)."""
+    p = _verb(
+        sub,
+        "train",
+        "Train a small GPT-2 from scratch on a corpus; rerun the same command to resume.",
+        "discover train runs/tiny --layers 2 --d-model 128 --tokens 2000000",
+    )
+    p.add_argument("out", metavar="OUT", help="output directory of the run (checkpoints, tokenizer, data, log)")
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", metavar="SPEC", default=None,
+                   help="default (CPython stdlib + pydoc topics), default:STDLIB_ROOT, a text file, a directory, "
+                        "FILE.jsonl, FILE.parquet, a datasets save_to_disk dir; prefix text:/dir:/jsonl:/parquet:/hf: "
+                        "forces the kind (default: default)")
+    g.add_argument("--text-field", metavar="NAME", default=None, help="JSONL field / column holding text (default: text)")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=int, metavar="N", default=None, help="transformer blocks (default: 2)")
+    g.add_argument("--d-model", type=int, metavar="N", default=None, help="residual width (default: 256)")
+    g.add_argument("--heads", type=int, metavar="N", default=None, help="attention heads (default: 4)")
+    g.add_argument("--d-mlp", type=int, metavar="N", default=None, help="MLP neurons per layer (default: 1024)")
+    g.add_argument("--vocab-size", type=int, metavar="N", default=None, help="BPE vocabulary size (default: 4096)")
+    g.add_argument("--context", type=int, metavar="N", default=None, help="context length in tokens (default: 256)")
+    g = p.add_argument_group("training")
+    g.add_argument("--seed", type=int, metavar="N", default=None, help="seed of init and batches (default: 0)")
+    g.add_argument("--tokens", type=int, metavar="N", default=None,
+                   help="token budget; steps = tokens // (batch-size * context) (default: 10000000)")
+    g.add_argument("--batch-size", type=int, metavar="N", default=None, help="sequences per step (default: 32)")
+    g.add_argument("--lr", type=float, metavar="X", default=None,
+                   help="peak AdamW learning rate, cosine-decayed to 10%% (default: 1e-3)")
+    g.add_argument("--warmup-steps", type=int, metavar="N", default=None, help="linear warmup steps (default: 100)")
+    g.add_argument("--save-every", type=int, metavar="N", default=None, help="steps between checkpoints (default: 500)")
+    g.add_argument("--eval-every", type=int, metavar="N", default=None,
+                   help="steps between held-out evaluations (default: 250)")
+    g.add_argument("--eval-tokens", type=int, metavar="N", default=None, help="held-out tokens per evaluation (default: 65536)")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N", default=None,
+                   help="keep only the N newest checkpoints (default: keep all)")
+    g.add_argument("--device", metavar="DEV", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="float32, or bfloat16 autocast on CUDA (default: float32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or preparation messages on stderr")
+
+    # CLI option -> TrainConfig field; options left out keep TrainConfig's defaults.
+    fields = {
+        "corpus": "corpus", "text_field": "text_field", "layers": "n_layer", "d_model": "d_model",
+        "heads": "n_head", "d_mlp": "d_mlp", "vocab_size": "vocab_size", "context": "context",
+        "seed": "seed", "tokens": "tokens", "batch_size": "batch_size", "lr": "lr",
+        "warmup_steps": "warmup_steps", "save_every": "save_every", "eval_every": "eval_every",
+        "eval_tokens": "eval_tokens", "keep_checkpoints": "keep_checkpoints", "device": "device",
+        "dtype": "dtype",
+    }
+
+    def run(args: argparse.Namespace) -> int:
+        from discover.errors import TrainError
+        from discover.train import TrainConfig, train
+
+        given = {f: getattr(args, a) for a, f in fields.items() if getattr(args, a) is not None}
+        try:
+            cfg = TrainConfig(out=args.out, **given)
+        except ValueError as e:
+            raise TrainError(f"{e} (see discover train --help)") from None
+        try:
+            res = train(cfg, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print("discover: training interrupted; rerun the same command to resume from the last checkpoint",
+                  file=sys.stderr)
+            return 130
+        print(f"trained {res.out}: step {res.final_step}, {res.tokens_seen:,} tokens, "
+              f"{res.wall_seconds:.1f} s on {res.device}")
+        print(f"held-out loss {res.heldout_loss:.4f} nats/token (unigram baseline {res.unigram_loss:.4f})")
+        print(f"last checkpoint: {res.checkpoint}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------ main ----
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="discover",
+        description="Automated neuron discovery for GPT-style language models.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    _add_scan(sub)
+    _add_query(sub)
+    _add_sql(sub)
+    _add_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    try:
+        return int(func(args) or 0)
+    except DiscoverError as e:
+        print(f"discover: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("discover: interrupted; the store is unchanged by the unfinished work", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `discover ... | head`: stop quietly.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""The named exceptions of the library. Each message says what went wrong and what to do next;
+the CLI prints it as one line and exits non-zero."""
+
+
+class DiscoverError(Exception):
+    """Base class: a user-facing error (bad input, unsupported model, busy store...)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(DiscoverError):
+    """The model path / hub id could not be loaded (missing, not a model, corrupt weights)."""
+
+
+class UnsupportedModel(DiscoverError):
+    """The model loads but its architecture is not one the adapter knows."""
+
+
+class StoreError(DiscoverError):
+    """The store directory or catalog cannot be used (is a file, locked, corrupt...)."""
+
+
+class QueryError(DiscoverError):
+    """A query names something that does not exist (neuron out of range, unknown token...)."""
+
+
+class NotScanned(QueryError):
+    """The model asked about has not been scanned into this store."""
+
+
+class CorpusError(DiscoverError):
+    """A corpus spec cannot be read (missing path, empty corpus, missing field...)."""
+
+
+class TrainError(DiscoverError):
+    """A training run cannot start or resume (bad config, incompatible output dir...)."""

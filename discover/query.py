@@ -1,0 +1,269 @@
+"""Queries over a store: neurons by token congruence, one neuron, role candidates, raw SQL.
+
+Every function takes an open `Store` and returns plain dicts / lists (JSON-ready), so the CLI
+and notebooks share them.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+
+from discover.errors import QueryError
+from discover.scan import ROLES
+from discover.store import Store
+
+NEURON_RE = re.compile(r"^L(\d+)\.N(\d+)$")
+
+
+def parse_neuron(text: str) -> tuple[int, int]:
+    """'L3.N120' -> (3, 120)."""
+    m = NEURON_RE.match(text.strip())
+    if not m:
+        raise QueryError(f"malformed neuron id '{text}'; write it as L<layer>.N<index>, e.g. L3.N120")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
+    if not (0 <= layer < ckpt["n_layers"] and 0 <= neuron < ckpt["d_mlp"]):
+        raise QueryError(
+            f"neuron L{layer}.N{neuron} is out of range: this model has layers 0-{ckpt['n_layers'] - 1} "
+            f"and neurons 0-{ckpt['d_mlp'] - 1} per layer"
+        )
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
+    """How the checkpoint's tokenizer splits `text`: [(id, token string), ...]."""
+    if text is None or text == "":
+        raise QueryError("token text is empty; give the token's text (e.g. \" an\") or --token-id")
+    tdir = store.files_dir(ckpt) / "tokenizer"
+    if not tdir.is_dir():
+        raise QueryError(f"no tokenizer was stored for this checkpoint; use --token-id instead")
+    tok = _tokenizer(str(tdir))
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise QueryError(f"{text!r} tokenizes to nothing; give other text or --token-id")
+    strings = token_strings(store, ckpt, ids)
+    return list(zip(ids, strings))
+
+
+def token_strings(store: Store, ckpt: dict, ids: list[int]) -> list[str]:
+    rows = dict(store.con.execute(
+        "SELECT token_id, token FROM tokens WHERE checkpoint_id = ? AND token_id IN (SELECT UNNEST(?))",
+        [ckpt["checkpoint_id"], [int(i) for i in ids]],
+    ).fetchall())
+    return [rows.get(int(i), f"<unknown:{i}>") for i in ids]
+
+
+def _top_tokens(store: Store, ckpt_id: str, pairs: list[tuple[int, int]], side: str, k: int) -> dict:
+    """{(layer, neuron): [token strings]} for the given neurons."""
+    if not pairs:
+        return {}
+    layers = [p[0] for p in pairs]
+    neurons = [p[1] for p in pairs]
+    rows = store.con.execute(
+        "SELECT layer, neuron, token FROM neuron_tokens WHERE checkpoint_id = ? AND side = ? AND rank < ? "
+        "AND (layer, neuron) IN (SELECT UNNEST(?), UNNEST(?)) ORDER BY layer, neuron, rank",
+        [ckpt_id, side, k, layers, neurons],
+    ).fetchall()
+    out: dict = {}
+    for layer, neuron, token in rows:
+        out.setdefault((layer, neuron), []).append(token)
+    return out
+
+
+def query_token(store: Store, model: str, text: str | None = None, *, token_id: int | None = None,
+                top: int = 20, negative: bool = False, n_top_tokens: int = 5) -> dict:
+    """Neurons ranked by congruence `w_out . U[:, t]` with one token (exact, from the scan)."""
+    ckpt = store.resolve_model(model)
+    cid = ckpt["checkpoint_id"]
+    tokenization = None
+    note = None
+    if token_id is None:
+        tokenization = tokenize(store, ckpt, text)
+        token_id = tokenization[0][0]
+        if len(tokenization) > 1:
+            note = (f"{text!r} is {len(tokenization)} tokens "
+                    f"{[t for _, t in tokenization]}; ranking by the first, {tokenization[0][1]!r} "
+                    f"(id {token_id}); pass --token-id to choose another")
+    if not 0 <= token_id < ckpt["d_vocab"]:
+        raise QueryError(f"token id {token_id} is not in the vocabulary (0-{ckpt['d_vocab'] - 1})")
+    depth = ckpt["scan_settings"]["token_top_k"]
+    if top < 1:
+        raise QueryError("--top must be at least 1")
+    if top > depth:
+        raise QueryError(
+            f"--top {top} is deeper than the {depth} neurons per token this scan kept; "
+            f"rescan with `discover scan MODEL --token-top-k {top}`"
+        )
+    rows = store.con.execute(
+        "SELECT t.rank, t.layer, t.neuron, t.congruence, n.role, n.vocab_kurt, n.vocab_skew "
+        "FROM token_neurons t JOIN neurons n ON n.checkpoint_id = t.checkpoint_id "
+        "AND n.layer = t.layer AND n.neuron = t.neuron "
+        "WHERE t.checkpoint_id = ? AND t.token_id = ? AND t.sign = ? AND t.rank < ? ORDER BY t.rank",
+        [cid, token_id, -1 if negative else 1, top],
+    ).fetchall()
+    pairs = [(r[1], r[2]) for r in rows]
+    tops = _top_tokens(store, cid, pairs, "top", n_top_tokens)
+    bottoms = _top_tokens(store, cid, pairs, "bottom", n_top_tokens)
+    results = [
+        {
+            "rank": r[0] + 1,
+            "neuron": f"L{r[1]}.N{r[2]}",
+            "layer": r[1],
+            "neuron_index": r[2],
+            "congruence": float(r[3]),
+            "role": r[4],
+            "vocab_kurt": float(r[5]),
+            "vocab_skew": float(r[6]),
+            "top_tokens": tops.get((r[1], r[2]), []),
+            "bottom_tokens": bottoms.get((r[1], r[2]), []),
+        }
+        for r in rows
+    ]
+    return {
+        "model": model,
+        "checkpoint_id": cid,
+        "token_id": int(token_id),
+        "token": token_strings(store, ckpt, [token_id])[0],
+        "tokenization": [{"id": i, "token": t} for i, t in tokenization] if tokenization else None,
+        "note": note,
+        "negative": negative,
+        "results": results,
+    }
+
+
+def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False, k_similar: int = 10) -> dict:
+    """One neuron's statistics, roles and top/bottom tokens; `similar` adds nearest w_out."""
+    layer, idx = parse_neuron(neuron)
+    ckpt = store.resolve_model(model)
+    _check_neuron(ckpt, layer, idx)
+    cid = ckpt["checkpoint_id"]
+    cur = store.con.execute(
+        "SELECT * EXCLUDE (checkpoint_id) FROM neurons WHERE checkpoint_id = ? AND layer = ? AND neuron = ?",
+        [cid, layer, idx],
+    )
+    row = cur.fetchone()
+    stats = {c[0]: v for c, v in zip(cur.description, row)}
+    roles = [
+        {"role": r, "score": s}
+        for r, s in store.con.execute(
+            "SELECT role, score FROM roles WHERE checkpoint_id = ? AND layer = ? AND neuron = ? ORDER BY role",
+            [cid, layer, idx],
+        ).fetchall()
+    ]
+    tokens = {"top": [], "bottom": []}
+    for side, tid, tok, cong, cos in store.con.execute(
+        "SELECT side, token_id, token, congruence, cosine FROM neuron_tokens WHERE checkpoint_id = ? "
+        "AND layer = ? AND neuron = ? ORDER BY side DESC, rank",
+        [cid, layer, idx],
+    ).fetchall():
+        tokens[side].append({"token_id": tid, "token": tok, "congruence": float(cong), "cosine": float(cos)})
+    out = {
+        "model": model,
+        "checkpoint_id": cid,
+        "neuron": f"L{layer}.N{idx}",
+        "layer": layer,
+        "neuron_index": idx,
+        "stats": {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
+                  for k, v in stats.items() if k not in ("layer", "neuron")},
+        "roles": roles,
+        "top_tokens": tokens["top"],
+        "bottom_tokens": tokens["bottom"],
+    }
+    if similar:
+        out["similar"] = similar_neurons(store, ckpt, layer, idx, k=k_similar)
+    return out
+
+
+def _load_index(store: Store, ckpt: dict):
+    import faiss
+
+    path = store.files_dir(ckpt) / "w_out.faiss"
+    if not path.exists():
+        raise QueryError(f"the FAISS index of checkpoint {ckpt['checkpoint_id'][:12]} is missing ({path}); rescan it")
+    return faiss.read_index(str(path))
+
+
+def similar_neurons(store: Store, ckpt: dict, layer: int, neuron: int, *, k: int = 10) -> list[dict]:
+    """Nearest neurons by cosine of (processed) w_out: in this checkpoint, across layers, and in
+    every other scanned checkpoint with the same d_model and vocabulary."""
+    n = ckpt["d_mlp"]
+    index = _load_index(store, ckpt)
+    q = index.reconstruct(layer * n + neuron).reshape(1, -1).astype(np.float32)
+    others = [
+        c for c in store.checkpoints()
+        if c["checkpoint_id"] != ckpt["checkpoint_id"]
+        and c["d_model"] == ckpt["d_model"] and c["vocab_hash"] == ckpt["vocab_hash"]
+    ]
+    specs = dict(store.con.execute(
+        "SELECT checkpoint_id, arg_max(spec, seen_at) FROM models GROUP BY checkpoint_id").fetchall())
+    out = []
+    for c, idx in [(ckpt, index)] + [(c, None) for c in others]:
+        idx = idx if idx is not None else _load_index(store, c)
+        kk = min(k + (1 if c is ckpt else 0), idx.ntotal)
+        D, I = idx.search(q, kk)
+        cn = c["d_mlp"]
+        for d, i in zip(D[0], I[0]):
+            if i < 0 or (c is ckpt and i == layer * n + neuron):
+                continue
+            out.append({
+                "checkpoint_id": c["checkpoint_id"],
+                "model": specs.get(c["checkpoint_id"]),
+                "same_checkpoint": c is ckpt,
+                "neuron": f"L{i // cn}.N{i % cn}",
+                "layer": int(i // cn),
+                "neuron_index": int(i % cn),
+                "cosine": float(d),
+            })
+    out.sort(key=lambda r: -r["cosine"])
+    return out
+
+
+def query_roles(store: Store, model: str, role: str, *, top: int = 50) -> list[dict]:
+    """Candidates for one role, strongest first."""
+    if role not in ROLES:
+        raise QueryError(f"unknown role '{role}'; choose one of: {', '.join(ROLES)}")
+    ckpt = store.resolve_model(model)
+    cid = ckpt["checkpoint_id"]
+    rows = store.con.execute(
+        "SELECT r.layer, r.neuron, r.score, n.vocab_kurt, n.vocab_skew, n.vocab_var, n.w_out_norm, n.cos_in_out "
+        "FROM roles r JOIN neurons n USING (checkpoint_id, layer, neuron) "
+        "WHERE r.checkpoint_id = ? AND r.role = ? ORDER BY r.score DESC, r.layer, r.neuron LIMIT ?",
+        [cid, role, top],
+    ).fetchall()
+    tops = _top_tokens(store, cid, [(r[0], r[1]) for r in rows], "top", 8)
+    bottoms = _top_tokens(store, cid, [(r[0], r[1]) for r in rows], "bottom", 8)
+    return [
+        {
+            "neuron": f"L{r[0]}.N{r[1]}", "layer": r[0], "neuron_index": r[1], "role": role,
+            "score": float(r[2]), "vocab_kurt": float(r[3]), "vocab_skew": float(r[4]),
+            "vocab_var": float(r[5]), "w_out_norm": float(r[6]), "cos_in_out": float(r[7]),
+            "top_tokens": tops.get((r[0], r[1]), []), "bottom_tokens": bottoms.get((r[0], r[1]), []),
+        }
+        for r in rows
+    ]
+
+
+def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
+    """Run read-only SQL over the catalog: (column names, rows)."""
+    import duckdb
+
+    if not query.strip():
+        raise QueryError("empty SQL; give a SELECT statement")
+    try:
+        cur = store.con.execute(query)
+    except duckdb.Error as e:
+        raise QueryError(f"SQL error: {str(e).splitlines()[0]}") from None
+    if cur.description is None:
+        return [], []
+    return [c[0] for c in cur.description], cur.fetchall()

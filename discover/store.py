@@ -1,0 +1,419 @@
+"""The store: a DuckDB catalog plus, per checkpoint, a directory with its FAISS index and tokenizer.
+
+Layout of a store directory (default `./indexes`, else `--store DIR` or `$DISCOVER_STORE`)::
+
+    catalog.duckdb                   the catalog (schema: SCHEMA below, documented in README)
+    checkpoints/<id>-<scan>/w_out.faiss  IndexFlatIP over unit-norm processed w_out, id = layer*d_mlp+neuron
+    checkpoints/<id>-<scan>/tokenizer/   the tokenizer, so queries need not load the model
+
+A scan is one transaction: its files are written to a fresh directory first, then every row
+is inserted and committed at once; only committed rows point at a directory. A killed scan
+leaves no rows (DuckDB rolls back what was not committed) and at worst an unreferenced
+directory, removed the next time the store is opened for writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from discover.errors import NotScanned, StoreError
+
+DEFAULT_STORE = "indexes"
+CATALOG = "catalog.duckdb"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    checkpoint_id   VARCHAR PRIMARY KEY,  -- sha256 of the weight files and config
+    architecture    VARCHAR,              -- config.model_type
+    n_layers        INTEGER,
+    d_model         INTEGER,
+    d_mlp           INTEGER,
+    d_vocab         INTEGER,
+    act_fn          VARCHAR,
+    norm            VARCHAR,              -- layernorm | rmsnorm
+    gated           BOOLEAN,
+    vocab_hash      VARCHAR,              -- sha256 of the token strings
+    config          JSON,                 -- the model's config.json
+    scan_settings   JSON,                 -- top_k, token_top_k
+    role_thresholds JSON,
+    files_dir       VARCHAR,              -- checkpoints/<dir> inside the store
+    scanned_at      TIMESTAMP,
+    scan_seconds    DOUBLE,
+    discover_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS models (
+    spec            VARCHAR,              -- hub id, or absolute path of a local model directory
+    checkpoint_id   VARCHAR,
+    seen_at         TIMESTAMP,
+    PRIMARY KEY (spec, checkpoint_id)
+);
+CREATE TABLE IF NOT EXISTS neurons (
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    vocab_mean      DOUBLE,               -- moments of c_t = cos(w_out, U[:, t]) over tokens t
+    vocab_var       DOUBLE,               -- population variance
+    vocab_skew      DOUBLE,               -- E[z^3]
+    vocab_kurt      DOUBLE,               -- E[z^4], NOT excess (a Gaussian gives 3)
+    w_in_norm       DOUBLE,               -- ||w_in|| (pre-MLP norm gain folded in)
+    w_out_norm      DOUBLE,               -- ||w_out|| (processed)
+    cos_in_out      DOUBLE,               -- cos(w_in, w_out)
+    w_up_norm       DOUBLE,               -- gated MLPs only
+    cos_up_out      DOUBLE,               -- gated MLPs only
+    role            VARCHAR               -- primary role hypothesis, NULL if none
+);
+CREATE TABLE IF NOT EXISTS neuron_tokens (
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    side            VARCHAR,              -- 'top' (most promoted) | 'bottom' (most suppressed)
+    rank            SMALLINT,             -- 0 = strongest
+    token_id        INTEGER,
+    token           VARCHAR,
+    congruence      REAL,                 -- w_out . U[:, t]
+    cosine          REAL                  -- cos(w_out, U[:, t])
+);
+CREATE TABLE IF NOT EXISTS roles (
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    role            VARCHAR,
+    score           DOUBLE                -- ranks candidates within a role (higher = stronger)
+);
+CREATE TABLE IF NOT EXISTS token_neurons (
+    checkpoint_id   VARCHAR,
+    token_id        INTEGER,
+    sign            TINYINT,              -- +1: most congruent, -1: most negative
+    rank            SMALLINT,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    congruence      REAL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    checkpoint_id   VARCHAR,
+    token_id        INTEGER,
+    token           VARCHAR,
+    unembed_norm    REAL                  -- ||U[:, t]|| of the processed unembedding
+);
+"""
+
+#: tables whose rows belong to one checkpoint (deleted together on a rescan)
+CHECKPOINT_TABLES = ("neurons", "neuron_tokens", "roles", "token_neurons", "tokens")
+
+STAT_COLUMNS = (
+    "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt",
+    "w_in_norm", "w_out_norm", "cos_in_out", "w_up_norm", "cos_up_out",
+)
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The store directory: `root`, else $DISCOVER_STORE, else ./indexes."""
+    return Path(root or os.environ.get("DISCOVER_STORE") or DEFAULT_STORE).expanduser()
+
+
+class Store:
+    """An explicit handle on a store directory. Use as a context manager."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, read_only: bool = False):
+        self.root = resolve_root(root)
+        self.read_only = read_only
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {self.root} is a file; --store must name a directory")
+        self.path = self.root / CATALOG
+        if read_only:
+            if not self.path.exists():
+                raise NotScanned(
+                    f"store {self.root} has no catalog yet; run `discover scan MODEL` first "
+                    "(or pass --store / set DISCOVER_STORE to the store you scanned into)"
+                )
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store directory {self.root} ({e.strerror})") from None
+        self.con = self._connect()
+        if not read_only:
+            self.con.execute(SCHEMA)
+            self._remove_orphans()
+
+    def _connect(self):
+        import duckdb
+
+        try:
+            if self.read_only:
+                return duckdb.connect(str(self.path), read_only=True)
+            return duckdb.connect(str(self.path))
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise StoreError(
+                    f"store {self.root} is in use by another discover process; wait for it to finish"
+                ) from None
+            raise StoreError(f"cannot open catalog {self.path} ({msg.splitlines()[0][:200]})") from None
+        except duckdb.Error as e:
+            raise StoreError(
+                f"{self.path} is not a readable DuckDB catalog ({str(e).splitlines()[0][:200]}); "
+                "point --store at another directory"
+            ) from None
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ files
+    def files_dir(self, checkpoint: dict) -> Path:
+        return self.root / "checkpoints" / checkpoint["files_dir"]
+
+    def _remove_orphans(self) -> None:
+        """Delete checkpoint directories that no committed row points at (killed scans)."""
+        d = self.root / "checkpoints"
+        if not d.is_dir():
+            return
+        live = {r[0] for r in self.con.execute("SELECT files_dir FROM checkpoints").fetchall()}
+        for sub in d.iterdir():
+            if sub.name not in live:
+                shutil.rmtree(sub, ignore_errors=True)
+
+    # ---------------------------------------------------------------- lookups
+    def checkpoint(self, checkpoint_id: str) -> dict | None:
+        cur = self.con.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+        row = cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip([c[0] for c in cur.description], row))
+        for k in ("config", "scan_settings", "role_thresholds"):
+            if isinstance(out.get(k), str):
+                out[k] = json.loads(out[k])
+        return out
+
+    def resolve_model(self, model: str) -> dict:
+        """The checkpoint row for a model spec (latest scan of that spec), or a checkpoint id."""
+        from discover.adapter import normalise_spec
+
+        spec = normalise_spec(model)
+        row = self.con.execute(
+            "SELECT checkpoint_id FROM models WHERE spec = ? ORDER BY seen_at DESC LIMIT 1", [spec]
+        ).fetchone()
+        if row is None and len(model) >= 8 and all(c in "0123456789abcdef" for c in model):
+            row = self.con.execute(
+                "SELECT checkpoint_id FROM checkpoints WHERE checkpoint_id LIKE ? || '%'", [model]
+            ).fetchone()
+        if row is None:
+            raise NotScanned(
+                f"model {model} has not been scanned into store {self.root}; run `discover scan {model}` first"
+            )
+        return self.checkpoint(row[0])
+
+    def checkpoints(self) -> list[dict]:
+        ids = [r[0] for r in self.con.execute("SELECT checkpoint_id FROM checkpoints ORDER BY scanned_at").fetchall()]
+        return [self.checkpoint(i) for i in ids]
+
+    def add_alias(self, spec: str, checkpoint_id: str) -> None:
+        self.con.execute(
+            "INSERT INTO models VALUES (?, ?, now()) ON CONFLICT (spec, checkpoint_id) DO UPDATE SET seen_at = now()",
+            [spec, checkpoint_id],
+        )
+
+    # ----------------------------------------------------------------- writes
+    def write_scan(self, view, result, config, *, spec: str) -> dict:
+        """Insert one scan (rows + FAISS index + tokenizer) as one transaction."""
+        import faiss
+        import pyarrow as pa
+
+        from discover import __version__
+        from discover.scan import assign_roles
+
+        ckpt = view.checkpoint_id
+        n, L = view.d_mlp, view.n_layers
+        files_dir = f"{ckpt[:16]}-{uuid.uuid4().hex[:8]}"
+        fdir = self.root / "checkpoints" / files_dir
+        fdir.mkdir(parents=True)
+        try:
+            # -- files first (unreferenced until the commit below)
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(view.d_model))
+            for lr in result.layers:
+                index.add_with_ids(lr.w_out_unit, np.arange(lr.layer * n, (lr.layer + 1) * n, dtype=np.int64))
+            faiss.write_index(index, str(fdir / "w_out.faiss"))
+            if view.tokenizer is not None:
+                view.tokenizer.save_pretrained(str(fdir / "tokenizer"))
+
+            # -- rows
+            strings = view.token_strings()
+            str_arr = pa.array(strings, type=pa.string())
+            stats = {c: np.concatenate([lr.stats.get(c, np.full(n, np.nan)) for lr in result.layers])
+                     for c in STAT_COLUMNS}
+            role_rows, primary = assign_roles(stats, view.d_model, config.roles)
+            layer_col = np.repeat(np.arange(L, dtype=np.int16), n)
+            neuron_col = np.tile(np.arange(n, dtype=np.int32), L)
+            neurons = pa.table({
+                "checkpoint_id": pa.repeat(pa.scalar(ckpt), n * L),
+                "layer": layer_col, "neuron": neuron_col,
+                **{c: stats[c] for c in STAT_COLUMNS},
+                "role": pa.array(primary.tolist(), type=pa.string()),
+            })
+            nt = _neuron_tokens_table(ckpt, result, str_arr, view)
+            roles = pa.table({
+                "checkpoint_id": pa.array([ckpt] * len(role_rows), type=pa.string()),
+                "layer": pa.array([r[0] // n for r in role_rows], type=pa.int16()),
+                "neuron": pa.array([r[0] % n for r in role_rows], type=pa.int32()),
+                "role": pa.array([r[1] for r in role_rows], type=pa.string()),
+                "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
+            })
+            tn = _token_neurons_table(ckpt, result, n)
+            toks = pa.table({
+                "checkpoint_id": pa.repeat(pa.scalar(ckpt), len(strings)),
+                "token_id": np.arange(len(strings), dtype=np.int32),
+                "token": pa.array(strings, type=pa.string()),
+                "unembed_norm": result.unembed_norms.astype(np.float32),
+            })
+            vocab_hash = _sha256("\0".join(strings))
+            cfg = view.model.config.to_dict()
+            row = [
+                ckpt, view.architecture, L, view.d_model, n, view.d_vocab, view.act_name,
+                view.final_norm().kind, view.gated, vocab_hash, json.dumps(cfg, default=str),
+                json.dumps(config.compute_key()), json.dumps(_thresholds(config)), files_dir,
+                float(result.seconds), __version__,
+            ]
+            old = self.checkpoint(ckpt)
+            con = self.con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for t in CHECKPOINT_TABLES:
+                    con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ?", [ckpt])
+                con.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", [ckpt])
+                con.execute(
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)", row
+                )
+                for name, tbl in (("neurons", neurons), ("neuron_tokens", nt), ("roles", roles),
+                                  ("token_neurons", tn), ("tokens", toks)):
+                    con.register("_incoming", tbl)
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _incoming")
+                    con.unregister("_incoming")
+                self.add_alias(spec, ckpt)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        except BaseException:
+            shutil.rmtree(fdir, ignore_errors=True)
+            raise
+        if old is not None and old["files_dir"] != files_dir:
+            shutil.rmtree(self.root / "checkpoints" / old["files_dir"], ignore_errors=True)
+        return self.checkpoint(ckpt)
+
+    def rederive_roles(self, checkpoint: dict, thresholds) -> None:
+        """Recompute role hypotheses from stored statistics (new thresholds, no rescan)."""
+        import pyarrow as pa
+
+        from discover.scan import assign_roles
+
+        ckpt, n = checkpoint["checkpoint_id"], checkpoint["d_mlp"]
+        cols = ", ".join(STAT_COLUMNS)
+        tbl = self.con.execute(
+            f"SELECT layer, neuron, {cols} FROM neurons WHERE checkpoint_id = ? ORDER BY layer, neuron", [ckpt]
+        ).fetchnumpy()
+        stats = {c: np.asarray(tbl[c], dtype=np.float64) for c in STAT_COLUMNS}
+        role_rows, primary = assign_roles(stats, checkpoint["d_model"], thresholds)
+        gid = np.asarray(tbl["layer"], dtype=np.int64) * n + np.asarray(tbl["neuron"], dtype=np.int64)
+        prim = pa.table({"layer": (gid // n).astype(np.int16), "neuron": (gid % n).astype(np.int32),
+                         "role": pa.array(primary.tolist(), type=pa.string())})
+        roles = pa.table({
+            "checkpoint_id": pa.array([ckpt] * len(role_rows), type=pa.string()),
+            "layer": pa.array([int(gid[r[0]] // n) for r in role_rows], type=pa.int16()),
+            "neuron": pa.array([int(gid[r[0]] % n) for r in role_rows], type=pa.int32()),
+            "role": pa.array([r[1] for r in role_rows], type=pa.string()),
+            "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
+        })
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM roles WHERE checkpoint_id = ?", [ckpt])
+            con.register("_incoming", roles)
+            con.execute("INSERT INTO roles BY NAME SELECT * FROM _incoming")
+            con.unregister("_incoming")
+            con.register("_prim", prim)
+            con.execute(
+                "UPDATE neurons SET role = _prim.role FROM _prim WHERE neurons.checkpoint_id = ? "
+                "AND neurons.layer = _prim.layer AND neurons.neuron = _prim.neuron", [ckpt]
+            )
+            con.unregister("_prim")
+            con.execute("UPDATE checkpoints SET role_thresholds = ? WHERE checkpoint_id = ?",
+                        [json.dumps(_thresholds_obj(thresholds)), ckpt])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _thresholds_obj(t) -> dict:
+    from dataclasses import asdict
+
+    return asdict(t)
+
+
+def _thresholds(config) -> dict:
+    return _thresholds_obj(config.roles)
+
+
+def _sha256(s: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _neuron_tokens_table(ckpt, result, str_arr, view):
+    import pyarrow as pa
+
+    parts = []
+    n = view.d_mlp
+    for lr in result.layers:
+        k = lr.top_ids.shape[1]
+        for side, ids, vals in (("top", lr.top_ids, lr.top_vals), ("bottom", lr.bottom_ids, lr.bottom_vals)):
+            flat_ids = ids.reshape(-1)
+            norms = result.unembed_norms[flat_ids] * np.repeat(lr.stats["w_out_norm"], k)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cos = np.where(norms > 0, vals.reshape(-1) / norms, 0.0)
+            parts.append(pa.table({
+                "layer": np.full(n * k, lr.layer, dtype=np.int16),
+                "neuron": np.repeat(np.arange(n, dtype=np.int32), k),
+                "side": pa.repeat(pa.scalar(side), n * k),
+                "rank": np.tile(np.arange(k, dtype=np.int16), n),
+                "token_id": flat_ids.astype(np.int32),
+                "token": str_arr.take(pa.array(flat_ids)),
+                "congruence": vals.reshape(-1).astype(np.float32),
+                "cosine": cos.astype(np.float32),
+            }))
+    tbl = pa.concat_tables(parts)
+    return tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(ckpt), tbl.num_rows))
+
+
+def _token_neurons_table(ckpt, result, n):
+    import pyarrow as pa
+
+    parts = []
+    for sign, (ids, vals) in ((1, result.token_top), (-1, result.token_bottom)):
+        K, V = ids.shape
+        g = ids.T.reshape(-1).astype(np.int64)  # token-major: rows of one token are contiguous
+        parts.append(pa.table({
+            "token_id": np.repeat(np.arange(V, dtype=np.int32), K),
+            "sign": np.full(V * K, sign, dtype=np.int8),
+            "rank": np.tile(np.arange(K, dtype=np.int16), V),
+            "layer": (g // n).astype(np.int16),
+            "neuron": (g % n).astype(np.int32),
+            "congruence": vals.T.reshape(-1).astype(np.float32),
+        }))
+    tbl = pa.concat_tables(parts)
+    return tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(ckpt), tbl.num_rows))
