@@ -116,9 +116,14 @@ def _cmd_scan(args) -> int:
         )
     except ValueError as e:
         raise DiscoverError(str(e)) from None
+    from discover.adapter import identify
+
+    # check the model before the store is created or touched
+    model = args.model or _default_model()
+    identity = identify(model, allow_pickle=args.allow_pickle)
     with _open_store(args, read_only=False) as store:
-        summary = scan_model(args.model, store, cfg, allow_pickle=args.allow_pickle,
-                             progress=not args.json, force=args.force)
+        summary = scan_model(model, store, cfg, allow_pickle=args.allow_pickle,
+                             progress=not args.json, force=args.force, identity=identity)
     if args.json:
         _print_json(asdict(summary))
         return 0
@@ -171,15 +176,17 @@ def _add_model_opt(p) -> None:
     p.add_argument("--json", action="store_true", help="JSON on stdout, nothing else")
 
 
-def _model(args) -> str:
-    if args.model:
-        return args.model
+def _default_model() -> str:
     from discover.scan import default_model_dir
 
     d = default_model_dir()
     if d is None:
-        raise DiscoverError("no --model given and the embedded default model is not installed; pass --model")
+        raise DiscoverError("no model given and the embedded default model is not installed; pass MODEL / --model")
     return str(d)
+
+
+def _model(args) -> str:
+    return args.model or _default_model()
 
 
 def _cmd_query_token(args) -> int:
@@ -248,7 +255,7 @@ def _cmd_query_roles(args) -> int:
 def _add_sql(sub) -> None:
     p = _verb(sub, "sql", "Read-only SQL over the catalog (schema in the README).",
               'discover sql "SELECT layer, count(*) FROM roles WHERE role = \'prediction\' GROUP BY layer"')
-    p.add_argument("query", metavar="SQL")
+    p.add_argument("query", metavar="SQL", help="one SQL statement (SELECT ...); the catalog is read-only")
     _add_store(p)
     p.add_argument("--json", action="store_true", help="rows as a JSON array of objects")
     p.set_defaults(func=_cmd_sql)

@@ -52,6 +52,12 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
     ids = tok.encode(text, add_special_tokens=False)
     if not ids:
         raise QueryError(f"{text!r} tokenizes to nothing; give other text or --token-id")
+    unk = tok.unk_token_id
+    if unk is not None and unk in ids and text.strip() != tok.unk_token:
+        raise QueryError(
+            f"{text!r} is not in the vocabulary (the tokenizer maps it to its unknown token "
+            f"{tok.unk_token!r}); give other text or --token-id"
+        )
     strings = token_strings(store, ckpt, ids)
     return list(zip(ids, strings))
 
@@ -197,6 +203,8 @@ def _load_index(store: Store, ckpt: dict):
 def similar_neurons(store: Store, ckpt: dict, layer: int, neuron: int, *, k: int = 10) -> list[dict]:
     """Nearest neurons by cosine of (processed) w_out: in this checkpoint, across layers, and in
     every other scanned checkpoint with the same d_model and vocabulary."""
+    if k < 1:
+        raise QueryError("--k (number of similar neurons) must be at least 1")
     n = ckpt["d_mlp"]
     index = _load_index(store, ckpt)
     q = index.reconstruct(layer * n + neuron).reshape(1, -1).astype(np.float32)
@@ -233,6 +241,8 @@ def query_roles(store: Store, model: str, role: str, *, top: int = 50) -> list[d
     """Candidates for one role, strongest first."""
     if role not in ROLES:
         raise QueryError(f"unknown role '{role}'; choose one of: {', '.join(ROLES)}")
+    if top < 1:
+        raise QueryError("--top must be at least 1")
     ckpt = store.resolve_model(model)
     cid = ckpt["checkpoint_id"]
     rows = store.con.execute(
@@ -260,7 +270,11 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
 
     if not query.strip():
         raise QueryError("empty SQL; give a SELECT statement")
+    if not store.read_only:
+        raise QueryError("run_sql needs a store opened with read_only=True")
     try:
+        # the catalog is opened read-only; also refuse reading or writing other files (COPY, ATTACH)
+        store.con.execute("SET enable_external_access = false")
         cur = store.con.execute(query)
     except duckdb.Error as e:
         raise QueryError(f"SQL error: {str(e).splitlines()[0]}") from None

@@ -165,7 +165,8 @@ class TokenTopK:
         if not self._buf:
             return
         k = self.k
-        cols = torch.cat([torch.arange(self.vocab).repeat(k)] + [b[0] for b in self._buf])
+        dev = self.vals.device
+        cols = torch.cat([torch.arange(self.vocab, device=dev).repeat(k)] + [b[0] for b in self._buf])
         vals = torch.cat([self.vals.reshape(-1)] + [b[1] for b in self._buf])
         ids = torch.cat([self.ids.reshape(-1)] + [b[2] for b in self._buf])
         self._buf, self._buf_n = [], 0
@@ -173,12 +174,12 @@ class TokenTopK:
         key = cols.to(torch.int64) * (1 << 32) + ((1 << 31) - 1 - _orderable(vals))
         order = torch.sort(key).indices
         cols, vals, ids = cols[order], vals[order], ids[order]
-        starts = torch.searchsorted(cols, torch.arange(self.vocab))
-        rank = torch.arange(cols.shape[0]) - starts[cols]
+        starts = torch.searchsorted(cols, torch.arange(self.vocab, device=dev))
+        rank = torch.arange(cols.shape[0], device=dev) - starts[cols]
         keep = rank < k
         rank, cols = rank[keep], cols[keep]
-        self.vals = torch.empty(k, self.vocab)
-        self.ids = torch.empty(k, self.vocab, dtype=ids.dtype)
+        self.vals = torch.empty(k, self.vocab, device=dev)
+        self.ids = torch.empty(k, self.vocab, dtype=ids.dtype, device=dev)
         self.vals[rank, cols] = vals[keep]
         self.ids[rank, cols] = ids[keep]
         self.thr = self.vals[-1].clone()
@@ -210,14 +211,25 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     inv_u = torch.where(u_norm > 0, 1.0 / u_norm, torch.zeros_like(u_norm))
     V = U.shape[1]
     k_tok = min(config.top_k, V)
-    pos_top = TokenTopK(V, min(config.token_top_k, view.n_layers * view.d_mlp))
-    neg_top = TokenTopK(V, min(config.token_top_k, view.n_layers * view.d_mlp))
+    k_neurons = min(config.token_top_k, view.n_layers * view.d_mlp)
+    if dev.type == "cpu":
+        from discover._kernels import new_heaps
+
+        pos_top, neg_top = new_heaps(V, k_neurons), new_heaps(V, k_neurons)
+    else:
+        pos_top, neg_top = TokenTopK(V, k_neurons), TokenTopK(V, k_neurons)
     layers = []
     with torch.inference_mode():
         for layer in range(view.n_layers):
             layers.append(_scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress))
-    ids_p, vals_p = pos_top.result()
-    ids_n, vals_n = neg_top.result()
+    if dev.type == "cpu":
+        from discover._kernels import sorted_heaps
+
+        (ids_p, vals_p), (ids_n, vals_n) = sorted_heaps(*pos_top), sorted_heaps(*neg_top)
+        ids_p, ids_n = ids_p.astype(np.int32), ids_n.astype(np.int32)
+    else:
+        ids_p, vals_p = pos_top.result()
+        ids_n, vals_n = neg_top.result()
     return ScanResult(
         layers=layers,
         token_top=(ids_p, vals_p),
@@ -225,6 +237,25 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
         unembed_norms=u_norm.cpu().numpy(),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _row_stats_torch(Gc, inv_u, inv_w, top_v, top_i, bot_v, bot_i, mom, block_rows) -> None:
+    """Device-generic twin of `_kernels.row_stats` (bottom values stored negated, as there)."""
+    top_v[:], top_i[:] = Gc.topk(top_v.shape[1], dim=1)
+    v, i = Gc.topk(bot_v.shape[1], dim=1, largest=False)
+    bot_v[:], bot_i[:] = -v, i
+    for b0 in range(0, Gc.shape[0], block_rows):
+        # c_t = G / (|w| |u_t|), centred; block_rows neurons at a time so every pass stays in cache
+        b1 = min(Gc.shape[0], b0 + block_rows)
+        h = Gc[b0:b1] * inv_u
+        h *= inv_w[b0:b1, None]
+        mean = h.mean(1, keepdim=True)
+        h -= mean
+        d2 = h * h
+        mom[b0:b1, 0] = mean[:, 0].double()
+        mom[b0:b1, 1] = d2.mean(1).double()
+        mom[b0:b1, 2] = (d2 * h).mean(1).double()
+        mom[b0:b1, 3] = (d2 * d2).mean(1).double()
 
 
 def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress) -> LayerResult:
@@ -236,11 +267,17 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
     in_norm = W_in.norm(dim=1)
     inv_w = torch.where(w_norm > 0, 1.0 / w_norm, torch.zeros_like(w_norm))
     cos_io = (W_in * W).sum(1) / (in_norm * w_norm).clamp_min(1e-30)
-    mom = torch.empty(n, 4, device=dev)  # mean, then sums of centred 2nd/3rd/4th powers
+    mom = torch.empty(n, 4, dtype=torch.float64, device=dev)  # mean, m2, m3, m4 (central moments)
     top_v = torch.empty(n, k_tok, device=dev)
     top_i = torch.empty(n, k_tok, dtype=torch.int64, device=dev)
     bot_v = torch.empty(n, k_tok, device=dev)
     bot_i = torch.empty(n, k_tok, dtype=torch.int64, device=dev)
+    cpu = dev.type == "cpu"
+    if cpu:
+        from discover import _kernels
+
+        inv_u_np, inv_w_np, mom_np = inv_u.numpy(), inv_w.numpy(), mom.numpy()
+        top_v_np, top_i_np, bot_v_np, bot_i_np = top_v.numpy(), top_i.numpy(), bot_v.numpy(), bot_i.numpy()
     bar = _progress(n, f"scan L{layer}", progress)
     G = torch.empty(min(config.chunk_rows, n), V, device=dev)
     for c0 in range(0, n, config.chunk_rows):
@@ -248,38 +285,36 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
         Gc = G[: c1 - c0]
         torch.mm(W[c0:c1], U, out=Gc)  # (chunk, vocab) congruence
         rows = slice(c0, c1)
-        top_v[rows], top_i[rows] = Gc.topk(k_tok, dim=1)
-        bot_v[rows], bot_i[rows] = Gc.topk(k_tok, dim=1, largest=False)
-        gids = torch.arange(c0, c1, device=dev) + layer * n
-        if pos_top.warm:
-            pos_top.add_candidates(Gc, gids, Gc.amax(0))
-            neg_top.add_candidates(Gc, gids, Gc.amin(0), negate=True)
+        if cpu:  # fused numba kernels: one pass per row, one pass per token (both signs)
+            g = Gc.numpy()
+            _kernels.row_stats(g, inv_u_np, inv_w_np[rows], top_v_np[rows], top_i_np[rows],
+                               bot_v_np[rows], bot_i_np[rows], mom_np[rows])
+            _kernels.token_heaps_update(g, layer * n + c0, *pos_top, *neg_top)
         else:
-            pos_top.add_dense(Gc, gids)
-            neg_top.add_dense(Gc.neg(), gids)
-        for b0 in range(c0, c1, config.block_rows):
-            # cosine c_t = G / (|w| |u_t|), centred, then centred power sums over the
-            # vocabulary; 32 neurons at a time so that every pass stays in cache
-            b1 = min(c1, b0 + config.block_rows)
-            h = Gc[b0 - c0 : b1 - c0] * inv_u
-            h *= inv_w[b0:b1, None]
-            mean = h.mean(1, keepdim=True)
-            h -= mean
-            d2 = h * h
-            mom[b0:b1, 0] = mean[:, 0]
-            mom[b0:b1, 1] = d2.sum(1)
-            mom[b0:b1, 2] = (d2 * h).sum(1)
-            mom[b0:b1, 3] = (d2 * d2).sum(1)
+            _row_stats_torch(Gc, inv_u, inv_w[rows], top_v[rows], top_i[rows], bot_v[rows], bot_i[rows],
+                             mom[rows], config.block_rows)
+            gids = torch.arange(c0, c1, device=dev) + layer * n
+            if pos_top.warm:
+                pos_top.add_candidates(Gc, gids, Gc.amax(0))
+                neg_top.add_candidates(Gc, gids, Gc.amin(0), negate=True)
+            else:
+                pos_top.add_dense(Gc, gids)
+                neg_top.add_dense(Gc.neg(), gids)
         if bar is not None:
             bar.update(c1 - c0)
     if bar is not None:
         bar.close()
     mom = mom.double().cpu()
-    m2 = mom[:, 1] / V
-    var = m2
+    var = mom[:, 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        skew = (mom[:, 2] / V / m2.pow(1.5)).numpy()
-        kurt = (mom[:, 3] / V / m2.pow(2)).numpy()
+        skew = (mom[:, 2] / var.pow(1.5)).numpy()
+        kurt = (mom[:, 3] / var.pow(2)).numpy()
+    # best first (the CPU kernel leaves heaps unsorted; ties: lower token id first)
+    top_v, order = top_v.sort(dim=1, descending=True, stable=True)
+    top_i = top_i.gather(1, order)
+    bot_v, order = bot_v.sort(dim=1, descending=True, stable=True)
+    bot_i = bot_i.gather(1, order)
+    bot_v = bot_v.neg_()
     stats = {
         "vocab_mean": mom[:, 0].numpy(),
         "vocab_var": var.numpy(),
@@ -361,7 +396,7 @@ def default_model_dir():
 
 
 def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, allow_pickle: bool = False,
-               progress: bool = True, force: bool = False) -> ScanSummary:
+               progress: bool = True, force: bool = False, identity=None) -> ScanSummary:
     """Scan `spec` (hub id or local dir; None = the embedded default) into `store`.
 
     An unchanged checkpoint (same content hash, same scan settings) is not scanned again;
@@ -379,7 +414,8 @@ def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, all
             raise ModelLoadError("no model given and the embedded default model is not installed; pass MODEL")
         spec = str(d)
     t0 = time.perf_counter()
-    norm_spec, ckpt_id, _ = identify(spec, allow_pickle=allow_pickle)
+    # identity: (normalised spec, checkpoint id, dir) from adapter.identify, if the caller has it
+    norm_spec, ckpt_id, _ = identity or identify(spec, allow_pickle=allow_pickle)
     row = store.checkpoint(ckpt_id)
     status = "scanned"
     if row is not None and not force and row["scan_settings"] == config.compute_key():

@@ -1,0 +1,129 @@
+"""Fused CPU kernels (numba) for the scanner's reductions over a (neuron, vocab) block.
+
+`token_heaps_update` keeps, for every token, a min-heap of the K largest scores seen so far
+(and one of the K most negative), reading each score of a block once: after warm-up almost
+every comparison fails, so the exact per-token top-K costs about one pass over memory.
+Heaps are stored token-major, (vocab, K), so one token's heap is contiguous; threads split the
+vocabulary, so no two threads touch one heap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(inline="always")
+def _sift_down(vals, ids, t, k, v, i):
+    """Replace the root of token t's min-heap with (v, i) and restore the heap."""
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= k:
+            break
+        right = child + 1
+        if right < k and (vals[t, right] < vals[t, child] or (vals[t, right] == vals[t, child]
+                                                              and ids[t, right] > ids[t, child])):
+            child = right
+        if vals[t, child] < v or (vals[t, child] == v and ids[t, child] > i):
+            vals[t, pos] = vals[t, child]
+            ids[t, pos] = ids[t, child]
+            pos = child
+        else:
+            break
+    vals[t, pos] = v
+    ids[t, pos] = i
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def token_heaps_update(g, gid0, pos_v, pos_i, pos_thr, neg_v, neg_i, neg_thr):
+    """Push every score of g (rows, vocab), neuron ids gid0 + row, into both sets of heaps.
+
+    pos_*: (vocab, K) min-heaps of the K largest scores; neg_*: of the K largest -scores.
+    `*_thr[t]` mirrors heap t's root (its smallest kept value, the bar a new score must beat),
+    kept in a contiguous (vocab,) array so that the common case is one streaming comparison.
+    """
+    rows, vocab = g.shape
+    k = pos_v.shape[1]
+    n_parts = 64
+    step = (vocab + n_parts - 1) // n_parts
+    for part in prange(n_parts):
+        t0 = part * step
+        t1 = min(vocab, t0 + step)
+        for r in range(rows):
+            gid = gid0 + r
+            for t in range(t0, t1):
+                x = g[r, t]
+                if x > pos_thr[t]:
+                    _sift_down(pos_v, pos_i, t, k, x, gid)
+                    pos_thr[t] = pos_v[t, 0]
+                if -x > neg_thr[t]:
+                    _sift_down(neg_v, neg_i, t, k, -x, gid)
+                    neg_thr[t] = neg_v[t, 0]
+
+
+def new_heaps(vocab: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty heaps (values, ids, roots): every slot -inf (any score beats it), id -1."""
+    return (np.full((vocab, k), -np.inf, dtype=np.float32), np.full((vocab, k), -1, dtype=np.int64),
+            np.full(vocab, -np.inf, dtype=np.float32))
+
+
+def sorted_heaps(vals: np.ndarray, ids: np.ndarray, _roots=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, values), each (K, vocab), best first (ties: lower neuron id first).
+
+    Slots no neuron filled (fewer neurons than K) are dropped; every token sees the same
+    neurons, so the filled count is the same for all tokens."""
+    by_id = np.argsort(ids, axis=1, kind="stable")
+    v = np.take_along_axis(vals, by_id, 1)
+    order = np.take_along_axis(by_id, np.argsort(-v, axis=1, kind="stable"), 1)
+    v = np.take_along_axis(vals, order, 1)
+    i = np.take_along_axis(ids, order, 1)
+    keep = int((i >= 0).all(axis=0).sum())
+    return np.ascontiguousarray(i[:, :keep].T), np.ascontiguousarray(v[:, :keep].T)
+
+
+@njit(fastmath={"reassoc", "contract"}, nogil=True, inline="always")
+def _power_sums(row, inv_u, a):
+    """Sums of c, c^2, c^3, c^4 over the vocabulary, c_t = row[t] * inv_u[t] * a, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    s4 = 0.0
+    for t in range(row.shape[0]):
+        c = np.float64(row[t]) * np.float64(inv_u[t]) * a
+        c2 = c * c
+        s1 += c
+        s2 += c2
+        s3 += c2 * c
+        s4 += c2 * c2
+    return s1, s2, s3, s4
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def row_stats(g, inv_u, inv_w, top_v, top_i, bot_v, bot_i, moments):
+    """Per row (neuron) of g (rows, vocab): the k largest and k smallest scores with their token
+    ids (unsorted min-heaps, filled in place) and the central moments of the cosine
+    c_t = g[r, t] * inv_u[t] * inv_w[r]: moments[r] = (mean, m2, m3, m4), m_j = E[(c - mean)^j]."""
+    rows, vocab = g.shape
+    k = top_v.shape[1]
+    for r in prange(rows):
+        for j in range(k):
+            top_v[r, j] = -np.inf
+            bot_v[r, j] = -np.inf
+            top_i[r, j] = -1
+            bot_i[r, j] = -1
+        for t in range(vocab):
+            x = g[r, t]
+            if x > top_v[r, 0]:
+                _sift_down(top_v, top_i, r, k, x, t)
+            if -x > bot_v[r, 0]:
+                _sift_down(bot_v, bot_i, r, k, -x, t)
+        s1, s2, s3, s4 = _power_sums(g[r], inv_u, np.float64(inv_w[r]))
+        mu = s1 / vocab
+        e2 = s2 / vocab
+        e3 = s3 / vocab
+        e4 = s4 / vocab
+        moments[r, 0] = mu
+        moments[r, 1] = e2 - mu * mu
+        moments[r, 2] = e3 - 3.0 * mu * e2 + 2.0 * mu ** 3
+        moments[r, 3] = e4 - 4.0 * mu * e3 + 6.0 * mu * mu * e2 - 3.0 * mu ** 4
