@@ -159,38 +159,47 @@ def check_exact(out: dict, ids, vals, s_all, d_mlp: int) -> tuple[bool, int, str
     return True, int((q_ids != ids).sum()), ""
 
 
-def run_side(store, W_all, UT, tokens, d_mlp: int, negative: bool, quiet: bool) -> dict:
-    """Interleaved query / brute force timings over `tokens`, with the exactness check."""
+def run_sides(store, W_all, UT, tokens, d_mlp: int, sides: tuple[bool, ...], quiet: bool) -> dict:
+    """Interleaved query / brute force timings over `tokens` (token by token, side by side),
+    with the exactness check of every query."""
     from discover.query import query_token
 
-    q_ms, b_ms, failures, ties = [], [], [], 0
+    acc = {neg: {"q": [], "b": [], "fail": [], "ties": 0} for neg in sides}
     for i, tok in enumerate(tokens):
         tok = int(tok)
-        t0 = time.perf_counter()
-        out = query_token(store, SPEC, token_id=tok, top=TOP, negative=negative)
-        t1 = time.perf_counter()
-        ids, vals, s_all = brute_top(W_all, UT, tok, negative)
-        t2 = time.perf_counter()
-        q_ms.append(1000 * (t1 - t0))
-        b_ms.append(1000 * (t2 - t1))
-        ok, n_ties, why = check_exact(out, ids, vals, s_all, d_mlp)
-        ties += n_ties
-        if not ok:
-            failures.append({"token_id": tok, "why": why})
+        for negative in sides:
+            a = acc[negative]
+            t0 = time.perf_counter()
+            out = query_token(store, SPEC, token_id=tok, top=TOP, negative=negative)
+            t1 = time.perf_counter()
+            ids, vals, s_all = brute_top(W_all, UT, tok, negative)
+            t2 = time.perf_counter()
+            a["q"].append(1000 * (t1 - t0))
+            a["b"].append(1000 * (t2 - t1))
+            ok, n_ties, why = check_exact(out, ids, vals, s_all, d_mlp)
+            a["ties"] += n_ties
+            if not ok:
+                a["fail"].append({"token_id": tok, "why": why})
         if (i + 1) % 50 == 0:
-            C.log(f"  {'negative' if negative else 'positive'}: {i + 1}/{len(tokens)} queries", quiet=quiet)
-    qp50, bp50 = C.percentile(q_ms, 50), C.percentile(b_ms, 50)
-    return {
-        "query_ms": {"p50": qp50, "p99": C.percentile(q_ms, 99), "mean": sum(q_ms) / len(q_ms), "max": max(q_ms)},
-        "brute_ms": {"p50": bp50, "p99": C.percentile(b_ms, 99), "mean": sum(b_ms) / len(b_ms), "max": max(b_ms)},
-        "ratio_brute_over_query_p50": bp50 / qp50,
-        "exact": not failures,
-        "n_checked": len(tokens),
-        "failures": failures[:10],
-        "n_failures": len(failures),
-        "tie_swaps": ties,
-        "meets_target": qp50 <= TARGET_P50_MS,
-    }
+            C.log(f"  {i + 1}/{len(tokens)} tokens", quiet=quiet)
+    res = {}
+    for negative, a in acc.items():
+        q_ms, b_ms = a["q"], a["b"]
+        qp50, bp50 = C.percentile(q_ms, 50), C.percentile(b_ms, 50)
+        res["negative" if negative else "positive"] = {
+            "query_ms": {"p50": qp50, "p99": C.percentile(q_ms, 99), "mean": sum(q_ms) / len(q_ms),
+                         "max": max(q_ms)},
+            "brute_ms": {"p50": bp50, "p99": C.percentile(b_ms, 99), "mean": sum(b_ms) / len(b_ms),
+                         "max": max(b_ms)},
+            "ratio_brute_over_query_p50": bp50 / qp50,
+            "exact": not a["fail"],
+            "n_checked": len(q_ms),
+            "failures": a["fail"][:10],
+            "n_failures": len(a["fail"]),
+            "tie_swaps": a["ties"],
+            "meets_target": qp50 <= TARGET_P50_MS,
+        }
+    return res
 
 
 def main(argv=None) -> int:
@@ -260,7 +269,6 @@ def main(argv=None) -> int:
         warm = rng.choice(np.setdiff1d(np.arange(args.vocab), tokens), size=5, replace=False)
         from discover.query import query_token
 
-        sides = {}
         with Store(root, read_only=True) as store:  # open once, as a long-lived process would
             with C.Timer() as t:
                 query_token(store, SPEC, token_id=int(warm[0]), top=TOP)
@@ -268,11 +276,9 @@ def main(argv=None) -> int:
             for w in warm[1:]:
                 query_token(store, SPEC, token_id=int(w), top=TOP)
                 brute_top(W_all, UT, int(w), False)
-            for negative in (False, True) if args.negative else (False,):
-                C.log(f"timing {len(tokens)} {'negative' if negative else 'positive'} queries "
-                      f"(query and brute force interleaved)", quiet=quiet)
-                sides["negative" if negative else "positive"] = run_side(
-                    store, W_all, UT, tokens, d_mlp, negative, quiet)
+            C.log(f"timing {len(tokens)} tokens (query and brute force interleaved"
+                  f"{', positive and negative' if args.negative else ''})", quiet=quiet)
+            sides = run_sides(store, W_all, UT, tokens, d_mlp, (False, True) if args.negative else (False,), quiet)
             breakdown = None
             if not args.no_breakdown:
                 C.log("per-statement breakdown of query_token", quiet=quiet)

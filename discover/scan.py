@@ -62,6 +62,7 @@ class ScanConfig:
     block_rows: int = 32
     roles: RoleThresholds = field(default_factory=RoleThresholds)
     device: str = "cpu"
+    backend: str = "auto"  # "numba" (fused CPU kernels), "torch" (any device), "auto": numba on CPU
 
     def __post_init__(self):
         for name in ("top_k", "token_top_k", "chunk_rows", "block_rows"):
@@ -70,6 +71,13 @@ class ScanConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.top_k > 1000 or self.token_top_k > 10000:
             raise ValueError("top_k must be <= 1000 and token_top_k <= 10000")
+        if self.backend not in ("auto", "numba", "torch"):
+            raise ValueError(f"backend must be auto, numba or torch, got {self.backend!r}")
+        if self.backend == "numba" and not self.device.startswith("cpu"):
+            raise ValueError("backend numba runs on the CPU only; use backend torch for other devices")
+
+    def use_numba(self) -> bool:
+        return self.backend == "numba" or (self.backend == "auto" and self.device.startswith("cpu"))
 
     def compute_key(self) -> dict:
         """The settings that change the stored numbers (roles excluded: they re-derive cheaply)."""
@@ -115,8 +123,12 @@ class TokenTopK:
     in the final top-K is dropped.
     """
 
-    def __init__(self, vocab: int, k: int, warm_rows: int = 512, max_buffer: int = 4_000_000):
-        self.vocab, self.k, self.warm_rows, self.max_buffer = vocab, k, warm_rows, max_buffer
+    WARM_ROWS = 512  # neurons reduced densely before thresholds are used
+    MAX_BUFFER = 4_000_000  # candidates held before a merge
+
+    def __init__(self, vocab: int, k: int):
+        self.vocab, self.k = vocab, k
+        self.warm_rows, self.max_buffer = self.WARM_ROWS, self.MAX_BUFFER
         self.vals: torch.Tensor | None = None  # (k, vocab) descending, once warm
         self.ids: torch.Tensor | None = None
         self.thr: torch.Tensor | None = None  # (vocab,) current K-th value
@@ -212,7 +224,7 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     V = U.shape[1]
     k_tok = min(config.top_k, V)
     k_neurons = min(config.token_top_k, view.n_layers * view.d_mlp)
-    if dev.type == "cpu":
+    if config.use_numba():
         from discover._kernels import new_heaps
 
         pos_top, neg_top = new_heaps(V, k_neurons), new_heaps(V, k_neurons)
@@ -222,7 +234,7 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     with torch.inference_mode():
         for layer in range(view.n_layers):
             layers.append(_scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress))
-    if dev.type == "cpu":
+    if config.use_numba():
         from discover._kernels import sorted_heaps
 
         (ids_p, vals_p), (ids_n, vals_n) = sorted_heaps(*pos_top), sorted_heaps(*neg_top)
@@ -272,7 +284,7 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
     top_i = torch.empty(n, k_tok, dtype=torch.int64, device=dev)
     bot_v = torch.empty(n, k_tok, device=dev)
     bot_i = torch.empty(n, k_tok, dtype=torch.int64, device=dev)
-    cpu = dev.type == "cpu"
+    cpu = config.use_numba()
     if cpu:
         from discover import _kernels
 

@@ -69,12 +69,17 @@ def reference(model, k=5):
     return U, out
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_statistics_equal_numpy_reference(arch):
+def test_statistics_equal_numpy_reference(arch, backend, monkeypatch):
     model = make_model(arch, n_layer=2, d_model=64, d_mlp=96)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     view = from_model(model, make_tokenizer())
-    res = scan(view, ScanConfig(top_k=5, token_top_k=7, chunk_rows=40, block_rows=16), progress=False)
+    cfg = ScanConfig(top_k=5, token_top_k=7, chunk_rows=40, block_rows=16, backend=backend)
+    # make the torch path cross its warm-up and several merges on this tiny model
+    monkeypatch.setattr(TokenTopK, "WARM_ROWS", 40)
+    monkeypatch.setattr(TokenTopK, "MAX_BUFFER", 300)
+    res = scan(view, cfg, progress=False)
     U, ref = reference(model)
     for lr, r in zip(res.layers, ref):
         for key in ("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt", "w_out_norm", "w_in_norm", "cos_in_out"):
@@ -203,11 +208,13 @@ def test_planted_partition_neuron(arch, tmp_path):
         assert query_token(store, str(path), "an", top=1)["results"][0]["neuron"] == "L1.N9"
 
 
-def test_token_topk_is_exact_through_warmup_and_merges():
+def test_token_topk_is_exact_through_warmup_and_merges(monkeypatch):
     rng = np.random.default_rng(0)
     G = rng.standard_normal((3000, 57)).astype(np.float32)
     G[2500, 3] = 50.0  # a late, extreme entry
-    tk = TokenTopK(57, 25, warm_rows=100, max_buffer=500)
+    monkeypatch.setattr(TokenTopK, "WARM_ROWS", 100)
+    monkeypatch.setattr(TokenTopK, "MAX_BUFFER", 500)
+    tk = TokenTopK(57, 25)
     for s in range(0, 3000, 64):
         g = torch.from_numpy(G[s : s + 64])
         ids = torch.arange(s, min(s + 64, 3000))
@@ -219,6 +226,18 @@ def test_token_topk_is_exact_through_warmup_and_merges():
     np.testing.assert_array_equal(ids, np.argsort(-G, axis=0, kind="stable")[:25])
     np.testing.assert_array_equal(vals, -np.sort(-G, axis=0)[:25])
     assert ids[0, 3] == 2500
+    # the numba heap kernel on the same data, in uneven blocks, both signs at once
+    from discover._kernels import new_heaps, sorted_heaps, token_heaps_update
+
+    pos, neg = new_heaps(57, 25), new_heaps(57, 25)
+    for s, e in ((0, 7), (7, 1000), (1000, 1001), (1001, 3000)):
+        token_heaps_update(np.ascontiguousarray(G[s:e]), s, *pos, *neg)
+    ids, vals = sorted_heaps(*pos)
+    np.testing.assert_array_equal(ids, np.argsort(-G, axis=0, kind="stable")[:25])
+    np.testing.assert_array_equal(vals, -np.sort(-G, axis=0)[:25])
+    ids, vals = sorted_heaps(*neg)
+    np.testing.assert_array_equal(ids, np.argsort(G, axis=0, kind="stable")[:25])
+    np.testing.assert_array_equal(-vals, np.sort(G, axis=0)[:25])
 
 
 def test_similar_neurons_equal_brute_force(tmp_path):
