@@ -15,3 +15,28 @@ from discover.errors import (  # noqa: F401
     TrainError,
     UnsupportedModel,
 )
+
+# The library's main entry points, imported on first use (`from discover import scan_model`).
+_LAZY = {
+    "Store": "discover.store",
+    "load_model": "discover.adapter",
+    "from_model": "discover.adapter",
+    "ModelView": "discover.adapter",
+    "ScanConfig": "discover.scan",
+    "RoleThresholds": "discover.scan",
+    "scan_model": "discover.scan",
+    "query_token": "discover.query",
+    "query_neuron": "discover.query",
+    "query_roles": "discover.query",
+    "run_sql": "discover.query",
+    "open_corpus": "discover.corpus",
+    "TrainConfig": "discover.train",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'discover' has no attribute {name!r}")
