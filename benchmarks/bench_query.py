@@ -159,9 +159,23 @@ def check_exact(out: dict, ids, vals, s_all, d_mlp: int) -> tuple[bool, int, str
     return True, int((q_ids != ids).sum()), ""
 
 
-def run_sides(store, W_all, UT, tokens, d_mlp: int, sides: tuple[bool, ...], quiet: bool) -> dict:
+def _settle(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def run_sides(store, W_all, UT, tokens, d_mlp: int, sides: tuple[bool, ...], settle: float,
+              quiet: bool) -> dict:
     """Interleaved query / brute force timings over `tokens` (token by token, side by side),
-    with the exactness check of every query."""
+    with the exactness check of every query.
+
+    `settle` seconds of busy-waiting precede every timed call (outside the timing): numpy's
+    OpenBLAS threads spin for ~0.1 s after the brute-force matvec and would otherwise steal the
+    2 cores from the DuckDB query timed right after it (measured: +15-18 ms on the query's p50).
+    A busy wait, not a sleep: after a sleep this VM's next query ran ~30% slower (cold wake-up),
+    while a busy wait measured the same as back-to-back queries.
+    """
     from discover.query import query_token
 
     acc = {neg: {"q": [], "b": [], "fail": [], "ties": 0} for neg in sides}
@@ -169,13 +183,16 @@ def run_sides(store, W_all, UT, tokens, d_mlp: int, sides: tuple[bool, ...], qui
         tok = int(tok)
         for negative in sides:
             a = acc[negative]
+            _settle(settle)
             t0 = time.perf_counter()
             out = query_token(store, SPEC, token_id=tok, top=TOP, negative=negative)
             t1 = time.perf_counter()
-            ids, vals, s_all = brute_top(W_all, UT, tok, negative)
+            _settle(settle)
             t2 = time.perf_counter()
+            ids, vals, s_all = brute_top(W_all, UT, tok, negative)
+            t3 = time.perf_counter()
             a["q"].append(1000 * (t1 - t0))
-            a["b"].append(1000 * (t2 - t1))
+            a["b"].append(1000 * (t3 - t2))
             ok, n_ties, why = check_exact(out, ids, vals, s_all, d_mlp)
             a["ties"] += n_ties
             if not ok:
@@ -210,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=200, help="random token ids to time (default 200)")
     ap.add_argument("--layers", type=int, default=48, help="layers of 6400 neurons (default 48, GPT-2 XL)")
     ap.add_argument("--negative", action="store_true", help="also time the most-negative query (--negative)")
+    ap.add_argument("--settle", type=float, default=0.15,
+                    help="seconds of busy-wait before each timed call, so that one side's spinning BLAS "
+                         "threads do not slow the other (default 0.15)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the token ids")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-SQL-statement breakdown")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -278,7 +298,8 @@ def main(argv=None) -> int:
                 brute_top(W_all, UT, int(w), False)
             C.log(f"timing {len(tokens)} tokens (query and brute force interleaved"
                   f"{', positive and negative' if args.negative else ''})", quiet=quiet)
-            sides = run_sides(store, W_all, UT, tokens, d_mlp, (False, True) if args.negative else (False,), quiet)
+            sides = run_sides(store, W_all, UT, tokens, d_mlp, (False, True) if args.negative else (False,),
+                              args.settle, quiet)
             breakdown = None
             if not args.no_breakdown:
                 C.log("per-statement breakdown of query_token", quiet=quiet)
@@ -292,6 +313,7 @@ def main(argv=None) -> int:
         "shape": {"n_layers": args.layers, "d_mlp": 6400, "d_model": 1600, "d_vocab": args.vocab,
                   "n_neurons": args.layers * 6400},
         "queries": len(tokens),
+        "settle_s": args.settle,
         "top": TOP,
         "machine": info,
         "timings": timings,

@@ -99,15 +99,35 @@ def run_scan_model(model_dir: Path, store_root: Path, config) -> tuple[float, fl
     return t.s, float(inner)
 
 
-def phase_child(phase: str, model_dir: Path) -> dict:
+def make_config(args):
+    """ScanConfig() with the --chunk-rows / --backend overrides."""
+    from discover.scan import ScanConfig
+
+    kw = {}
+    if args.chunk_rows is not None:
+        kw["chunk_rows"] = args.chunk_rows
+    if args.backend is not None:
+        kw["backend"] = args.backend
+    return ScanConfig(**kw)
+
+
+def config_args(args) -> list[str]:
+    out = []
+    if args.chunk_rows is not None:
+        out += ["--chunk-rows", str(args.chunk_rows)]
+    if args.backend is not None:
+        out += ["--backend", args.backend]
+    return out
+
+
+def phase_child(phase: str, model_dir: Path, config) -> dict:
     """One phase in this (fresh) process; its peak RSS above the RSS after the model is loaded."""
     import torch
 
     from discover.adapter import load_model
-    from discover.scan import ScanConfig, scan, scan_model
+    from discover.scan import scan, scan_model
     from discover.store import Store
 
-    config = ScanConfig()
     view = None
     if phase != "scan_model":  # scan_model loads the model itself
         view = load_model(str(model_dir))
@@ -175,6 +195,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12, help="layers of the GPT-2-small-shaped model (default 12)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repetitions (default 2)")
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="ScanConfig.chunk_rows for both the scan and the chunked matmul (default: the library's)")
+    ap.add_argument("--backend", default=None,
+                    help="ScanConfig.backend: auto (default), numba or torch")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-big", action="store_true", help="skip the one-matmul-per-layer reference")
@@ -187,7 +211,7 @@ def main(argv=None) -> int:
         build_model(args.model_dir, args.layers)
         return 0
     if args.phase:
-        print(json.dumps(phase_child(args.phase, args.model_dir)))
+        print(json.dumps(phase_child(args.phase, args.model_dir, make_config(args))))
         return 0
     if args.layers < 1 or args.repeats < 1:
         ap.error("--layers and --repeats must be >= 1")
@@ -205,15 +229,14 @@ def main(argv=None) -> int:
             for phase in PHASES:
                 C.log(f"peak memory: phase {phase} in a fresh process", quiet=quiet)
                 memory[phase] = json.loads(
-                    run_child(["--phase", phase, "--model-dir", str(model_dir)]).strip().splitlines()[-1])
+                    run_child(["--phase", phase, "--model-dir", str(model_dir), *config_args(args)]).strip().splitlines()[-1])
 
         import torch
 
         from discover.adapter import load_model
-        from discover.scan import ScanConfig
 
         info = C.machine()
-        config = ScanConfig()
+        config = make_config(args)
         view = load_model(str(model_dir))
         assert len(view.tokenizer) == C.GPT2_VOCAB == view.d_vocab
         with torch.inference_mode():
@@ -255,6 +278,7 @@ def main(argv=None) -> int:
         "benchmark": "bench_scan",
         "shape": {"n_layers": args.layers, "d_mlp": 3072, "d_model": 768, "d_vocab": C.GPT2_VOCAB},
         "scan_config": {"chunk_rows": config.chunk_rows, "block_rows": config.block_rows,
+                        "backend": getattr(config, "backend", None),
                         "top_k": config.top_k, "token_top_k": config.token_top_k},
         "repeats": args.repeats,
         "machine": info,
@@ -287,7 +311,8 @@ def report(res: dict) -> str:
     sh = res["shape"]
     out = [
         f"bench_scan: {sh['n_layers']} layers x {sh['d_mlp']} neurons x d_model {sh['d_model']} x vocab "
-        f"{sh['d_vocab']}; chunk_rows {res['scan_config']['chunk_rows']}; {res['repeats']} interleaved repeats; "
+        f"{sh['d_vocab']}; chunk_rows {res['scan_config']['chunk_rows']}, backend {res['scan_config']['backend']}; "
+        f"{res['repeats']} interleaved repeats; "
         f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch_threads']} threads",
         "",
         C.table(rows, ["phase", "median s", "each s", "x matmul"]),

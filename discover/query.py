@@ -6,6 +6,7 @@ and notebooks share them.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 
@@ -58,16 +59,8 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
             f"{text!r} is not in the vocabulary (the tokenizer maps it to its unknown token "
             f"{tok.unk_token!r}); give other text or --token-id"
         )
-    strings = token_strings(store, ckpt, ids)
-    return list(zip(ids, strings))
-
-
-def token_strings(store: Store, ckpt: dict, ids: list[int]) -> list[str]:
-    rows = dict(store.con.execute(
-        "SELECT token_id, token FROM tokens WHERE checkpoint_id = ? AND token_id IN (SELECT UNNEST(?))",
-        [ckpt["checkpoint_id"], [int(i) for i in ids]],
-    ).fetchall())
-    return [rows.get(int(i), f"<unknown:{i}>") for i in ids]
+    strings = _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"]
+    return [(i, strings[i] if i < len(strings) else f"<unknown:{i}>") for i in ids]
 
 
 def _top_tokens(store: Store, ckpt_id: str, pairs: list[tuple[int, int]], side: str, k: int) -> dict:
@@ -87,11 +80,46 @@ def _top_tokens(store: Store, ckpt_id: str, pairs: list[tuple[int, int]], side: 
     return out
 
 
+@lru_cache(maxsize=4)
+def _arrays(adir: str) -> dict:
+    """The checkpoint's memory-mapped query arrays (see store._write_arrays), cached per process."""
+    from pathlib import Path
+
+    p = Path(adir)
+    if not (p / "token_neurons.npy").exists():
+        raise QueryError(f"the query arrays of this checkpoint are missing ({p}); rescan it with --force")
+    out = {name: np.load(p / f"{name}.npy", mmap_mode="r")
+           for name in ("token_neurons", "token_congruence", "neuron_tokens", "neuron_stats")}
+    out["tokens"] = json.loads((p / "tokens.json").read_text())
+    return out
+
+
+@lru_cache(maxsize=4)
+def _primary_roles(adir: str, thresholds: str, d_model: int) -> np.ndarray:
+    """Each neuron's primary role under the checkpoint's current thresholds (cached)."""
+    from dataclasses import fields
+
+    from discover.scan import RoleThresholds, assign_roles
+    from discover.store import ARRAY_STATS
+
+    arr = _arrays(adir)["neuron_stats"]
+    stats = {c: np.asarray(arr[:, i]) for i, c in enumerate(ARRAY_STATS)}
+    t = json.loads(thresholds)
+    _, primary = assign_roles(stats, d_model, RoleThresholds(**{f.name: t[f.name] for f in fields(RoleThresholds)}))
+    return primary
+
+
 def query_token(store: Store, model: str, text: str | None = None, *, token_id: int | None = None,
                 top: int = 20, negative: bool = False, n_top_tokens: int = 5) -> dict:
-    """Neurons ranked by congruence `w_out . U[:, t]` with one token (exact, from the scan)."""
+    """Neurons ranked by congruence `w_out . U[:, t]` with one token (exact, from the scan).
+
+    Reads the checkpoint's memory-mapped arrays: the same numbers as the catalog's
+    `token_neurons` / `neuron_tokens` / `neurons` tables, in a few milliseconds."""
     ckpt = store.resolve_model(model)
     cid = ckpt["checkpoint_id"]
+    adir = str(store.files_dir(ckpt) / "arrays")
+    arrays = _arrays(adir)
+    strings = arrays["tokens"]
     tokenization = None
     note = None
     if token_id is None:
@@ -111,36 +139,32 @@ def query_token(store: Store, model: str, text: str | None = None, *, token_id: 
             f"--top {top} is deeper than the {depth} neurons per token this scan kept; "
             f"rescan with `discover scan MODEL --token-top-k {top}`"
         )
-    rows = store.con.execute(
-        "SELECT t.rank, t.layer, t.neuron, t.congruence, n.role, n.vocab_kurt, n.vocab_skew "
-        "FROM token_neurons t JOIN neurons n ON n.checkpoint_id = t.checkpoint_id "
-        "AND n.layer = t.layer AND n.neuron = t.neuron "
-        "WHERE t.checkpoint_id = ? AND t.token_id = ? AND t.sign = ? AND t.rank < ? ORDER BY t.rank",
-        [cid, token_id, -1 if negative else 1, top],
-    ).fetchall()
-    pairs = [(r[1], r[2]) for r in rows]
-    tops = _top_tokens(store, cid, pairs, "top", n_top_tokens)
-    bottoms = _top_tokens(store, cid, pairs, "bottom", n_top_tokens)
-    results = [
-        {
-            "rank": r[0] + 1,
-            "neuron": f"L{r[1]}.N{r[2]}",
-            "layer": r[1],
-            "neuron_index": r[2],
-            "congruence": float(r[3]),
-            "role": r[4],
-            "vocab_kurt": float(r[5]),
-            "vocab_skew": float(r[6]),
-            "top_tokens": tops.get((r[1], r[2]), []),
-            "bottom_tokens": bottoms.get((r[1], r[2]), []),
-        }
-        for r in rows
-    ]
+    sign = 1 if negative else 0
+    gids = np.asarray(arrays["token_neurons"][sign, :top, token_id], dtype=np.int64)
+    cong = np.asarray(arrays["token_congruence"][sign, :top, token_id])
+    roles = _primary_roles(adir, json.dumps(ckpt["role_thresholds"], sort_keys=True), ckpt["d_model"])
+    toks = np.asarray(arrays["neuron_tokens"][gids])  # (top, 2, k)
+    stats = np.asarray(arrays["neuron_stats"][gids])
+    n = ckpt["d_mlp"]
+    results = []
+    for r, (g, c) in enumerate(zip(gids.tolist(), cong.tolist())):
+        results.append({
+            "rank": r + 1,
+            "neuron": f"L{g // n}.N{g % n}",
+            "layer": g // n,
+            "neuron_index": g % n,
+            "congruence": float(c),
+            "role": roles[g],
+            "vocab_kurt": float(stats[r, 0]),
+            "vocab_skew": float(stats[r, 1]),
+            "top_tokens": [strings[i] for i in toks[r, 0, :n_top_tokens]],
+            "bottom_tokens": [strings[i] for i in toks[r, 1, :n_top_tokens]],
+        })
     return {
         "model": model,
         "checkpoint_id": cid,
         "token_id": int(token_id),
-        "token": token_strings(store, ckpt, [token_id])[0],
+        "token": strings[token_id],
         "tokenization": [{"id": i, "token": t} for i, t in tokenization] if tokenization else None,
         "note": note,
         "negative": negative,

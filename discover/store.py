@@ -5,6 +5,8 @@ Layout of a store directory (default `./indexes`, else `--store DIR` or `$DISCOV
     catalog.duckdb                   the catalog (schema: SCHEMA below, documented in README)
     checkpoints/<id>-<scan>/w_out.faiss  IndexFlatIP over unit-norm processed w_out, id = layer*d_mlp+neuron
     checkpoints/<id>-<scan>/tokenizer/   the tokenizer, so queries need not load the model
+    checkpoints/<id>-<scan>/arrays/      memory-mapped copies of what `query token` reads
+                                         (the catalog stays the reference; these make it ms-fast)
 
 A scan is one transaction: its files are written to a fresh directory first, then every row
 is inserted and committed at once; only committed rows point at a directory. A killed scan
@@ -249,6 +251,7 @@ class Store:
             faiss.write_index(index, str(fdir / "w_out.faiss"))
             if view.tokenizer is not None:
                 view.tokenizer.save_pretrained(str(fdir / "tokenizer"))
+            _write_arrays(fdir / "arrays", result, view)
 
             # -- rows
             strings = view.token_strings()
@@ -356,6 +359,25 @@ class Store:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+
+#: per-neuron statistics kept in arrays/neuron_stats.npy, in this column order
+ARRAY_STATS = ("vocab_kurt", "vocab_skew", "vocab_var", "w_out_norm", "cos_in_out")
+
+
+def _write_arrays(adir: Path, result, view) -> None:
+    """The hot path of `query token` as .npy files (memory-mapped by readers):
+    token_neurons (2, K, vocab) int32 global ids [sign +1, -1]; token_congruence (2, K, vocab);
+    neuron_tokens (neuron, 2, k) int32 token ids [top, bottom]; neuron_stats (neuron, 5) float64
+    (ARRAY_STATS); tokens.json the decoded token strings."""
+    adir.mkdir()
+    np.save(adir / "token_neurons.npy", np.stack([result.token_top[0], result.token_bottom[0]]).astype(np.int32))
+    np.save(adir / "token_congruence.npy", np.stack([result.token_top[1], result.token_bottom[1]]).astype(np.float32))
+    np.save(adir / "neuron_tokens.npy", np.concatenate(
+        [np.stack([lr.top_ids, lr.bottom_ids], axis=1) for lr in result.layers]).astype(np.int32))
+    np.save(adir / "neuron_stats.npy", np.stack(
+        [np.concatenate([lr.stats[c] for lr in result.layers]) for c in ARRAY_STATS], axis=1).astype(np.float64))
+    (adir / "tokens.json").write_text(json.dumps(view.token_strings()))
 
 
 def _thresholds_obj(t) -> dict:

@@ -301,3 +301,27 @@ def test_load_model_roundtrip_and_hash(tmp_path):
         m2.load_state_dict(m.state_dict())
         m2.gpt_neox.layers[0].mlp.dense_4h_to_h.weight[0, 0] += 1e-3
     assert load_model(str(save(m2, tmp_path / "neox2"))).checkpoint_id != v1.checkpoint_id
+
+
+def test_query_token_fast_path_equals_the_catalog(tmp_path):
+    """query_token reads memory-mapped arrays; they must say what the catalog's tables say."""
+    model = make_model("gpt2", n_layer=3, d_model=64, d_mlp=64)
+    path = save(model, tmp_path / "m")
+    with Store(tmp_path / "store") as store:
+        scan_model(str(path), store, ScanConfig(token_top_k=12, roles=RoleThresholds(kurtosis=3.0)), progress=False)
+        scan_model(str(path), store, ScanConfig(token_top_k=12, roles=RoleThresholds(kurtosis=3.5)), progress=False)
+        cid = store.resolve_model(str(path))["checkpoint_id"]
+        for tok in (0, 5, 96):
+            for sign, negative in ((1, False), (-1, True)):
+                res = query_token(store, str(path), token_id=tok, top=12, negative=negative)
+                rows = store.con.execute(
+                    "SELECT t.layer, t.neuron, t.congruence, n.role FROM token_neurons t JOIN neurons n "
+                    "USING (checkpoint_id, layer, neuron) WHERE checkpoint_id = ? AND token_id = ? AND sign = ? "
+                    "ORDER BY rank", [cid, tok, sign]).fetchall()
+                assert [(r["layer"], r["neuron_index"], r["role"]) for r in res["results"]] == \
+                    [(r[0], r[1], r[3]) for r in rows]
+                np.testing.assert_allclose([r["congruence"] for r in res["results"]], [r[2] for r in rows])
+                top = store.con.execute(
+                    "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? "
+                    "AND side = 'top' ORDER BY rank LIMIT 5", [cid, rows[0][0], rows[0][1]]).fetchall()
+                assert res["results"][0]["top_tokens"] == [t[0] for t in top]
