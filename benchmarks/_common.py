@@ -158,6 +158,22 @@ def machine() -> dict:
     }
 
 
+def code_version() -> dict:
+    """The git commit of the library measured, and its files changed since (edits in progress)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "changed": git("status", "--porcelain", "--", "discover").splitlines()}
+
+
 def table(rows: list[list], header: list[str]) -> str:
     """A plain fixed-width text table."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]

@@ -101,7 +101,8 @@ class _TimedConnection:
 
 
 def sql_breakdown(store, tokens, negative: bool) -> tuple[list[dict], float]:
-    """Per-statement time of query_token over `tokens` (store.con temporarily wrapped)."""
+    """Per-statement time of query_token over `tokens` (store.con temporarily wrapped), and the
+    time outside SQL; back to back, without brute force in between."""
     from discover.query import query_token
 
     sink: dict = {}
@@ -114,10 +115,13 @@ def sql_breakdown(store, tokens, negative: bool) -> tuple[list[dict], float]:
     finally:
         store.con = real
     per_query_ms = 1000 * t.s / len(tokens)
+    sql_ms = 1000 * sum(sum(v) for v in sink.values()) / len(tokens)
     rows = [{"sql": k[:110], "calls_per_query": len(v) / len(tokens),
              "median_ms": 1000 * C.median(v), "ms_per_query": 1000 * sum(v) / len(tokens)}
             for k, v in sink.items()]
     rows.sort(key=lambda r: -r["ms_per_query"])
+    rows.append({"sql": "(everything else: arrays, Python)", "calls_per_query": float("nan"),
+                 "median_ms": float("nan"), "ms_per_query": per_query_ms - sql_ms})
     return rows, per_query_ms
 
 
@@ -240,7 +244,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    # every library module imported now: one consistent snapshot of the code for the whole run
     from discover.adapter import from_model
+    from discover.query import query_token
     from discover.scan import ScanConfig, scan
     from discover.store import Store
 
@@ -287,7 +293,6 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(args.seed)
         tokens = rng.choice(args.vocab, size=min(args.queries, args.vocab), replace=False)
         warm = rng.choice(np.setdiff1d(np.arange(args.vocab), tokens), size=5, replace=False)
-        from discover.query import query_token
 
         with Store(root, read_only=True) as store:  # open once, as a long-lived process would
             with C.Timer() as t:
@@ -307,6 +312,7 @@ def main(argv=None) -> int:
                 breakdown = {"ms_per_query_instrumented": per_q, "statements": rows}
         catalog_mb = (root / "catalog.duckdb").stat().st_size / 2**20
 
+    info["code"] = C.code_version()
     info["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res = {
         "benchmark": "bench_query",
@@ -356,7 +362,8 @@ def report(res: dict) -> str:
     if res["breakdown"]:
         b = res["breakdown"]
         out += ["", f"where query_token's time goes (instrumented, {b['ms_per_query_instrumented']:.1f} ms/query):"]
-        out.append(C.table([[r["sql"], f"{r['calls_per_query']:.0f}", f"{r['median_ms']:.2f}",
+        out.append(C.table([[r["sql"], "-" if r["calls_per_query"] != r["calls_per_query"] else f"{r['calls_per_query']:.0f}",
+                             "-" if r["median_ms"] != r["median_ms"] else f"{r['median_ms']:.2f}",
                              f"{r['ms_per_query']:.2f}"] for r in b["statements"]],
                            ["statement", "calls/query", "median ms", "ms/query"]))
     return "\n".join(out)

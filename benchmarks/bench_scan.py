@@ -14,7 +14,7 @@ and reports medians and the ratios scan / matmul (target <= 1.5) and scan_model 
 Peak memory: each of matmul / scan / scan_model runs once more in a fresh subprocess
 (`--phase NAME`) that reports its RSS high-water mark minus its RSS after the model is loaded.
 
-    python benchmarks/bench_scan.py                 # full: 12 layers, 2 repeats (~25 min on 2 cores)
+    python benchmarks/bench_scan.py                 # full: 12 layers, 2 repeats (~13 min on 2 cores)
     python benchmarks/bench_scan.py --layers 2      # quick check
     python benchmarks/bench_scan.py --json          # machine-readable results on stdout
 """
@@ -273,6 +273,7 @@ def main(argv=None) -> int:
             profile = profile_scan(view, config)
 
     med = {k: C.median(v) for k, v in times.items() if v}
+    info["code"] = C.code_version()
     info["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res = {
         "benchmark": "bench_scan",

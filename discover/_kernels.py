@@ -12,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+#: an empty heap slot: the most negative finite float32. Finite (not -inf) so that the
+#: vectorised checks may be compiled with full fast-math (no-NaN, no-inf) semantics.
+EMPTY = np.float32(-np.finfo(np.float32).max)
+
 
 @njit(inline="always")
 def _sift_down(vals, ids, t, k, v, i):
@@ -35,6 +39,19 @@ def _sift_down(vals, ids, t, k, v, i):
     ids[t, pos] = i
 
 
+@njit(fastmath=True, nogil=True, inline="never")  # inlined, it loses its fast-math and stops vectorising
+def _beats(g, r, pos_thr, neg_thr, t0, t1):
+    """(any g[r, t] > pos_thr[t], any -g[r, t] > neg_thr[t]) over t in [t0, t1).
+    Branch-free and all float32, so it vectorises; the rare hits go to the scalar loops."""
+    mp = np.float32(EMPTY)
+    mn = np.float32(EMPTY)
+    for t in range(t0, t1):
+        x = g[r, t]
+        mp = max(mp, x - pos_thr[t])
+        mn = max(mn, -x - neg_thr[t])
+    return mp > 0, mn > 0
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def token_heaps_update(g, gid0, pos_v, pos_i, pos_thr, neg_v, neg_i, neg_thr):
     """Push every score of g (rows, vocab), neuron ids gid0 + row, into both sets of heaps.
@@ -45,27 +62,32 @@ def token_heaps_update(g, gid0, pos_v, pos_i, pos_thr, neg_v, neg_i, neg_thr):
     """
     rows, vocab = g.shape
     k = pos_v.shape[1]
-    n_parts = 64
-    step = (vocab + n_parts - 1) // n_parts
+    seg = 512
+    n_parts = (vocab + seg - 1) // seg
     for part in prange(n_parts):
-        t0 = part * step
-        t1 = min(vocab, t0 + step)
+        t0 = part * seg
+        t1 = min(vocab, t0 + seg)
         for r in range(rows):
             gid = gid0 + r
-            for t in range(t0, t1):
-                x = g[r, t]
-                if x > pos_thr[t]:
-                    _sift_down(pos_v, pos_i, t, k, x, gid)
-                    pos_thr[t] = pos_v[t, 0]
-                if -x > neg_thr[t]:
-                    _sift_down(neg_v, neg_i, t, k, -x, gid)
-                    neg_thr[t] = neg_v[t, 0]
+            hit_pos, hit_neg = _beats(g, r, pos_thr, neg_thr, t0, t1)
+            if hit_pos:
+                for t in range(t0, t1):
+                    x = g[r, t]
+                    if x > pos_thr[t]:
+                        _sift_down(pos_v, pos_i, t, k, x, gid)
+                        pos_thr[t] = pos_v[t, 0]
+            if hit_neg:
+                for t in range(t0, t1):
+                    y = -g[r, t]
+                    if y > neg_thr[t]:
+                        _sift_down(neg_v, neg_i, t, k, y, gid)
+                        neg_thr[t] = neg_v[t, 0]
 
 
 def new_heaps(vocab: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Empty heaps (values, ids, roots): every slot -inf (any score beats it), id -1."""
-    return (np.full((vocab, k), -np.inf, dtype=np.float32), np.full((vocab, k), -1, dtype=np.int64),
-            np.full(vocab, -np.inf, dtype=np.float32))
+    """Empty heaps (values, ids, roots): every slot EMPTY (any real score beats it), id -1."""
+    return (np.full((vocab, k), EMPTY, dtype=np.float32), np.full((vocab, k), -1, dtype=np.int64),
+            np.full(vocab, EMPTY, dtype=np.float32))
 
 
 def sorted_heaps(vals: np.ndarray, ids: np.ndarray, roots=None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +105,7 @@ def sorted_heaps(vals: np.ndarray, ids: np.ndarray, roots=None) -> tuple[np.ndar
     return np.ascontiguousarray(i[:, :keep].T), np.ascontiguousarray(v[:, :keep].T)
 
 
-@njit(fastmath={"reassoc", "contract"}, nogil=True, inline="always")
+@njit(fastmath={"reassoc", "contract"}, nogil=True, inline="never")
 def _power_sums(row, inv_u, a):
     """Sums of c, c^2, c^3, c^4 over the vocabulary, c_t = row[t] * inv_u[t] * a, in float64."""
     s1 = 0.0
@@ -100,26 +122,47 @@ def _power_sums(row, inv_u, a):
     return s1, s2, s3, s4
 
 
+@njit(fastmath=True, nogil=True, inline="never")
+def _block_minmax(row, t0, t1):
+    lo = np.float32(-EMPTY)
+    hi = np.float32(EMPTY)
+    for t in range(t0, t1):
+        x = row[t]
+        lo = min(lo, x)
+        hi = max(hi, x)
+    return lo, hi
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def row_stats(g, inv_u, inv_w, top_v, top_i, bot_v, bot_i, moments):
     """Per row (neuron) of g (rows, vocab): the k largest and k smallest scores with their token
-    ids (unsorted min-heaps, filled in place) and the central moments of the cosine
-    c_t = g[r, t] * inv_u[t] * inv_w[r]: moments[r] = (mean, m2, m3, m4), m_j = E[(c - mean)^j]."""
+    ids (unsorted min-heaps, filled in place; bottom values negated) and the central moments of
+    the cosine c_t = g[r, t] * inv_u[t] * inv_w[r]: moments[r] = (mean, m2, m3, m4),
+    m_j = E[(c - mean)^j], from float64 power sums."""
     rows, vocab = g.shape
     k = top_v.shape[1]
+    blk = 256
     for r in prange(rows):
         for j in range(k):
-            top_v[r, j] = -np.inf
-            bot_v[r, j] = -np.inf
+            top_v[r, j] = EMPTY
+            bot_v[r, j] = EMPTY
             top_i[r, j] = -1
             bot_i[r, j] = -1
-        for t in range(vocab):
-            x = g[r, t]
-            if x > top_v[r, 0]:
-                _sift_down(top_v, top_i, r, k, x, t)
-            if -x > bot_v[r, 0]:
-                _sift_down(bot_v, bot_i, r, k, -x, t)
-        s1, s2, s3, s4 = _power_sums(g[r], inv_u, np.float64(inv_w[r]))
+        row = g[r]
+        for t0 in range(0, vocab, blk):
+            t1 = min(vocab, t0 + blk)
+            lo, hi = _block_minmax(row, t0, t1)  # skip blocks that cannot enter either heap
+            if hi > top_v[r, 0]:
+                for t in range(t0, t1):
+                    x = row[t]
+                    if x > top_v[r, 0]:
+                        _sift_down(top_v, top_i, r, k, x, t)
+            if -lo > bot_v[r, 0]:
+                for t in range(t0, t1):
+                    y = -row[t]
+                    if y > bot_v[r, 0]:
+                        _sift_down(bot_v, bot_i, r, k, y, t)
+        s1, s2, s3, s4 = _power_sums(row, inv_u, np.float64(inv_w[r]))
         mu = s1 / vocab
         e2 = s2 / vocab
         e3 = s3 / vocab

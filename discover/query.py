@@ -63,23 +63,6 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
     return [(i, strings[i] if i < len(strings) else f"<unknown:{i}>") for i in ids]
 
 
-def _top_tokens(store: Store, ckpt_id: str, pairs: list[tuple[int, int]], side: str, k: int) -> dict:
-    """{(layer, neuron): [token strings]} for the given neurons."""
-    if not pairs:
-        return {}
-    layers = [p[0] for p in pairs]
-    neurons = [p[1] for p in pairs]
-    rows = store.con.execute(
-        "SELECT layer, neuron, token FROM neuron_tokens WHERE checkpoint_id = ? AND side = ? AND rank < ? "
-        "AND (layer, neuron) IN (SELECT UNNEST(?), UNNEST(?)) ORDER BY layer, neuron, rank",
-        [ckpt_id, side, k, layers, neurons],
-    ).fetchall()
-    out: dict = {}
-    for layer, neuron, token in rows:
-        out.setdefault((layer, neuron), []).append(token)
-    return out
-
-
 @lru_cache(maxsize=4)
 def _arrays(adir: str) -> dict:
     """The checkpoint's memory-mapped query arrays (see store._write_arrays), cached per process."""
@@ -275,16 +258,18 @@ def query_roles(store: Store, model: str, role: str, *, top: int = 50) -> list[d
         "WHERE r.checkpoint_id = ? AND r.role = ? ORDER BY r.score DESC, r.layer, r.neuron LIMIT ?",
         [cid, role, top],
     ).fetchall()
-    tops = _top_tokens(store, cid, [(r[0], r[1]) for r in rows], "top", 8)
-    bottoms = _top_tokens(store, cid, [(r[0], r[1]) for r in rows], "bottom", 8)
+    arrays = _arrays(str(store.files_dir(ckpt) / "arrays"))
+    strings, n = arrays["tokens"], ckpt["d_mlp"]
+    toks = np.asarray(arrays["neuron_tokens"][[r[0] * n + r[1] for r in rows]]) if rows else None
     return [
         {
             "neuron": f"L{r[0]}.N{r[1]}", "layer": r[0], "neuron_index": r[1], "role": role,
             "score": float(r[2]), "vocab_kurt": float(r[3]), "vocab_skew": float(r[4]),
             "vocab_var": float(r[5]), "w_out_norm": float(r[6]), "cos_in_out": float(r[7]),
-            "top_tokens": tops.get((r[0], r[1]), []), "bottom_tokens": bottoms.get((r[0], r[1]), []),
+            "top_tokens": [strings[t] for t in toks[i, 0, :8]],
+            "bottom_tokens": [strings[t] for t in toks[i, 1, :8]],
         }
-        for r in rows
+        for i, r in enumerate(rows)
     ]
 
 

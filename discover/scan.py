@@ -58,7 +58,7 @@ class ScanConfig:
 
     top_k: int = 20
     token_top_k: int = 50
-    chunk_rows: int = 256
+    chunk_rows: int = 1024
     block_rows: int = 32
     roles: RoleThresholds = field(default_factory=RoleThresholds)
     device: str = "cpu"
