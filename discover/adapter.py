@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -357,14 +356,13 @@ class ModelView:
         }
 
 
-def load_model(spec: str, *, allow_pickle: bool = False, device: str = "cpu") -> ModelView:
-    """Load a Hugging Face causal LM from a hub id or a local directory (safetensors by default)."""
-    model_dir = resolve_model_dir(spec, allow_pickle=allow_pickle)
-    check_architecture(model_dir)
-    files = weight_files(model_dir, allow_pickle=allow_pickle)
-    ckpt = content_hash(model_dir, files)
-    return _load_from_dir(model_dir, spec=normalise_spec(spec), checkpoint_id=ckpt,
-                          allow_pickle=allow_pickle, device=device)
+def load_model(spec: str, *, allow_pickle: bool = False, device: str = "cpu", identity=None) -> ModelView:
+    """Load a Hugging Face causal LM from a hub id or a local directory (safetensors by default).
+
+    `identity`: the (spec, checkpoint id, dir) that `identify` already computed, so the weights
+    are not hashed twice."""
+    norm_spec, ckpt, model_dir = identity or identify(spec, allow_pickle=allow_pickle)
+    return _load_from_dir(model_dir, spec=norm_spec, checkpoint_id=ckpt, allow_pickle=allow_pickle, device=device)
 
 
 def _load_from_dir(model_dir: Path, *, spec: str, checkpoint_id: str, allow_pickle: bool, device: str) -> ModelView:

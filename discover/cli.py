@@ -11,8 +11,6 @@ from typing import Callable, Sequence
 
 from discover.errors import DiscoverError
 
-EPILOGS: dict[str, str] = {}
-
 
 def _print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, default=_json_default)
@@ -39,7 +37,6 @@ def _add_store(p: argparse.ArgumentParser) -> None:
 
 
 def _verb(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    EPILOGS[name] = example
     return sub.add_parser(
         name,
         help=help,
@@ -157,7 +154,7 @@ def _add_query(sub) -> None:
     n.add_argument("neuron", metavar="NEURON", help="L<layer>.N<index>, e.g. L3.N120")
     n.add_argument("--similar", action="store_true",
                    help="nearest neurons by w_out cosine, across layers and other scanned checkpoints")
-    n.add_argument("--k", type=int, default=10, help="how many similar neurons (10)")
+    n.add_argument("--k", type=int, default=10, help="similar neurons per checkpoint (10)")
     _add_model_opt(n)
     n.set_defaults(func=_cmd_query_neuron)
 
@@ -377,13 +374,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("discover: interrupted; the store is unchanged by the unfinished work", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # `discover ... | head`: stop quietly.
+    except BrokenPipeError:  # `discover ... | head`: stop quietly
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         return 0
+    except OSError as e:  # disk full, permissions... raised below the library's own checks
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"discover: error: {e.strerror or e}{where}; nothing unfinished was committed", file=sys.stderr)
+        return 1
+    except Exception as e:
+        import duckdb
+
+        if isinstance(e, duckdb.Error) or type(e).__module__.startswith("faiss"):
+            print(f"discover: error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -285,8 +285,8 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
         # the catalog is opened read-only; also refuse reading or writing other files (COPY, ATTACH)
         store.con.execute("SET enable_external_access = false")
         cur = store.con.execute(query)
+        if cur.description is None:
+            return [], []
+        return [c[0] for c in cur.description], cur.fetchall()
     except duckdb.Error as e:
         raise QueryError(f"SQL error: {str(e).splitlines()[0]}") from None
-    if cur.description is None:
-        return [], []
-    return [c[0] for c in cur.description], cur.fetchall()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from discover.adapter import ModelView
+from discover.errors import ModelLoadError
 
 ROLES = ("prediction", "suppression", "partition", "entropy", "memory_management", "signal_boosting")
 
@@ -219,6 +220,8 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     t0 = time.perf_counter()
     dev = torch.device(config.device)
     U = view.processed_unembed().to(dev)  # (d_model, vocab)
+    if not torch.isfinite(U).all():
+        raise ModelLoadError("the unembedding or final norm holds NaN or infinite values; the checkpoint is broken")
     u_norm = U.norm(dim=0)
     inv_u = torch.where(u_norm > 0, 1.0 / u_norm, torch.zeros_like(u_norm))
     V = U.shape[1]
@@ -251,6 +254,14 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     )
 
 
+def _sort_best_first(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row by value descending, ties by id ascending."""
+    by_id = ids.argsort(dim=1, stable=True)
+    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
+    order = vals.argsort(dim=1, descending=True, stable=True)
+    return vals.gather(1, order), ids.gather(1, order)
+
+
 def _row_stats_torch(Gc, inv_u, inv_w, top_v, top_i, bot_v, bot_i, mom, block_rows) -> None:
     """Device-generic twin of `_kernels.row_stats` (bottom values stored negated, as there)."""
     top_v[:], top_i[:] = Gc.topk(top_v.shape[1], dim=1)
@@ -274,6 +285,8 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
     dev = U.device
     W = view.processed_W_out(layer).to(dev)  # (neuron, d_model)
     W_in = view.processed_W_in(layer).to(dev)
+    if not (torch.isfinite(W).all() and torch.isfinite(W_in).all()):
+        raise ModelLoadError(f"layer {layer}'s MLP weights hold NaN or infinite values; the checkpoint is broken")
     n, V = W.shape[0], U.shape[1]
     w_norm = W.norm(dim=1)
     in_norm = W_in.norm(dim=1)
@@ -321,11 +334,9 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = (mom[:, 2] / var.pow(1.5)).numpy()
         kurt = (mom[:, 3] / var.pow(2)).numpy()
-    # best first (the CPU kernel leaves heaps unsorted; ties: lower token id first)
-    top_v, order = top_v.sort(dim=1, descending=True, stable=True)
-    top_i = top_i.gather(1, order)
-    bot_v, order = bot_v.sort(dim=1, descending=True, stable=True)
-    bot_i = bot_i.gather(1, order)
+    # best first (the CPU kernel leaves heaps unsorted); ties: lower token id first
+    top_v, top_i = _sort_best_first(top_v, top_i)
+    bot_v, bot_i = _sort_best_first(bot_v, bot_i)
     bot_v = bot_v.neg_()
     stats = {
         "vocab_mean": mom[:, 0].numpy(),
@@ -427,7 +438,7 @@ def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, all
         spec = str(d)
     t0 = time.perf_counter()
     # identity: (normalised spec, checkpoint id, dir) from adapter.identify, if the caller has it
-    norm_spec, ckpt_id, _ = identity or identify(spec, allow_pickle=allow_pickle)
+    norm_spec, ckpt_id, model_dir = identity or identify(spec, allow_pickle=allow_pickle)
     row = store.checkpoint(ckpt_id)
     status = "scanned"
     if row is not None and not force and row["scan_settings"] == config.compute_key():
@@ -437,9 +448,9 @@ def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, all
             status = "roles-updated"
         store.add_alias(norm_spec, ckpt_id)
     else:
-        view = load_model(spec, allow_pickle=allow_pickle, device="cpu")
+        view = load_model(spec, allow_pickle=allow_pickle, device="cpu", identity=(norm_spec, ckpt_id, model_dir))
         result = scan(view, config, progress=progress)
-        row = store.write_scan(view, result, config, spec=norm_spec)
+        store.write_scan(view, result, config, spec=norm_spec)
     row = store.checkpoint(ckpt_id)
     counts = dict(store.con.execute(
         "SELECT role, count(*) FROM roles WHERE checkpoint_id = ? GROUP BY role", [ckpt_id]).fetchall())

@@ -20,11 +20,12 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from discover.errors import NotScanned, StoreError
+from discover.errors import NotScanned, QueryError, StoreError
 
 DEFAULT_STORE = "indexes"
 CATALOG = "catalog.duckdb"
@@ -141,8 +142,17 @@ class Store:
                 raise StoreError(f"cannot create store directory {self.root} ({e.strerror})") from None
         self.con = self._connect()
         if not read_only:
-            self.con.execute(SCHEMA)
-            self._remove_orphans()
+            import duckdb
+
+            try:
+                self.con.execute(SCHEMA)
+                self._remove_orphans()
+            except duckdb.Error as e:
+                self.close()
+                raise StoreError(
+                    f"{self.path} is not a discover catalog ({str(e).splitlines()[0][:200]}); "
+                    "point --store at another directory"
+                ) from None
 
     def _connect(self):
         import duckdb
@@ -210,9 +220,12 @@ class Store:
             "SELECT checkpoint_id FROM models WHERE spec = ? ORDER BY seen_at DESC LIMIT 1", [spec]
         ).fetchone()
         if row is None and len(model) >= 8 and all(c in "0123456789abcdef" for c in model):
-            row = self.con.execute(
+            rows = self.con.execute(
                 "SELECT checkpoint_id FROM checkpoints WHERE checkpoint_id LIKE ? || '%'", [model]
-            ).fetchone()
+            ).fetchall()
+            if len(rows) > 1:
+                raise QueryError(f"checkpoint id prefix {model} matches {len(rows)} checkpoints; give more digits")
+            row = rows[0] if rows else None
         if row is None:
             raise NotScanned(
                 f"model {model} has not been scanned into store {self.root}; run `discover scan {model}` first"
@@ -264,7 +277,8 @@ class Store:
             neurons = pa.table({
                 "checkpoint_id": pa.repeat(pa.scalar(ckpt), n * L),
                 "layer": layer_col, "neuron": neuron_col,
-                **{c: stats[c] for c in STAT_COLUMNS},
+                # NULL, not NaN, where a statistic does not apply (DuckDB orders NaN above every number)
+                **{c: pa.array(stats[c], mask=np.isnan(stats[c])) for c in STAT_COLUMNS},
                 "role": pa.array(primary.tolist(), type=pa.string()),
             })
             nt = _neuron_tokens_table(ckpt, result, str_arr, view)
@@ -287,7 +301,7 @@ class Store:
             row = [
                 ckpt, view.architecture, L, view.d_model, n, view.d_vocab, view.act_name,
                 view.final_norm().kind, view.gated, vocab_hash, json.dumps(cfg, default=str),
-                json.dumps(config.compute_key()), json.dumps(_thresholds(config)), files_dir,
+                json.dumps(config.compute_key()), json.dumps(asdict(config.roles)), files_dir,
                 float(result.seconds), __version__,
             ]
             old = self.checkpoint(ckpt)
@@ -308,7 +322,7 @@ class Store:
                 self.add_alias(spec, ckpt)
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
         except BaseException:
             shutil.rmtree(fdir, ignore_errors=True)
@@ -354,10 +368,10 @@ class Store:
             )
             con.unregister("_prim")
             con.execute("UPDATE checkpoints SET role_thresholds = ? WHERE checkpoint_id = ?",
-                        [json.dumps(_thresholds_obj(thresholds)), ckpt])
+                        [json.dumps(asdict(thresholds)), ckpt])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
 
 
@@ -380,14 +394,14 @@ def _write_arrays(adir: Path, result, view) -> None:
     (adir / "tokens.json").write_text(json.dumps(view.token_strings()))
 
 
-def _thresholds_obj(t) -> dict:
-    from dataclasses import asdict
+def _rollback(con) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    import duckdb
 
-    return asdict(t)
-
-
-def _thresholds(config) -> dict:
-    return _thresholds_obj(config.roles)
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 def _sha256(s: str) -> str:

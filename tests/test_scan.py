@@ -9,6 +9,7 @@ import torch
 from conftest import VOCAB, make_model, make_tokenizer, save
 
 from discover.adapter import from_model, load_model
+from discover.errors import ModelLoadError
 from discover.query import query_neuron, query_roles, query_token, similar_neurons
 from discover.scan import RoleThresholds, ScanConfig, TokenTopK, assign_roles, scan, scan_model
 from discover.store import Store
@@ -325,3 +326,22 @@ def test_query_token_fast_path_equals_the_catalog(tmp_path):
                     "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? "
                     "AND side = 'top' ORDER BY rank LIMIT 5", [cid, rows[0][0], rows[0][1]]).fetchall()
                 assert res["results"][0]["top_tokens"] == [t[0] for t in top]
+
+
+def test_inapplicable_statistics_are_null_and_broken_weights_refused(tmp_path):
+    model = make_model("gpt2")
+    path = save(model, tmp_path / "m")
+    with Store(tmp_path / "store") as store:
+        scan_model(str(path), store, progress=False)
+        n_null, n_gt = store.con.execute(
+            "SELECT count(*) FILTER (WHERE cos_up_out IS NULL), count(*) FILTER (WHERE cos_up_out > 0.5) "
+            "FROM neurons").fetchone()
+        assert (n_null, n_gt) == (2 * 128, 0)  # GPT-2 has no up row: NULL, never NaN
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[3, 5] = float("nan")
+    bad = save(model, tmp_path / "nan")
+    with Store(tmp_path / "store") as store:
+        before = store.con.execute("SELECT count(*) FROM neurons").fetchone()
+        with pytest.raises(ModelLoadError, match="NaN or infinite"):
+            scan_model(str(bad), store, progress=False)
+        assert store.con.execute("SELECT count(*) FROM neurons").fetchone() == before
