@@ -21,10 +21,11 @@ def test_scan_with_no_arguments_scans_the_default(tmp_path, monkeypatch, capsys)
     assert main(["scan", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "scanned" and summary["spec"] == str(default_model_dir())
-    # the default has real structure: prediction neurons whose top tokens are real tokens
-    assert main(["query", "roles", "--role", "prediction", "--top", "5", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert rows and all(r["vocab_kurt"] > 10 and r["vocab_skew"] > 0 for r in rows)
-    assert main(["query", "token", " return", "--top", "3", "--json"]) == 0
+    assert (summary["n_layers"], summary["d_mlp"], summary["d_vocab"]) == (2, 1024, 4096)
+    # model-less queries use the default too
+    assert main(["query", "token", " import", "--top", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert len(res["results"]) == 3
+    assert res["tokenization"] == [{"id": res["token_id"], "token": " import"}]
+    assert len(res["results"]) == 3 and res["results"][0]["congruence"] >= res["results"][2]["congruence"]
+    assert main(["query", "neuron", res["results"][0]["neuron"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top_tokens"]
