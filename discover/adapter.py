@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from discover.errors import ModelLoadError, UnsupportedModel
+from discover.errors import ModelLoadError, UnsupportedModel, first_line
 
 #: config.model_type -> family. Llama-style gated MLPs share one code path.
 SUPPORTED = {
@@ -32,6 +32,8 @@ SUPPORTED = {
 SUPPORTED_TEXT = "GPT-2 (gpt2), GPT-NeoX/Pythia (gpt_neox), Llama, Mistral, Qwen2"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+#: config keys that say where or with what a model was saved, not what it is
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -104,10 +106,9 @@ def resolve_model_dir(spec: str, *, allow_pickle: bool = False) -> Path:
             patterns.append("*.bin")
         return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # network, unknown repo, auth...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
             f"could not load '{spec}': not a local path, and fetching it from the Hugging Face hub "
-            f"failed ({first[:200]}); check the path or hub id, or download it first"
+            f"failed ({first_line(e, 200)}); check the path or hub id, or download it first"
         ) from None
 
 
@@ -156,7 +157,7 @@ def content_hash(model_dir: Path, files: list[Path]) -> str:
     """sha256 over the weight files' bytes and the canonical config: a checkpoint's identity."""
     h = hashlib.sha256()
     cfg = json.loads((model_dir / "config.json").read_text())
-    for volatile in ("_name_or_path", "transformers_version"):
+    for volatile in _VOLATILE_CONFIG:
         cfg.pop(volatile, None)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for f in files:
@@ -172,7 +173,7 @@ def tensor_hash(model) -> str:
     """sha256 over an in-memory model's state dict and config (models not loaded from disk)."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version"):
+    for volatile in _VOLATILE_CONFIG:
         cfg.pop(volatile, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
@@ -382,8 +383,7 @@ def _load_from_dir(model_dir: Path, *, spec: str, checkpoint_id: str, allow_pick
                 str(model_dir), use_safetensors=use_st, weights_only=True
             )
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load the model in {model_dir} ({msg[:300]})") from None
+        raise ModelLoadError(f"could not load the model in {model_dir} ({first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -391,9 +391,8 @@ def _load_from_dir(model_dir: Path, *, spec: str, checkpoint_id: str, allow_pick
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"the model in {model_dir} loads but its tokenizer does not ({msg[:200]}); "
+            f"the model in {model_dir} loads but its tokenizer does not ({first_line(e, 200)}); "
             "save the tokenizer files beside the weights"
         ) from None
     return ModelView(model, tokenizer, spec=spec, checkpoint_id=checkpoint_id, model_dir=model_dir)

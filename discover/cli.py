@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from discover.errors import DiscoverError
+from discover.errors import DiscoverError, first_line
 
 
 def _print_json(obj) -> None:
@@ -177,12 +177,9 @@ def _add_model_opt(p) -> None:
 
 
 def _default_model() -> str:
-    from discover.scan import default_model_dir
+    from discover.scan import default_model_spec
 
-    d = default_model_dir()
-    if d is None:
-        raise DiscoverError("no model given and the embedded default model is not installed; pass MODEL / --model")
-    return str(d)
+    return default_model_spec()
 
 
 def _model(args) -> str:
@@ -390,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import duckdb
 
         if isinstance(e, duckdb.Error) or type(e).__module__.startswith("faiss"):
-            print(f"discover: error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+            print(f"discover: error: {first_line(e)}", file=sys.stderr)
             return 1
         raise
 

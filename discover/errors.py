@@ -2,6 +2,12 @@
 the CLI prints it as one line and exits non-zero."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class DiscoverError(Exception):
     """Base class: a user-facing error (bad input, unsupported model, busy store...)."""
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from discover.errors import QueryError
+from discover.errors import QueryError, first_line
 from discover.scan import ROLES
 from discover.store import Store
 
@@ -289,4 +289,4 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
             return [], []
         return [c[0] for c in cur.description], cur.fetchall()
     except duckdb.Error as e:
-        raise QueryError(f"SQL error: {str(e).splitlines()[0]}") from None
+        raise QueryError(f"SQL error: {first_line(e)}") from None

@@ -418,6 +418,14 @@ def default_model_dir():
     return d if (d / "config.json").is_file() else None
 
 
+def default_model_spec() -> str:
+    """The embedded default model's path, or ModelLoadError if the package lacks it."""
+    d = default_model_dir()
+    if d is None:
+        raise ModelLoadError("no model given and the embedded default model is not installed; pass MODEL / --model")
+    return str(d)
+
+
 def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, allow_pickle: bool = False,
                progress: bool = True, force: bool = False, identity=None) -> ScanSummary:
     """Scan `spec` (hub id or local dir; None = the embedded default) into `store`.
@@ -428,14 +436,9 @@ def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, all
     from dataclasses import asdict
 
     from discover.adapter import identify, load_model
-    from discover.errors import ModelLoadError
 
     config = config or ScanConfig()
-    if spec is None:
-        d = default_model_dir()
-        if d is None:
-            raise ModelLoadError("no model given and the embedded default model is not installed; pass MODEL")
-        spec = str(d)
+    spec = spec or default_model_spec()
     t0 = time.perf_counter()
     # identity: (normalised spec, checkpoint id, dir) from adapter.identify, if the caller has it
     norm_spec, ckpt_id, model_dir = identity or identify(spec, allow_pickle=allow_pickle)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from discover.errors import NotScanned, QueryError, StoreError
+from discover.errors import NotScanned, QueryError, StoreError, first_line
 
 DEFAULT_STORE = "indexes"
 CATALOG = "catalog.duckdb"
@@ -150,7 +150,7 @@ class Store:
             except duckdb.Error as e:
                 self.close()
                 raise StoreError(
-                    f"{self.path} is not a discover catalog ({str(e).splitlines()[0][:200]}); "
+                    f"{self.path} is not a discover catalog ({first_line(e, 200)}); "
                     "point --store at another directory"
                 ) from None
 
@@ -167,10 +167,10 @@ class Store:
                 raise StoreError(
                     f"store {self.root} is in use by another discover process; wait for it to finish"
                 ) from None
-            raise StoreError(f"cannot open catalog {self.path} ({msg.splitlines()[0][:200]})") from None
+            raise StoreError(f"cannot open catalog {self.path} ({first_line(e, 200)})") from None
         except duckdb.Error as e:
             raise StoreError(
-                f"{self.path} is not a readable DuckDB catalog ({str(e).splitlines()[0][:200]}); "
+                f"{self.path} is not a readable DuckDB catalog ({first_line(e, 200)}); "
                 "point --store at another directory"
             ) from None
 
@@ -282,13 +282,7 @@ class Store:
                 "role": pa.array(primary.tolist(), type=pa.string()),
             })
             nt = _neuron_tokens_table(ckpt, result, str_arr, view)
-            roles = pa.table({
-                "checkpoint_id": pa.array([ckpt] * len(role_rows), type=pa.string()),
-                "layer": pa.array([r[0] // n for r in role_rows], type=pa.int16()),
-                "neuron": pa.array([r[0] % n for r in role_rows], type=pa.int32()),
-                "role": pa.array([r[1] for r in role_rows], type=pa.string()),
-                "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
-            })
+            roles = _roles_table(ckpt, role_rows, np.arange(n * L), n)
             tn = _token_neurons_table(ckpt, result, n)
             toks = pa.table({
                 "checkpoint_id": pa.repeat(pa.scalar(ckpt), len(strings)),
@@ -347,13 +341,7 @@ class Store:
         gid = np.asarray(tbl["layer"], dtype=np.int64) * n + np.asarray(tbl["neuron"], dtype=np.int64)
         prim = pa.table({"layer": (gid // n).astype(np.int16), "neuron": (gid % n).astype(np.int32),
                          "role": pa.array(primary.tolist(), type=pa.string())})
-        roles = pa.table({
-            "checkpoint_id": pa.array([ckpt] * len(role_rows), type=pa.string()),
-            "layer": pa.array([int(gid[r[0]] // n) for r in role_rows], type=pa.int16()),
-            "neuron": pa.array([int(gid[r[0]] % n) for r in role_rows], type=pa.int32()),
-            "role": pa.array([r[1] for r in role_rows], type=pa.string()),
-            "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
-        })
+        roles = _roles_table(ckpt, role_rows, gid, n)
         con = self.con
         con.execute("BEGIN TRANSACTION")
         try:
@@ -392,6 +380,20 @@ def _write_arrays(adir: Path, result, view) -> None:
     np.save(adir / "neuron_stats.npy", np.stack(
         [np.concatenate([lr.stats[c] for lr in result.layers]) for c in ARRAY_STATS], axis=1).astype(np.float64))
     (adir / "tokens.json").write_text(json.dumps(view.token_strings()))
+
+
+def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
+    """Arrow rows of the `roles` table; role_rows index into `gid` (global ids layer * n + neuron)."""
+    import pyarrow as pa
+
+    g = gid[np.array([r[0] for r in role_rows], dtype=np.int64)] if role_rows else np.zeros(0, np.int64)
+    return pa.table({
+        "checkpoint_id": pa.repeat(pa.scalar(ckpt), len(role_rows)),
+        "layer": (g // n).astype(np.int16),
+        "neuron": (g % n).astype(np.int32),
+        "role": pa.array([r[1] for r in role_rows], type=pa.string()),
+        "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
+    })
 
 
 def _rollback(con) -> None:
