@@ -56,7 +56,7 @@ def _fmt(x, nd=3) -> str:
     if x is None:
         return "-"
     if isinstance(x, str):  # token strings hold newlines and tabs: keep one row per line
-        return x.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        return x.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     if isinstance(x, float):
         return f"{x:.{nd}g}" if abs(x) < 1e4 else f"{x:.3e}"
     return str(x)
