@@ -516,9 +516,14 @@ def _save_checkpoint(cfg, model, opt, sched, state: dict, run_args: dict) -> str
     torch.save(rng, os.path.join(tmp, "rng_state.pth"))
     _write_json(os.path.join(tmp, "training_args.json"), run_args)
     _write_json(os.path.join(tmp, "trainer_state.json"), state)  # last: marks the checkpoint complete
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if os.path.exists(final):  # same step saved again: swap by renames, delete the old one after
+        aside = f"{tmp}-old"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     if cfg.keep_checkpoints is not None:
         steps = sorted(
             int(m.group(1)) for n in os.listdir(cfg.out) if (m := re.fullmatch(r"checkpoint-(\d+)", n))
