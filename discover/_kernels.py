@@ -91,11 +91,12 @@ def new_heaps(vocab: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def sorted_heaps(vals: np.ndarray, ids: np.ndarray, roots=None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, values), each (K, vocab), best first (ties: lower neuron id first).
+    """Heaps (rows, K) -> (ids, values), each (K, rows), best first (ties: lower id first).
 
-    Slots no neuron filled (fewer neurons than K) are dropped; every token sees the same
-    neurons, so the filled count is the same for all tokens. `roots` (the threshold mirror
-    from `new_heaps`) is accepted so that the triple can be passed whole."""
+    Used for the per-token neuron heaps and the per-neuron token heaps alike. Slots nothing
+    filled (fewer candidates than K) are dropped; every row sees the same candidates, so the
+    filled count is the same for all rows. `roots` (the threshold mirror from `new_heaps`) is
+    accepted so that the triple can be passed whole."""
     by_id = np.argsort(ids, axis=1, kind="stable")
     v = np.take_along_axis(vals, by_id, 1)
     order = np.take_along_axis(by_id, np.argsort(-v, axis=1, kind="stable"), 1)

@@ -254,14 +254,6 @@ def scan(view: ModelView, config: ScanConfig | None = None, *, progress: bool = 
     )
 
 
-def _sort_best_first(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row by value descending, ties by id ascending."""
-    by_id = ids.argsort(dim=1, stable=True)
-    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
-    order = vals.argsort(dim=1, descending=True, stable=True)
-    return vals.gather(1, order), ids.gather(1, order)
-
-
 def _row_stats_torch(Gc, inv_u, inv_w, top_v, top_i, bot_v, bot_i, mom, block_rows) -> None:
     """Device-generic twin of `_kernels.row_stats` (bottom values stored negated, as there)."""
     top_v[:], top_i[:] = Gc.topk(top_v.shape[1], dim=1)
@@ -335,9 +327,11 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
         skew = (mom[:, 2] / var.pow(1.5)).numpy()
         kurt = (mom[:, 3] / var.pow(2)).numpy()
     # best first (the CPU kernel leaves heaps unsorted); ties: lower token id first
-    top_v, top_i = _sort_best_first(top_v, top_i)
-    bot_v, bot_i = _sort_best_first(bot_v, bot_i)
-    bot_v = bot_v.neg_()
+    from discover._kernels import sorted_heaps  # (numpy only: no numba kernel runs here)
+
+    top_i, top_v = (a.T for a in sorted_heaps(top_v.cpu().numpy(), top_i.cpu().numpy()))
+    bot_i, bot_v = (a.T for a in sorted_heaps(bot_v.cpu().numpy(), bot_i.cpu().numpy()))
+    bot_v = -bot_v
     stats = {
         "vocab_mean": mom[:, 0].numpy(),
         "vocab_var": var.numpy(),
@@ -356,10 +350,10 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
     return LayerResult(
         layer=layer,
         stats=stats,
-        top_ids=top_i.cpu().numpy().astype(np.int32),
-        top_vals=top_v.cpu().numpy(),
-        bottom_ids=bot_i.cpu().numpy().astype(np.int32),
-        bottom_vals=bot_v.cpu().numpy(),
+        top_ids=np.ascontiguousarray(top_i, dtype=np.int32),
+        top_vals=np.ascontiguousarray(top_v),
+        bottom_ids=np.ascontiguousarray(bot_i, dtype=np.int32),
+        bottom_vals=np.ascontiguousarray(bot_v),
         w_out_unit=unit,
     )
 
