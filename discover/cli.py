@@ -157,6 +157,13 @@ def _add_query(sub) -> None:
     n.add_argument("--similar", action="store_true",
                    help="nearest neurons by w_out cosine, across layers and other scanned checkpoints")
     n.add_argument("--k", type=int, default=10, help="similar neurons per checkpoint (10)")
+    n.add_argument("--examples", action="store_true",
+                   help="activation statistics and max-activating examples from the latest `discover activations` pass")
+    n.add_argument("--dla", action="store_true",
+                   help="with --examples: the top examples by direct logit attribution to the true next token")
+    n.add_argument("--examples-k", type=int, default=10, help="examples to show (10)")
+    n.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="shade tokens by activation with terminal colours (auto: when stdout is a terminal)")
     _add_model_opt(n)
     n.set_defaults(func=_cmd_query_neuron)
 
@@ -211,7 +218,9 @@ def _cmd_query_neuron(args) -> int:
     from discover.query import query_neuron
 
     with _open_store(args, read_only=True) as store:
-        res = query_neuron(store, _model(args), args.neuron, similar=args.similar, k_similar=args.k)
+        res = query_neuron(store, _model(args), args.neuron, similar=args.similar, k_similar=args.k,
+                           examples=args.examples or args.dla, kind="dla" if args.dla else "activation",
+                           n_examples=args.examples_k)
     if args.json:
         _print_json(res)
         return 0
@@ -228,7 +237,61 @@ def _cmd_query_neuron(args) -> int:
         print(_table(["neuron", "cosine", "checkpoint", "model"],
                      [[r["neuron"], r["cosine"], r["checkpoint_id"][:12] + (" (this)" if r["same_checkpoint"] else ""),
                        r["model"]] for r in res["similar"]]))
+    if "activity" in res:
+        _print_activity(res["activity"], _use_color(args.color))
     return 0
+
+
+def _use_color(mode: str) -> bool:
+    if mode == "auto":
+        return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    return mode == "always"
+
+
+_RAMP = (231, 230, 229, 222, 215, 208, 202)  # white -> orange (xterm-256 backgrounds)
+
+
+def _show_token(t: str) -> str:
+    return t.replace("\n", "\u21b5").replace("\r", "").replace("\t", "\u2192")
+
+
+def shade_example(ex: dict, color: bool) -> str:
+    """One example on one line: tokens shaded by value (colour) and the maximum marked."""
+    vals = [t["value"] for t in ex["tokens"] if t["value"] is not None]
+    top = max([v for v in vals if v > 0], default=0.0)
+    out = []
+    for i, t in enumerate(ex["tokens"]):
+        text = _show_token(t["token"])
+        is_max = i == ex["max_index"]
+        if not color:
+            out.append(f"\u27e6{text}\u27e7" if is_max else text)
+            continue
+        v = t["value"] or 0.0
+        level = 0 if top <= 0 or v <= 0 else min(len(_RAMP) - 1, 1 + int(v / top * (len(_RAMP) - 1)))
+        style = f"\x1b[48;5;{_RAMP[level]}m\x1b[38;5;16m" + ("\x1b[1;4m" if is_max else "")
+        out.append(f"{style}{text}\x1b[0m")
+    return "".join(out)
+
+
+def _print_activity(act: dict, color: bool) -> None:
+    c = act["corpus"]
+    s = act["stats"]
+    print(f"\nactivations over {act['tokens']:,} tokens of {c['kind']} corpus {c['path']} "
+          f"(split {act['split']}, pass {act['pass_id']}):")
+    print(_table(["mean", "var", "skew", "kurtosis", "freq > 0", "min", "max"],
+                 [[s["act_mean"], s["act_var"], s["act_skew"], s["act_kurt"], s["act_freq"], s["act_min"],
+                   s["act_max"]]]))
+    what = ("direct logit attribution to the true next token" if act["kind"] == "dla" else "activation")
+    mark = "maximum in bold" if color else "maximum in \u27e6brackets\u27e7"
+    print(f"\ntop examples by {what} (one per document; {mark}):")
+    for ex in act["examples"]:
+        print(f"#{ex['rank']:<3} {ex['value']:.4g}  {ex['doc_id']} @ token {ex['doc_token']}  {ex['token']!r}")
+        print("     " + shade_example(ex, color))
+    for cv in act["curves"]:
+        print(f"\nactivation vs top prediction of {cv['token']!r} ({cv['source']}):")
+        print(_table(["activation bin", "positions", "top prediction", "fraction", "is next"],
+                     [[f"[{b['lo']:.3g}, {b['hi']:.3g})", b["positions"], b["top_prediction"],
+                       b["frac_top_prediction"], b["is_next"]] for b in cv["bins"]]))
 
 
 def _cmd_query_roles(args) -> int:
@@ -267,6 +330,76 @@ def _cmd_sql(args) -> int:
         _print_json([dict(zip(cols, r)) for r in rows])
     else:
         print(_table(cols, [list(r) for r in rows]) if cols else "ok")
+    return 0
+
+
+# ------------------------------------------------------------------ activations ----
+def _add_activations(sub) -> None:
+    p = _verb(sub, "activations",
+              "Run the model over corpus text: exact activation statistics, max-activating examples, "
+              "histograms and activation-vs-prediction curves for every neuron (resumable, extendable).",
+              "discover activations gpt2-large --corpus pile-10k.jsonl --tokens 2000000 --pair 'L31.N892:\" an\"'")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="hub id or local model directory (default: the embedded default model)")
+    p.add_argument("--corpus", metavar="SPEC", default=None,
+                   help="default, a text file, a directory, FILE.jsonl, FILE.parquet, a datasets dir "
+                        "(see `discover train --help`; default: the built-in default corpus)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
+    p.add_argument("--split", choices=("all", "train", "heldout"), default="all", help="documents to read (all)")
+    p.add_argument("--tokens", type=int, default=1_000_000, metavar="N",
+                   help="document tokens to process, in whole batches; more than before extends the pass (1000000)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="sequences per forward pass (default: from a 1.5 GB activation budget, at most 32)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="tokens per sequence including the BOS (default: the model's, at most 256)")
+    p.add_argument("--top-k", type=int, default=20, metavar="K", help="examples kept per neuron and kind (20)")
+    p.add_argument("--pair", action="append", default=[], metavar="L1.N42:TOKEN",
+                   help="also record the activation-vs-prediction curve of this neuron and token (repeatable)")
+    p.add_argument("--max-candidates", type=int, default=256, metavar="N",
+                   help="strongest prediction/suppression candidates of the scan that get curves (256)")
+    p.add_argument("--save-every", type=float, default=30.0, metavar="S",
+                   help="seconds between saves of the resumable state (30)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_activations)
+
+
+def _cmd_activations(args) -> int:
+    from dataclasses import asdict
+
+    from discover.activations import ActivationConfig, prepare, run_activations
+
+    try:
+        cfg = ActivationConfig(tokens=args.tokens, batch_size=args.batch_size, context=args.context,
+                               top_k=args.top_k, split=args.split, pairs=tuple(args.pair),
+                               max_candidates=args.max_candidates, save_every=args.save_every, device=args.device)
+    except ValueError as e:
+        raise DiscoverError(f"{e} (see discover activations --help)") from None
+    model = args.model or _default_model()
+    # model, pairs and corpus are checked before the store is created or touched
+    plan = prepare(model, cfg, corpus=args.corpus, text_field=args.text_field, allow_pickle=args.allow_pickle)
+    with _open_store(args, read_only=False) as store:
+        try:
+            res = run_activations(model, store, cfg, progress=not args.json, plan=plan)
+        except KeyboardInterrupt:
+            print("discover: interrupted; the catalog keeps the last committed results; rerun the same "
+                  "command to continue from the last saved state", file=sys.stderr)
+            return 130
+    if args.json:
+        _print_json(asdict(res))
+        return 0
+    what = {"ran": "processed", "extended": "extended to", "resumed": "resumed and finished at",
+            "unchanged": "already had"}[res.status]
+    c = res.corpus
+    print(f"pass {res.pass_id} (checkpoint {res.checkpoint_id[:12]}): {what} {res.tokens:,} tokens "
+          f"({res.sequences:,} sequences, {res.documents:,} documents of {c['kind']} corpus {c['path']})"
+          + (f" at {res.tokens_per_second:,.0f} tokens/s" if res.tokens_per_second else ""))
+    if res.exhausted:
+        print(f"the corpus ended before --tokens {args.tokens:,}: every document was read")
+    print(f"activation-vs-prediction curves: {res.pairs} neuron-token pairs")
+    print("see: discover query neuron L0.N0 --examples   |   discover sql \"SELECT * FROM neuron_activations LIMIT 5\"")
     return 0
 
 
@@ -356,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_scan(sub)
     _add_query(sub)
+    _add_activations(sub)
     _add_sql(sub)
     _add_train(sub)
     return parser

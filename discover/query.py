@@ -155,8 +155,10 @@ def query_token(store: Store, model: str, text: str | None = None, *, token_id: 
     }
 
 
-def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False, k_similar: int = 10) -> dict:
-    """One neuron's statistics, roles and top/bottom tokens; `similar` adds nearest w_out."""
+def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False, k_similar: int = 10,
+                 examples: bool = False, kind: str = "activation", n_examples: int = 20) -> dict:
+    """One neuron's statistics, roles and top/bottom tokens; `similar` adds nearest w_out;
+    `examples` adds its corpus-pass statistics and max-activating examples (`activity`)."""
     layer, idx = parse_neuron(neuron)
     ckpt = store.resolve_model(model)
     _check_neuron(ckpt, layer, idx)
@@ -195,6 +197,8 @@ def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False
     }
     if similar:
         out["similar"] = similar_neurons(store, ckpt, layer, idx, k=k_similar)
+    if examples:
+        out["activity"] = neuron_activity(store, ckpt, layer, idx, kind=kind, limit=n_examples)
     return out
 
 
@@ -290,3 +294,84 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
         return [c[0] for c in cur.description], cur.fetchall()
     except duckdb.Error as e:
         raise QueryError(f"SQL error: {first_line(e)}") from None
+
+
+# ------------------------------------------------------------------ corpus pass (issue 4)
+def latest_pass(store: Store, ckpt: dict) -> dict | None:
+    """The checkpoint's most recently committed activation pass (None if it has none)."""
+    cur = store.con.execute(
+        "SELECT * FROM activation_passes WHERE checkpoint_id = ? AND results_dir IS NOT NULL "
+        "ORDER BY updated_at DESC, tokens DESC LIMIT 1", [ckpt["checkpoint_id"]])
+    r = cur.fetchone()
+    if r is None:
+        return None
+    out = dict(zip([c[0] for c in cur.description], r))
+    for k in ("corpus", "settings"):
+        if isinstance(out.get(k), str):
+            out[k] = json.loads(out[k])
+    return out
+
+
+@lru_cache(maxsize=4)
+def _example_arrays(rdir: str) -> dict:
+    from pathlib import Path
+
+    p = Path(rdir)
+    if not (p / "examples_tokens.npy").exists():
+        raise QueryError(f"the example arrays of this pass are missing ({p}); rerun `discover activations`")
+    return {"tokens": np.load(p / "examples_tokens.npy", mmap_mode="r"),
+            "values": np.load(p / "examples_values.npy", mmap_mode="r"),
+            "meta": json.loads((p / "meta.json").read_text())}
+
+
+def neuron_activity(store: Store, ckpt: dict, layer: int, neuron: int, *, kind: str = "activation",
+                    limit: int = 20) -> dict:
+    """Activation statistics and max-activating examples (with per-token values) of one neuron,
+    from the checkpoint's latest corpus pass."""
+    if kind not in ("activation", "dla"):
+        raise QueryError(f"unknown example kind {kind!r}; use activation or dla")
+    if limit < 1:
+        raise QueryError("--examples-k must be at least 1")
+    p = latest_pass(store, ckpt)
+    if p is None:
+        raise QueryError(
+            f"no corpus pass for checkpoint {ckpt['checkpoint_id'][:12]} in this store; "
+            "run `discover activations MODEL` first")
+    pid = p["pass_id"]
+    cur = store.con.execute(
+        "SELECT * EXCLUDE (pass_id, checkpoint_id, layer, neuron) FROM neuron_activations "
+        "WHERE pass_id = ? AND layer = ? AND neuron = ?", [pid, layer, neuron])
+    row = cur.fetchone()
+    stats = {c[0]: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
+             for c, v in zip(cur.description, row)}
+    rows = store.con.execute(
+        "SELECT rank, value, doc_id, chunk, position, doc_token, token_id, token FROM activation_examples "
+        "WHERE pass_id = ? AND layer = ? AND neuron = ? AND kind = ? ORDER BY rank LIMIT ?",
+        [pid, layer, neuron, kind, limit]).fetchall()
+    arr = _example_arrays(str(store.root / "activations" / p["files_dir"] / p["results_dir"]))
+    g = layer * ckpt["d_mlp"] + neuron
+    s = 0 if kind == "activation" else 1
+    strings = _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"]
+    before = arr["meta"]["before"]
+    examples = []
+    for rank, value, doc_id, chunk, pos, doc_tok, tid, tok in rows:
+        ids = np.asarray(arr["tokens"][g, s, rank])
+        vals = np.asarray(arr["values"][g, s, rank], dtype=np.float64)
+        keep = np.flatnonzero(ids >= 0)
+        examples.append({
+            "rank": rank + 1, "value": float(value), "doc_id": doc_id, "chunk": chunk, "position": pos,
+            "doc_token": doc_tok, "token_id": tid, "token": tok,
+            "max_index": int(before - keep[0]),
+            "tokens": [{"token_id": int(ids[i]), "token": strings[ids[i]],
+                        "value": None if np.isnan(vals[i]) else float(vals[i])} for i in keep],
+        })
+    curves = store.con.execute(
+        "SELECT token_id, token, source, lo, hi, positions, top_prediction, with_next, is_next FROM prediction_curves "
+        "WHERE pass_id = ? AND layer = ? AND neuron = ? ORDER BY token_id, bin", [pid, layer, neuron]).fetchall()
+    by_tok: dict = {}
+    for tid, tok, src, lo, hi, n, top, wn, nx in curves:
+        c = by_tok.setdefault(tid, {"token_id": tid, "token": tok, "source": src, "bins": []})
+        c["bins"].append({"lo": lo, "hi": hi, "positions": n, "top_prediction": top,
+                          "frac_top_prediction": top / n, "with_next": wn, "is_next": nx})
+    return {"pass_id": pid, "tokens": p["tokens"], "corpus": p["corpus"], "split": p["split"], "kind": kind,
+            "stats": stats, "examples": examples, "curves": list(by_tok.values())}

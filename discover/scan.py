@@ -421,7 +421,7 @@ def default_model_spec() -> str:
 
 
 def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, allow_pickle: bool = False,
-               progress: bool = True, force: bool = False, identity=None) -> ScanSummary:
+               progress: bool = True, force: bool = False, identity=None, view=None) -> ScanSummary:
     """Scan `spec` (hub id or local dir; None = the embedded default) into `store`.
 
     An unchanged checkpoint (same content hash, same scan settings) is not scanned again;
@@ -445,7 +445,8 @@ def scan_model(spec: str | None, store, config: ScanConfig | None = None, *, all
             status = "roles-updated"
         store.add_alias(norm_spec, ckpt_id)
     else:
-        view = load_model(spec, allow_pickle=allow_pickle, device="cpu", identity=(norm_spec, ckpt_id, model_dir))
+        if view is None or view.checkpoint_id != ckpt_id:
+            view = load_model(spec, allow_pickle=allow_pickle, device="cpu", identity=(norm_spec, ckpt_id, model_dir))
         result = scan(view, config, progress=progress)
         store.write_scan(view, result, config, spec=norm_spec)
     row = store.checkpoint(ckpt_id)

@@ -104,6 +104,82 @@ CREATE TABLE IF NOT EXISTS tokens (
     token           VARCHAR,
     unembed_norm    REAL                  -- ||U[:, t]|| of the processed unembedding
 );
+CREATE TABLE IF NOT EXISTS activation_passes (
+    pass_id         VARCHAR PRIMARY KEY,
+    checkpoint_id   VARCHAR,
+    pass_key        VARCHAR,              -- hash of what identifies the pass (corpus, split, settings)
+    corpus_fingerprint VARCHAR,           -- sha256 over the corpus's document ids and texts
+    corpus          JSON,                 -- kind, path, documents, characters, ...
+    split           VARCHAR,              -- all | train | heldout
+    settings        JSON,                 -- context, batch_size, top_k, window, bins, bos, pairs
+    tokens          BIGINT,               -- document tokens behind the committed results
+    sequences       BIGINT,
+    documents       BIGINT,               -- documents reached (the last may be partly read)
+    exhausted       BOOLEAN,              -- the corpus ended before the token budget
+    files_dir       VARCHAR,              -- activations/<dir> inside the store
+    results_dir     VARCHAR,              -- subdirectory with the committed arrays
+    started_at      TIMESTAMP,
+    updated_at      TIMESTAMP,
+    seconds         DOUBLE,
+    discover_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS neuron_activations (
+    pass_id         VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    act_mean        DOUBLE,               -- exact moments over every counted position (float64)
+    act_var         DOUBLE,               -- population variance
+    act_skew        DOUBLE,               -- E[z^3]
+    act_kurt        DOUBLE,               -- E[z^4], NOT excess (a Gaussian gives 3)
+    act_freq        DOUBLE,               -- fraction of positions with activation > 0
+    act_min         DOUBLE,
+    act_max         DOUBLE
+);
+CREATE TABLE IF NOT EXISTS activation_examples (
+    pass_id         VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    kind            VARCHAR,              -- 'activation' (max activation) | 'dla' (max logit attribution)
+    rank            SMALLINT,             -- 0 = strongest; one entry per document
+    value           REAL,                 -- the activation, or act * w_out . U[:, next] / final-norm scale
+    doc_id          VARCHAR,
+    doc_ordinal     BIGINT,               -- the document's index in the pass's split
+    chunk           INTEGER,              -- which context-length piece of the document
+    position        INTEGER,              -- of the maximum in that piece (0 = the BOS)
+    doc_token       BIGINT,               -- of the maximum in the document's tokens
+    token_id        INTEGER,              -- the token at the maximum
+    token           VARCHAR,
+    next_token_id   INTEGER,              -- the token after it (-1: outside the window)
+    context         VARCHAR               -- the window's text (before + max + after tokens)
+);
+CREATE TABLE IF NOT EXISTS activation_histograms (
+    pass_id         VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    bin             SMALLINT,             -- fixed geometric bins, 4 per octave (only non-empty bins)
+    lo              DOUBLE,               -- [lo, hi)
+    hi              DOUBLE,
+    count           BIGINT
+);
+CREATE TABLE IF NOT EXISTS prediction_curves (
+    pass_id         VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    token_id        INTEGER,
+    token           VARCHAR,
+    source          VARCHAR,              -- prediction | suppression (scan candidates) | pair (--pair)
+    bin             SMALLINT,             -- same bins as activation_histograms (only non-empty)
+    lo              DOUBLE,
+    hi              DOUBLE,
+    positions       BIGINT,               -- positions whose activation falls in the bin
+    top_prediction  BIGINT,               -- ... where the token is the model's top prediction
+    with_next       BIGINT,               -- ... where the next token is known
+    is_next         BIGINT                -- ... where the token is the true next token
+);
 """
 
 #: tables whose rows belong to one checkpoint (deleted together on a rescan)
@@ -192,12 +268,21 @@ class Store:
     def _remove_orphans(self) -> None:
         """Delete checkpoint directories that no committed row points at (killed scans)."""
         d = self.root / "checkpoints"
-        if not d.is_dir():
-            return
-        live = {r[0] for r in self.con.execute("SELECT files_dir FROM checkpoints").fetchall()}
-        for sub in d.iterdir():
-            if sub.name not in live:
-                shutil.rmtree(sub, ignore_errors=True)
+        if d.is_dir():
+            live = {r[0] for r in self.con.execute("SELECT files_dir FROM checkpoints").fetchall()}
+            for sub in d.iterdir():
+                if sub.name not in live:
+                    shutil.rmtree(sub, ignore_errors=True)
+        d = self.root / "activations"
+        if d.is_dir():
+            live = dict(self.con.execute("SELECT files_dir, results_dir FROM activation_passes").fetchall())
+            for sub in d.iterdir():
+                if sub.name not in live:
+                    shutil.rmtree(sub, ignore_errors=True)
+                    continue
+                for f in sub.iterdir():  # superseded results, half-written state files
+                    if (f.name.startswith("results-") and f.name != live[sub.name]) or f.name.endswith(".tmp"):
+                        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- lookups
     def checkpoint(self, checkpoint_id: str) -> dict | None:

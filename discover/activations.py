@@ -1,0 +1,696 @@
+"""The corpus pass: what every neuron does on real text (METHODS.md, "Activation statistics").
+
+`run_activations` streams tokenized documents through the model in batches, with hooks on every
+layer's activation site (the input of `c_proj` / `dense_4h_to_h` / `down_proj`: after the
+nonlinearity, `act(gate) * up` for gated MLPs) and on the final norm, and folds each batch into
+one state per neuron with a fused kernel (`_act_kernels.activation_update`):
+
+- exact moments in float64 (mean, variance, skewness `E[z^3]`, kurtosis `E[z^4]`, NOT excess,
+  as the scanner's vocabulary kurtosis), activation frequency (fraction > 0), min and max;
+- an exact histogram on fixed geometric bins (`_act_kernels.bin_edges`);
+- the top-k documents by maximum activation, and by maximum direct logit attribution to the
+  true next token (`act * w_out . U[:, next] / final-norm scale`, processed weights), at most
+  one entry per document, each with a window of `before` tokens before and `after` after the
+  maximum and the per-token values of that window;
+- for the scan's prediction / suppression candidates and user `--pair`s: per activation bin,
+  the number of positions, how many had the token as the model's top prediction, how many had a
+  known next token and how many had the token next (the "an" neuron study's Finding 2).
+
+Sequences: each document is cut into pieces of `context - 1` tokens, each preceded by the
+tokenizer's BOS (else EOS) token, as GPT-2 saw documents in training; the BOS position is shown
+in examples but never counted. The budget is counted in document tokens and honoured in whole
+batches, so a pass extended to more tokens sees exactly the batches a longer single run would.
+
+A pass is identified by (checkpoint, corpus fingerprint, split, context, batch size, k, window,
+pairs). Its running state is saved atomically every `save_every` seconds under
+`activations/<pass>/state.npz`; a rerun after `kill -9` continues from there and ends with the
+same numbers as an uninterrupted run (the batches, their order and every merge are the same).
+Results are committed to the catalog in one transaction at the end of each run; until then the
+catalog keeps the previous results of the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from discover import _act_kernels as K
+from discover.errors import CorpusError, QueryError
+
+KINDS = ("activation", "dla")  # the two example tables
+CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
+STATE_VERSION = 1
+ROWS_BUDGET_BYTES = 1.5e9  # activations held per batch (all layers) when batch_size is not given
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Settings of one corpus pass. `tokens` and `save_every` do not change a pass's identity."""
+
+    tokens: int = 1_000_000
+    batch_size: int | None = None  # sequences per forward pass; None: from ROWS_BUDGET_BYTES, at most 32
+    context: int | None = None  # tokens per sequence incl. the BOS; None: min(model's maximum, 256)
+    top_k: int = 20
+    before: int = 50
+    after: int = 10
+    split: str = "all"
+    pairs: tuple = ()  # ((layer, neuron, token_id), ...) named by the user
+    max_candidates: int = 256  # strongest prediction + suppression candidates that get curves
+    save_every: float = 30.0  # seconds between saves of the resumable state
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not (isinstance(self.tokens, int) and self.tokens > 0):
+            raise ValueError(f"tokens must be a positive number of tokens, got {self.tokens}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.context is not None and self.context < 2:
+            raise ValueError(f"context must be >= 2 (a BOS and one token), got {self.context}")
+        if not 1 <= self.top_k <= 1000:
+            raise ValueError(f"top_k must be 1..1000, got {self.top_k}")
+        if self.before < 0 or self.after < 0:
+            raise ValueError("before and after must be >= 0")
+        if self.split not in ("all", "train", "heldout"):
+            raise ValueError(f"split must be all, train or heldout, got {self.split!r}")
+        if self.max_candidates < 0:
+            raise ValueError(f"max_candidates must be >= 0, got {self.max_candidates}")
+
+
+@dataclass
+class PassSummary:
+    """What `run_activations` did. status: 'ran', 'extended', 'resumed', 'unchanged'."""
+
+    pass_id: str
+    checkpoint_id: str
+    status: str
+    tokens: int
+    sequences: int
+    documents: int
+    exhausted: bool
+    seconds: float
+    tokens_per_second: float
+    pairs: int
+    corpus: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ stream
+def _bos_id(tokenizer) -> int | None:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def sequences(corpus, split: str, tokenizer, context: int, bos: int | None, start=(0, 0)):
+    """Yield (doc ordinal, doc id, chunk, ids (with BOS), next token after the chunk or -1)
+    from document ordinal start[0], chunk start[1] on, in corpus order."""
+    body = context - (1 if bos is not None else 0)
+    d0, c0 = start
+    for ordinal, doc in enumerate(corpus.iter_documents(split)):
+        if ordinal < d0:
+            continue
+        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
+        n = len(ids)
+        for c in range(c0 if ordinal == d0 else 0, -(-n // body)):
+            piece = ids[c * body:(c + 1) * body]
+            nxt = ids[(c + 1) * body] if (c + 1) * body < n else -1
+            yield ordinal, doc.doc_id, c, ([bos] if bos is not None else []) + piece, nxt
+
+
+# ------------------------------------------------------------------------------- hooks
+@contextmanager
+def capture(view):
+    """Hooks on every layer's activation site and on the final norm, removed on exit.
+
+    Yields a dict: 'acts' -> list of (B, T, N) tensors (per layer, the site's input), 'resid'
+    -> the final norm's input (B, T, d_model)."""
+    model = view.model
+    got: dict = {"acts": [None] * view.n_layers, "resid": None}
+    handles = []
+
+    def site_hook(layer):
+        def hook(_mod, args):
+            got["acts"][layer] = args[0]
+        return hook
+
+    def resid_hook(_mod, args):
+        got["resid"] = args[0]
+
+    try:
+        for layer in range(view.n_layers):
+            handles.append(model.get_submodule(view.act_site(layer)).register_forward_pre_hook(site_hook(layer)))
+        handles.append(model.get_submodule(view.final_norm_site()).register_forward_pre_hook(resid_hook))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------- state
+class PassState:
+    """Everything a pass accumulates, as arrays (L = layers, N = neurons per layer)."""
+
+    def __init__(self, L: int, N: int, k: int, width: int, n_pairs: int):
+        f64, f32, i64, i32 = np.float64, np.float32, np.int64, np.int32
+        self.meta = {"version": STATE_VERSION, "tokens": 0, "sequences": 0, "batches": 0,
+                     "next": [0, 0], "exhausted": False, "documents": 0, "doc_names": {}}
+        self.a = {
+            "mean": np.zeros((L, N), f64), "m2": np.zeros((L, N), f64), "m3": np.zeros((L, N), f64),
+            "m4": np.zeros((L, N), f64),
+            "amin": np.full((L, N), np.inf, f32), "amax": np.full((L, N), -np.inf, f32),
+            "n_pos": np.zeros((L, N), i64), "hist": np.zeros((L, N, K.N_BINS), i64),
+            "curves": np.zeros((n_pairs, K.N_BINS, len(CURVE_FIELDS)), i64),
+        }
+        for p in ("a", "d"):  # a: by activation, d: by direct logit attribution
+            self.a[f"{p}v"] = np.full((L, N, k), K.EMPTY, f32)
+            self.a[f"{p}doc"] = np.full((L, N, k), -1, i64)
+            self.a[f"{p}pos"] = np.zeros((L, N, k), i32)
+            self.a[f"{p}chunk"] = np.zeros((L, N, k), i32)
+            self.a[f"{p}tok"] = np.full((L, N, k, width), -1, i32)
+            self.a[f"{p}val"] = np.zeros((L, N, k, width), np.float16)
+
+    def save(self, path: Path) -> None:
+        """Atomically replace `path` (write a temporary file, fsync, rename)."""
+        live = {int(d) for d in np.unique(np.concatenate([self.a["adoc"].ravel(), self.a["ddoc"].ravel()]))
+                if d >= 0}
+        self.meta["doc_names"] = {k: v for k, v in self.meta["doc_names"].items() if int(k) in live}
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, __meta__=np.frombuffer(json.dumps(self.meta).encode(), np.uint8), **self.a)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PassState":
+        self = cls.__new__(cls)
+        with np.load(path) as z:
+            self.meta = json.loads(bytes(z["__meta__"]).decode())
+            self.a = {k: z[k].copy() for k in z.files if k != "__meta__"}
+        if self.meta.get("version") != STATE_VERSION:
+            raise QueryError(f"{path} was written by another discover version; delete it to start the pass over")
+        return self
+
+    # -- derived statistics ---------------------------------------------------------------
+    def moments(self) -> dict:
+        n = float(self.meta["tokens"])
+        a = self.a
+        var = a["m2"] / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            skew = np.where(var > 0, (a["m3"] / n) / var ** 1.5, np.nan)
+            kurt = np.where(var > 0, (a["m4"] / n) / var ** 2, np.nan)
+        return {"act_mean": a["mean"], "act_var": var, "act_skew": skew, "act_kurt": kurt,
+                "act_freq": a["n_pos"] / n, "act_min": a["amin"].astype(np.float64),
+                "act_max": a["amax"].astype(np.float64)}
+
+
+# ------------------------------------------------------------------------------- the pass
+class _Pass:
+    """One run of the pass over a model view (no store: `fold` is the whole computation)."""
+
+    def __init__(self, view, cfg: ActivationConfig, pairs: list, context: int, batch_size: int):
+        import torch
+
+        self.view, self.cfg, self.context, self.batch_size = view, cfg, context, batch_size
+        self.torch = torch
+        self.dev = torch.device(cfg.device)
+        self.L, self.N = view.n_layers, view.d_mlp
+        self.width = cfg.before + cfg.after + 1
+        self.pairs = pairs  # [(layer, neuron, token_id, source)]
+        self.U = view.processed_unembed().to(self.dev)  # (d_model, vocab)
+        self.W_out_T = [view.processed_W_out(l).T.contiguous().to(self.dev) for l in range(self.L)]  # (d_model, N)
+        self.lm_head = view.model.get_output_embeddings()
+        self.base = view.model.base_model
+        self.norm = view.final_norm()
+
+    def new_state(self) -> PassState:
+        return PassState(self.L, self.N, self.cfg.top_k, self.width, len(self.pairs))
+
+    def forward(self, ids):
+        """Hooked forward pass: per-layer activations, 1/final-norm scale, top prediction."""
+        torch = self.torch
+        with torch.inference_mode(), capture(self.view) as got:
+            h = self.base(input_ids=ids).last_hidden_state  # (B, T, d_model), after the final norm
+            B, T, _ = h.shape
+            flat = h.reshape(B * T, -1)
+            pred = torch.empty(B * T, dtype=torch.int64, device=h.device)
+            step = max(1, int(2**26 // max(1, self.view.d_vocab)))  # rows of logits per chunk (256 MiB)
+            for i in range(0, B * T, step):
+                pred[i:i + step] = self.lm_head(flat[i:i + step]).argmax(-1)
+            x = got["resid"].float()
+            if self.norm.kind == "layernorm":
+                var = x.var(-1, unbiased=False)
+            else:
+                var = x.pow(2).mean(-1)
+            inv_scale = torch.rsqrt(var + self.norm.eps)
+            acts = [a.float().contiguous() for a in got["acts"]]
+        return acts, inv_scale.reshape(B, T), pred.reshape(B, T)
+
+    def fold(self, state: PassState, batch: list) -> None:
+        """Fold one batch of sequences [(ordinal, doc_id, chunk, ids, next), ...] into `state`."""
+        torch = self.torch
+        B, T = len(batch), max(len(s[3]) for s in batch)
+        start = 1 if _bos_id(self.view.tokenizer) is not None else 0
+        pad = batch[0][3][0]
+        ids = np.full((B, T), pad, np.int64)
+        nxt_tok = np.full((B, T), -1, np.int64)
+        lens = np.zeros(B, np.int32)
+        for b, (_, _, _, seq, nxt) in enumerate(batch):
+            m = len(seq)
+            ids[b, :m] = seq
+            nxt_tok[b, :m - 1] = seq[1:]
+            nxt_tok[b, m - 1] = nxt
+            lens[b] = m
+        docs = np.array([s[0] for s in batch], np.int64)
+        chunks = np.array([s[2] for s in batch], np.int32)
+        acts, inv_scale, pred = self.forward(torch.from_numpy(ids).to(self.dev))
+        inv_scale = inv_scale.cpu().numpy().astype(np.float32)
+        pred = pred.cpu().numpy()
+        valid = (np.arange(T)[None, :] >= start) & (np.arange(T)[None, :] < lens[:, None])
+
+        uniq, nxt_idx = np.unique(nxt_tok, return_inverse=True)
+        nxt_idx = nxt_idx.reshape(B, T).astype(np.int32)
+        has = uniq >= 0
+        # rows of ct for each unique known next token; -1 where unknown
+        col = np.where(has, np.cumsum(has) - 1, -1)
+        nxt_idx = col[nxt_idx].astype(np.int32)
+        U_next = self.U[:, torch.from_numpy(uniq[has])].T.contiguous()  # (u, d_model)
+
+        a = state.a
+        for l in range(self.L):
+            act = acts[l].cpu().numpy()  # (B, T, N)
+            ct = (U_next @ self.W_out_T[l]).cpu().numpy()  # (u, N)
+            if ct.shape[0] == 0:
+                ct = np.zeros((1, self.N), np.float32)
+            asrc = np.full((self.N, self.cfg.top_k), -1, np.int32)
+            dsrc = np.full((self.N, self.cfg.top_k), -1, np.int32)
+            K.activation_update(
+                act, act.view(np.int32), lens, start, docs, nxt_idx, inv_scale, ct, state.meta["tokens"],
+                a["mean"][l], a["m2"][l], a["m3"][l], a["m4"][l], a["amin"][l], a["amax"][l], a["n_pos"][l],
+                a["hist"][l], a["av"][l], a["adoc"][l], asrc, a["apos"][l], a["dv"][l], a["ddoc"][l], dsrc,
+                a["dpos"][l])
+            for p, src in (("a", asrc), ("d", dsrc)):
+                self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale)
+            self._curves(state, l, act, valid, pred, nxt_tok)
+        n_tokens = int(valid.sum())
+        names = state.meta["doc_names"]
+        for s in batch:
+            names[str(s[0])] = s[1]
+        last = batch[-1]
+        state.meta["tokens"] += n_tokens
+        state.meta["sequences"] += B
+        state.meta["batches"] += 1
+        state.meta["documents"] = last[0] + 1
+        more = last[4] >= 0  # the document goes on after this chunk
+        state.meta["next"] = [last[0], last[2] + 1] if more else [last[0] + 1, 0]
+
+    def _windows(self, state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale) -> None:
+        """Copy the context window of every top-k entry the kernel just replaced."""
+        n_idx, j_idx = np.nonzero(src >= 0)
+        if len(n_idx) == 0:
+            return
+        a = state.a
+        b = src[n_idx, j_idx]
+        pos = a[f"{p}pos"][l][n_idx, j_idx]
+        q = pos[:, None] - self.cfg.before + np.arange(self.width)[None, :]  # (E, W)
+        ok = (q >= 0) & (q < lens[b][:, None])
+        qc = np.clip(q, 0, ids.shape[1] - 1)
+        bb = b[:, None]
+        vals = act[bb, qc, n_idx[:, None]]
+        if p == "d":
+            j = nxt_idx[bb, qc]
+            vals = np.where(j >= 0, vals * ct[np.maximum(j, 0), n_idx[:, None]] * inv_scale[bb, qc], np.nan)
+        a[f"{p}tok"][l][n_idx, j_idx] = np.where(ok, ids[bb, qc], -1)
+        a[f"{p}val"][l][n_idx, j_idx] = np.where(ok, vals, np.nan).astype(np.float16)
+        a[f"{p}chunk"][l][n_idx, j_idx] = chunks[b]
+
+    def _curves(self, state, l, act, valid, pred, nxt_tok) -> None:
+        """Activation-vs-prediction counts per bin for this layer's pairs (vectorised)."""
+        sel = [i for i, pr in enumerate(self.pairs) if pr[0] == l]
+        if not sel:
+            return
+        neurons = np.array([self.pairs[i][1] for i in sel])
+        toks = np.array([self.pairs[i][2] for i in sel])
+        x = act[valid][:, neurons]  # (R, P)
+        P = len(sel)
+        flat = K.bin_index(x) + K.N_BINS * np.arange(P)[None, :]
+        pv, nv = pred[valid], nxt_tok[valid]
+        size = P * K.N_BINS
+        parts = [
+            np.bincount(flat.ravel(), minlength=size),
+            np.bincount(flat[pv[:, None] == toks[None, :]], minlength=size),
+            np.bincount(flat[np.broadcast_to((nv >= 0)[:, None], flat.shape)], minlength=size),
+            np.bincount(flat[nv[:, None] == toks[None, :]], minlength=size),
+        ]
+        state.a["curves"][sel] += np.stack(parts, axis=-1).reshape(P, K.N_BINS, len(CURVE_FIELDS))
+
+
+def _after_batch(batches: int) -> None:
+    """Test hook: called after every folded (and possibly saved) batch."""
+
+
+def auto_batch_size(view, context: int) -> int:
+    per_row = view.n_layers * view.d_mlp * 4
+    return int(max(1, min(32, ROWS_BUDGET_BYTES // (per_row * context))))
+
+
+def model_context(view) -> int:
+    cfg = view.model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, name, None)
+        if v:
+            return int(v)
+    return 2048
+
+
+# ------------------------------------------------------------------------------ pairs
+def parse_pair(text: str, view) -> tuple[int, int, int]:
+    """'L1.N42:" an"' -> (1, 42, token id); the token must be one token of the vocabulary."""
+    from discover.query import parse_neuron
+
+    nid, sep, tok = text.partition(":")
+    if not sep or not tok:
+        raise QueryError(f"malformed --pair {text!r}; write it as L<layer>.N<index>:TOKEN, e.g. 'L1.N42:\" an\"'")
+    layer, neuron = parse_neuron(nid)
+    if not (0 <= layer < view.n_layers and 0 <= neuron < view.d_mlp):
+        raise QueryError(
+            f"--pair {text!r}: neuron L{layer}.N{neuron} is out of range: this model has layers "
+            f"0-{view.n_layers - 1} and neurons 0-{view.d_mlp - 1} per layer")
+    if len(tok) >= 2 and tok[0] == tok[-1] and tok[0] in "\"'":
+        tok = tok[1:-1]
+    if not tok:
+        raise QueryError(f"--pair {text!r}: the token text is empty")
+    ids = view.tokenizer.encode(tok, add_special_tokens=False)
+    unk = view.tokenizer.unk_token_id
+    if len(ids) != 1 or (unk is not None and ids[0] == unk):
+        shown = [view.tokenizer.decode([i]) for i in ids]
+        raise QueryError(
+            f"--pair {text!r}: {tok!r} is not one token of this model's vocabulary (it tokenizes to "
+            f"{shown}); name a single token, with its leading space if it has one")
+    return layer, neuron, int(ids[0])
+
+
+def candidate_pairs(store, checkpoint_id: str, limit: int) -> list[tuple[int, int, int, str]]:
+    """The strongest prediction (top token) and suppression (bottom token) candidates."""
+    if limit <= 0:
+        return []
+    rows = store.con.execute(
+        "SELECT r.layer, r.neuron, t.token_id, r.role FROM roles r JOIN neuron_tokens t "
+        "USING (checkpoint_id, layer, neuron) WHERE r.checkpoint_id = ? AND t.rank = 0 AND ("
+        "(r.role = 'prediction' AND t.side = 'top') OR (r.role = 'suppression' AND t.side = 'bottom')) "
+        "ORDER BY r.score DESC, r.layer, r.neuron LIMIT ?", [checkpoint_id, limit]).fetchall()
+    return [(int(l), int(n), int(t), role) for l, n, t, role in rows]
+
+
+# ------------------------------------------------------------------------------ pipeline
+@dataclass
+class Plan:
+    """A checked request: the loaded model, the user's pairs and the opened corpus."""
+
+    spec: str
+    identity: tuple
+    view: object
+    user_pairs: list
+    context: int
+    batch_size: int
+    corpus: object
+    described: dict
+
+
+def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus: str | None = None,
+            text_field: str = "text", allow_pickle: bool = False) -> Plan:
+    """Load the model and check every input (pairs, context, corpus) before any store is touched."""
+    from discover.adapter import identify, load_model
+    from discover.corpus import open_corpus
+    from discover.errors import ModelLoadError
+    from discover.scan import default_model_spec
+
+    cfg = config or ActivationConfig()
+    spec = spec or default_model_spec()
+    identity = identify(spec, allow_pickle=allow_pickle)
+    view = load_model(spec, allow_pickle=allow_pickle, device=cfg.device, identity=identity)
+    if view.tokenizer is None:
+        raise ModelLoadError(f"model {spec} has no tokenizer files; the corpus pass needs one")
+    user_pairs = [parse_pair(p, view) + ("pair",) for p in cfg.pairs]
+    max_ctx = model_context(view)
+    context = cfg.context or min(max_ctx, 256)
+    if context > max_ctx:
+        raise QueryError(f"--context {context} is longer than this model's {max_ctx} positions")
+    corp = open_corpus(corpus, text_field=text_field)
+    described = corp.describe()
+    return Plan(spec, identity, view, user_pairs, context, cfg.batch_size or auto_batch_size(view, context),
+                corp, described)
+
+
+def run_activations(spec: str | None, store, config: ActivationConfig | None = None, *, corpus: str | None = None,
+                    text_field: str = "text", allow_pickle: bool = False, progress: bool = True,
+                    plan: Plan | None = None) -> PassSummary:
+    """Run (or extend, or resume) the corpus pass of `spec` (None: the embedded default model)
+    over `corpus` (None: the built-in default corpus) and commit its results to `store`."""
+    from discover.scan import scan_model
+
+    cfg = config or ActivationConfig()
+    plan = plan or prepare(spec, cfg, corpus=corpus, text_field=text_field, allow_pickle=allow_pickle)
+    spec, identity, view, context, batch_size = plan.spec, plan.identity, plan.view, plan.context, plan.batch_size
+    user_pairs, corp, described = plan.user_pairs, plan.corpus, plan.described
+
+    scan_model(spec, store, progress=progress, identity=identity, view=view if cfg.device == "cpu" else None)
+    ckpt_id = identity[1]
+    pairs = list(dict.fromkeys(user_pairs + candidate_pairs(store, ckpt_id, cfg.max_candidates)))
+    seen, uniq_pairs = set(), []
+    for p in pairs:  # one curve per (neuron, token), the user's source label first
+        if p[:3] not in seen:
+            seen.add(p[:3])
+            uniq_pairs.append(p)
+    pairs = uniq_pairs
+    settings = {"context": context, "batch_size": batch_size, "top_k": cfg.top_k, "before": cfg.before,
+                "after": cfg.after, "bins": {"exp_lo": K.EXP_LO, "exp_hi": K.EXP_HI, "per_octave": K.SUB},
+                "bos": _bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
+    key = {"checkpoint_id": ckpt_id, "corpus": described["fingerprint"], "split": cfg.split, **settings}
+    pass_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    row = _pass_row(store, ckpt_id, pass_key)
+    if row is None:
+        row = _create_pass(store, ckpt_id, pass_key, described, cfg.split, settings)
+    pdir = store.root / "activations" / row["files_dir"]
+    pdir.mkdir(parents=True, exist_ok=True)
+    state_path = pdir / "state.npz"
+
+    runner = _Pass(view, cfg, pairs, context, batch_size)
+    state = PassState.load(state_path) if state_path.exists() else runner.new_state()
+    before_tokens = state.meta["tokens"]
+    t0 = time.perf_counter()
+    if state.meta["tokens"] < cfg.tokens and not state.meta["exhausted"]:
+        _stream(runner, state, corp, cfg, context, state_path, progress)
+    seconds = time.perf_counter() - t0
+    folded = state.meta["tokens"] - before_tokens
+    if state.meta["tokens"] == 0:
+        raise CorpusError(f"the {cfg.split} split of corpus {described['path']} gave no tokens; point --corpus at text")
+    if row["tokens"] == state.meta["tokens"] and row["results_dir"] is not None:
+        status = "unchanged"
+    else:
+        status = "resumed" if before_tokens > row["tokens"] else ("extended" if row["tokens"] else "ran")
+        write_results(store, row, state, runner, seconds=float(row["seconds"] or 0) + seconds)
+    return PassSummary(
+        pass_id=row["pass_id"], checkpoint_id=ckpt_id, status=status, tokens=state.meta["tokens"],
+        sequences=state.meta["sequences"], documents=state.meta["documents"], exhausted=state.meta["exhausted"],
+        seconds=seconds, tokens_per_second=folded / seconds if seconds > 0 and folded else 0.0,
+        pairs=len(pairs), corpus=described)
+
+
+def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Path, progress: bool) -> None:
+    """Fold whole batches until the budget is reached or the corpus ends; save periodically."""
+    from tqdm import tqdm
+
+    bos = _bos_id(runner.view.tokenizer)
+    target = cfg.tokens
+    bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
+               desc="activations", disable=not progress, dynamic_ncols=True, leave=False)
+    last_save = time.monotonic()
+    batch: list = []
+    try:
+        stream = sequences(corp, cfg.split, runner.view.tokenizer, context, bos, tuple(state.meta["next"]))
+        for seq in stream:
+            batch.append(seq)
+            if len(batch) < runner.batch_size:
+                continue
+            before = state.meta["tokens"]
+            runner.fold(state, batch)
+            batch = []
+            bar.update(min(state.meta["tokens"], target) - min(before, target))
+            done = state.meta["tokens"] >= target
+            if done or time.monotonic() - last_save >= cfg.save_every:
+                state.save(state_path)
+                last_save = time.monotonic()
+            _after_batch(state.meta["batches"])
+            if done:
+                break
+        else:
+            if batch:
+                runner.fold(state, batch)
+            state.meta["exhausted"] = True
+            state.save(state_path)
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------ catalog
+def _pass_row(store, checkpoint_id: str, pass_key: str) -> dict | None:
+    cur = store.con.execute("SELECT * FROM activation_passes WHERE checkpoint_id = ? AND pass_key = ?",
+                            [checkpoint_id, pass_key])
+    r = cur.fetchone()
+    return None if r is None else _row_dict(cur, r)
+
+
+def _row_dict(cur, r) -> dict:
+    out = dict(zip([c[0] for c in cur.description], r))
+    for k in ("corpus", "settings"):
+        if isinstance(out.get(k), str):
+            out[k] = json.loads(out[k])
+    return out
+
+
+def _create_pass(store, checkpoint_id, pass_key, described, split, settings) -> dict:
+    from discover import __version__
+
+    pass_id = uuid.uuid4().hex[:12]
+    store.con.execute(
+        "INSERT INTO activation_passes VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, false, ?, NULL, now(), now(), 0, ?)",
+        [pass_id, checkpoint_id, pass_key, described["fingerprint"], json.dumps(described), split,
+         json.dumps(settings), pass_id, __version__])
+    return _pass_row(store, checkpoint_id, pass_key)
+
+
+RESULT_TABLES = ("neuron_activations", "activation_examples", "activation_histograms", "prediction_curves")
+
+
+def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds: float) -> None:
+    """Commit the pass's current results: arrays first (unreferenced), then one transaction."""
+    import pyarrow as pa
+
+    from discover.store import _rollback
+
+    view = runner.view
+    L, N, k = runner.L, runner.N, runner.cfg.top_k
+    pid, cid = row["pass_id"], row["checkpoint_id"]
+    pdir = store.root / "activations" / row["files_dir"]
+    rdir_name = f"results-{uuid.uuid4().hex[:8]}"
+    rdir = pdir / rdir_name
+    rdir.mkdir()
+    a = state.a
+    strings = view.token_strings()
+    str_arr = pa.array(strings + ["<pad>"], type=pa.string())
+    edges = K.bin_edges()
+    try:
+        # -- arrays: examples sorted by value (rank 0 = strongest), empty slots last
+        ex_tok = np.empty((L * N, 2, k, runner.width), np.int32)
+        ex_val = np.empty((L * N, 2, k, runner.width), np.float16)
+        tables = []
+        for s, (p, kind) in enumerate((("a", "activation"), ("d", "dla"))):
+            vals = a[f"{p}v"].reshape(L * N, k)
+            docs = a[f"{p}doc"].reshape(L * N, k)
+            # strongest first; ties by document order; empty slots (doc -1, value EMPTY) last
+            order = np.lexsort((np.where(docs >= 0, docs, np.iinfo(np.int64).max), -vals.astype(np.float64)), axis=1)
+            take = lambda x: np.take_along_axis(x.reshape(L * N, k, *x.shape[3:]),  # noqa: E731
+                                                order.reshape(L * N, k, *([1] * (x.ndim - 3))), axis=1)
+            vals, docs = take(a[f"{p}v"]), take(a[f"{p}doc"])
+            pos, chunk = take(a[f"{p}pos"]), take(a[f"{p}chunk"])
+            ex_tok[:, s] = take(a[f"{p}tok"])
+            ex_val[:, s] = take(a[f"{p}val"])
+            g, r = np.nonzero(docs >= 0)
+            names = state.meta["doc_names"]
+            win = ex_tok[g, s, r]  # (E, W)
+            mid = win[:, runner.cfg.before]
+            nxt = win[:, runner.cfg.before + 1] if runner.cfg.after > 0 else np.full(len(g), -1)
+            body = runner.context - (1 if settings_bos(row) is not None else 0)
+            start = 1 if settings_bos(row) is not None else 0
+            flat = np.where(win >= 0, win, len(strings)).ravel()
+            text = pa.compute.binary_join(pa.ListArray.from_arrays(
+                pa.array(np.arange(0, len(flat) + 1, runner.width, dtype=np.int32)), str_arr.take(pa.array(flat))), "")
+            tables.append(pa.table({
+                "layer": (g // N).astype(np.int16), "neuron": (g % N).astype(np.int32),
+                "kind": pa.repeat(pa.scalar(kind), len(g)), "rank": r.astype(np.int16),
+                "value": vals[g, r].astype(np.float32),
+                "doc_id": pa.array([names.get(str(d), str(d)) for d in docs[g, r].tolist()], type=pa.string()),
+                "doc_ordinal": docs[g, r].astype(np.int64), "chunk": chunk[g, r].astype(np.int32),
+                "position": pos[g, r].astype(np.int32),
+                "doc_token": (chunk[g, r].astype(np.int64) * body + pos[g, r] - start).astype(np.int64),
+                "token_id": mid.astype(np.int32), "token": str_arr.take(pa.array(np.where(mid >= 0, mid, len(strings)))),
+                "next_token_id": np.where(nxt >= 0, nxt, -1).astype(np.int32),
+                "context": text,
+            }))
+        np.save(rdir / "examples_tokens.npy", ex_tok)
+        np.save(rdir / "examples_values.npy", ex_val)
+        hist = a["hist"].reshape(L * N, K.N_BINS)
+        np.save(rdir / "histograms.npy", hist)
+        (rdir / "meta.json").write_text(json.dumps({"tokens": state.meta["tokens"], "before": runner.cfg.before,
+                                                    "after": runner.cfg.after, "edges": edges.tolist()}))
+
+        mom = state.moments()
+        layer_col = np.repeat(np.arange(L, dtype=np.int16), N)
+        neuron_col = np.tile(np.arange(N, dtype=np.int32), L)
+        acts = pa.table({"layer": layer_col, "neuron": neuron_col,
+                         **{c: pa.array(v.ravel(), mask=~np.isfinite(v.ravel())) for c, v in mom.items()}})
+        gi, bi = np.nonzero(hist)
+        hists = pa.table({"layer": (gi // N).astype(np.int16), "neuron": (gi % N).astype(np.int32),
+                          "bin": bi.astype(np.int16), "lo": edges[bi], "hi": edges[bi + 1],
+                          "count": hist[gi, bi].astype(np.int64)})
+        curves = _curves_table(runner.pairs, a["curves"], edges, str_arr)
+        examples = pa.concat_tables(tables)
+        con = store.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for t in RESULT_TABLES:
+                con.execute(f"DELETE FROM {t} WHERE pass_id = ?", [pid])
+            for name, tbl in (("neuron_activations", acts), ("activation_examples", examples),
+                              ("activation_histograms", hists), ("prediction_curves", curves)):
+                tbl = tbl.append_column("pass_id", pa.repeat(pa.scalar(pid), tbl.num_rows))
+                tbl = tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(cid), tbl.num_rows))
+                con.register("_incoming", tbl)
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _incoming")
+                con.unregister("_incoming")
+            con.execute(
+                "UPDATE activation_passes SET tokens = ?, sequences = ?, documents = ?, exhausted = ?, "
+                "results_dir = ?, updated_at = now(), seconds = ? WHERE pass_id = ?",
+                [state.meta["tokens"], state.meta["sequences"], state.meta["documents"], state.meta["exhausted"],
+                 rdir_name, seconds, pid])
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+    except BaseException:
+        shutil.rmtree(rdir, ignore_errors=True)
+        raise
+    old = row.get("results_dir")
+    if old and old != rdir_name:
+        shutil.rmtree(pdir / old, ignore_errors=True)
+    row.update(_pass_row(store, cid, row["pass_key"]))
+
+
+def settings_bos(row: dict):
+    return row["settings"].get("bos")
+
+
+def _curves_table(pairs, curves, edges, str_arr):
+    import pyarrow as pa
+
+    P = len(pairs)
+    pi, bi = np.nonzero(curves[:, :, 0]) if P else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    layer = np.array([p[0] for p in pairs], np.int16)[pi] if P else np.zeros(0, np.int16)
+    neuron = np.array([p[1] for p in pairs], np.int32)[pi] if P else np.zeros(0, np.int32)
+    tok = np.array([p[2] for p in pairs], np.int32)[pi] if P else np.zeros(0, np.int32)
+    src = [pairs[i][3] for i in pi.tolist()]
+    return pa.table({
+        "layer": layer, "neuron": neuron, "token_id": tok, "token": str_arr.take(pa.array(tok)),
+        "source": pa.array(src, type=pa.string()), "bin": bi.astype(np.int16), "lo": edges[bi], "hi": edges[bi + 1],
+        **{f: curves[pi, bi, i].astype(np.int64) for i, f in enumerate(CURVE_FIELDS)},
+    })
