@@ -288,10 +288,27 @@ def _print_activity(act: dict, color: bool) -> None:
         print(f"#{ex['rank']:<3} {ex['value']:.4g}  {ex['doc_id']} @ token {ex['doc_token']}  {ex['token']!r}")
         print("     " + shade_example(ex, color))
     for cv in act["curves"]:
-        print(f"\nactivation vs top prediction of {cv['token']!r} ({cv['source']}):")
-        print(_table(["activation bin", "positions", "top prediction", "fraction", "is next"],
+        print(f"\nactivation vs top prediction of {cv['token']!r} ({cv['source']}; adjacent bins merged "
+              f"to about equal counts, --json has every bin):")
+        print(_table(["activation range", "positions", "top prediction", "fraction", "is next"],
                      [[f"[{b['lo']:.3g}, {b['hi']:.3g})", b["positions"], b["top_prediction"],
-                       b["frac_top_prediction"], b["is_next"]] for b in cv["bins"]]))
+                       b["top_prediction"] / b["positions"], b["is_next"]] for b in _merge_bins(cv["bins"])]))
+
+
+def _merge_bins(bins: list[dict], rows: int = 12) -> list[dict]:
+    """Merge adjacent histogram bins, in order, into about `rows` groups of similar counts."""
+    total = sum(b["positions"] for b in bins)
+    target = max(1, total // rows)
+    out: list[dict] = []
+    for b in bins:
+        cur = out[-1] if out else None
+        if cur is None or cur["positions"] >= target:
+            out.append({k: b[k] for k in ("lo", "hi", "positions", "top_prediction", "is_next")})
+        else:
+            cur["hi"] = b["hi"]
+            for k in ("positions", "top_prediction", "is_next"):
+                cur[k] += b[k]
+    return out
 
 
 def _cmd_query_roles(args) -> int:

@@ -171,7 +171,7 @@ def store_copy(ctx, tmp_path):
 
 # ------------------------------------------------------------------------- help ---
 def test_every_verb_is_walked():
-    assert {"scan", "query", "query token", "query neuron", "query roles", "sql", "train"} <= set(VERBS)
+    assert {"scan", "activations", "query", "query token", "query neuron", "query roles", "sql", "train"} <= set(VERBS)
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
