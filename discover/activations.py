@@ -346,11 +346,15 @@ class _Pass:
         flat = K.bin_index(x) + K.N_BINS * np.arange(P)[None, :]
         pv, nv = pred[valid], nxt_tok[valid]
         size = P * K.N_BINS
+        no_next = flat[nv < 0]  # few rows: the last token of each document
+        r_top, p_top = np.nonzero(pv[:, None] == toks[None, :])  # sparse
+        r_nxt, p_nxt = np.nonzero(nv[:, None] == toks[None, :])
+        counts = np.bincount(flat.ravel(), minlength=size)
         parts = [
-            np.bincount(flat.ravel(), minlength=size),
-            np.bincount(flat[pv[:, None] == toks[None, :]], minlength=size),
-            np.bincount(flat[np.broadcast_to((nv >= 0)[:, None], flat.shape)], minlength=size),
-            np.bincount(flat[nv[:, None] == toks[None, :]], minlength=size),
+            counts,
+            np.bincount(flat[r_top, p_top], minlength=size),
+            counts - np.bincount(no_next.ravel(), minlength=size),
+            np.bincount(flat[r_nxt, p_nxt], minlength=size),
         ]
         state.a["curves"][sel] += np.stack(parts, axis=-1).reshape(P, K.N_BINS, len(CURVE_FIELDS))
 
