@@ -303,6 +303,11 @@ class ModelView:
         return {"gpt2": f"transformer.h.{layer}.mlp.c_proj", "gpt_neox": f"gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
                 "gated": f"model.layers.{layer}.mlp.down_proj"}[self.family]
 
+    @property
+    def blocks(self):
+        """The transformer blocks (a ModuleList), in order."""
+        return self._blocks
+
     def final_norm_site(self) -> str:
         """Module path of the final norm (its input is the residual stream at the end)."""
         return {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm", "gated": "model.norm"}[self.family]

@@ -420,6 +420,84 @@ def _cmd_activations(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ patch ----
+AN_CLEAN = "I climbed up the pear tree and picked a pear. I climbed up the apple tree and picked"
+
+
+def _add_patch(sub) -> None:
+    p = _verb(sub, "patch",
+              "Neuron activation patching: the exact logit-difference recovery of every neuron of the chosen "
+              "layers (batched), plus an attribution-patching screen over all layers.",
+              f"discover patch gpt2-large --clean \"{AN_CLEAN}\" --corrupted \"{AN_CLEAN.replace('apple', 'lemon')}\" "
+              "--target \" an\" --contrast \" a\" --layers 31")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="hub id or local model directory (default: the embedded default model)")
+    p.add_argument("--clean", required=True, metavar="TEXT", help="the prompt whose activations are patched in")
+    p.add_argument("--corrupted", required=True, metavar="TEXT", help="the prompt that is run and patched")
+    p.add_argument("--target", required=True, metavar="TOK", help="the token whose logit the clean prompt favours")
+    p.add_argument("--contrast", required=True, metavar="TOK", help="the token it is compared with")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
+                   help="layers patched exactly (default: all)")
+    p.add_argument("--positions", choices=("last", "all"), default="last",
+                   help="patch the final position only (default) or every position (equal-length prompts)")
+    p.add_argument("--top", type=int, default=15, help="neurons listed (15)")
+    p.add_argument("--batch-size", type=int, default=512, help="neurons per forward pass (512)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    p.add_argument("--json", action="store_true", help="every neuron's numbers as JSON")
+    p.set_defaults(func=_cmd_patch)
+
+
+def _cmd_patch(args) -> int:
+    import numpy as np
+
+    from discover.adapter import load_model
+    from discover.patch import PatchConfig, patch_neurons
+
+    if args.top < 1:
+        raise DiscoverError("--top must be at least 1")
+    try:
+        cfg = PatchConfig(layers=tuple(args.layers) if args.layers else None, positions=args.positions,
+                          batch_size=args.batch_size, bos=not args.no_bos)
+    except ValueError as e:
+        raise DiscoverError(str(e)) from None
+    view = load_model(args.model or _default_model(), allow_pickle=args.allow_pickle)
+    res = patch_neurons(view, args.clean, args.corrupted, args.target, args.contrast, cfg, progress=not args.json)
+    N = view.d_mlp
+    exact = [(l, n, float(v)) for l, arr in res.recovery.items() for n, v in enumerate(arr)]
+    exact.sort(key=lambda x: -abs(x[2]))
+    att = res.attribution
+    meta = {"model": view.spec, "checkpoint_id": view.checkpoint_id, "direction": "denoising",
+            "ablation": "clean activation patched into the corrupted run", "positions": res.positions,
+            "target": {"id": res.target[0], "token": res.target[1]},
+            "contrast": {"id": res.contrast[0], "token": res.contrast[1]},
+            "clean_tokens": len(res.clean_tokens), "corrupted_tokens": len(res.corrupted_tokens),
+            "m_clean": res.m_clean, "m_corrupted": res.m_corrupted, "seconds": res.seconds}
+    if args.json:
+        _print_json({**meta, "layers": {str(l): {"recovery": arr.tolist(), "attribution": att[l].tolist()}
+                                        for l, arr in res.recovery.items()},
+                     "attribution_all_layers": att.tolist()})
+        return 0
+    print(f"{view.spec}: m = logit({res.target[1]!r}) - logit({res.contrast[1]!r}) at the final position: "
+          f"clean {res.m_clean:.4g}, corrupted {res.m_corrupted:.4g}")
+    print(f"denoising: each neuron's clean activation patched into the corrupted run at "
+          f"{'the final position' if res.positions == 'last' else 'every position'}; "
+          f"recovery = (m_patched - m_corrupted) / (m_clean - m_corrupted) ({res.seconds:.1f} s)")
+    print(f"\nexact, layers {', '.join(map(str, res.recovery))} ({len(exact):,} neurons), largest |recovery|:")
+    print(_table(["neuron", "recovery", "attribution"],
+                 [[f"L{l}.N{n}", v, float(att[l, n])] for l, n, v in exact[:args.top]]))
+    for l, arr in res.recovery.items():
+        corr = float(np.corrcoef(arr, att[l])[0, 1]) if np.std(arr) > 0 and np.std(att[l]) > 0 else float("nan")
+        print(f"L{l}: sum of recoveries {arr.sum():.3g}, max {arr.max():.3g}, min {arr.min():.3g}; "
+              f"attribution vs exact: r = {corr:.3f}")
+    flat = np.argsort(-np.abs(att).ravel())[:args.top]
+    print("\nattribution screen over all layers (first order; confirm with exact patching):")
+    print(_table(["neuron", "attribution", "exact"],
+                 [[f"L{g // N}.N{g % N}", float(att.ravel()[g]),
+                   float(res.recovery[g // N][g % N]) if g // N in res.recovery else None] for g in flat]))
+    return 0
+
+
 # ---------------------------------------------------------------- train (issue 3) ----
 def _add_train(sub) -> None:
     """The `train` verb: train a small GPT-2 from scratch on a corpus (resumable)."""
@@ -507,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan(sub)
     _add_query(sub)
     _add_activations(sub)
+    _add_patch(sub)
     _add_sql(sub)
     _add_train(sub)
     return parser

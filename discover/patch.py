@@ -1,0 +1,326 @@
+"""Neuron activation patching (METHODS.md, "Causal tests"), exact and batched.
+
+Denoising direction: run the corrupted prompt, give neuron n the activation it has on the clean
+prompt (at the last position, or at every position), and score
+
+    recovery = (m_patched - m_corrupted) / (m_clean - m_corrupted),  m = logit(target) - logit(contrast)
+
+at the final position: 1 = fully restored, 0 = no effect.
+
+Patching neuron n of layer l only adds `(a_clean - a_corr)[pos, n] * W_out[n]` to the residual
+stream after block l (the down projection is linear), so nothing before block l + 1 needs to
+run again. `patch_neurons` starts every batch of neurons from the corrupted run's cached
+residual stream after block l:
+
+- positions "last": only the final position's residual changes, so blocks l+1.. run on that one
+  position per neuron, attending to the corrupted prefix's cached keys and values (a KV cache
+  expanded to the batch). Cost per neuron: one token through L - l - 1 blocks.
+- positions "all": blocks l+1.. run on the whole prompt, many neurons per forward pass.
+
+Only the final position's two logits are computed. `patch_loop` is the reference: one full
+forward pass per neuron with a hook that overwrites the activation (the way the "an" neuron
+notebook and TransformerLens' patching utilities work). `attribution` is the first-order
+screen over every layer: `(a_clean - a_corr) . dm/da` from one forward and one backward pass
+on the corrupted prompt, normalised the same way — a screen, never the final word.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from discover.errors import QueryError
+
+POSITIONS = ("last", "all")
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Which neurons, which positions, how many neurons per forward pass."""
+
+    layers: tuple | None = None  # None: every layer
+    positions: str = "last"
+    batch_size: int = 512  # neurons per forward pass
+    bos: bool = True  # prepend the tokenizer's BOS (else EOS) token, as the corpus pass does
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be last or all, got {self.positions!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PatchResult:
+    """Recovery per neuron of every patched layer, attribution per neuron of every layer."""
+
+    clean_tokens: list
+    corrupted_tokens: list
+    target: tuple  # (id, string)
+    contrast: tuple
+    positions: str
+    m_clean: float
+    m_corrupted: float
+    recovery: dict = field(default_factory=dict)  # layer -> (N,) float64
+    attribution: np.ndarray | None = None  # (L, N) float64, normalised like recovery
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- inputs
+def single_token(view, text: str, what: str) -> int:
+    ids = view.tokenizer.encode(text, add_special_tokens=False)
+    unk = view.tokenizer.unk_token_id
+    if len(ids) != 1 or (unk is not None and ids[0] == unk):
+        raise QueryError(
+            f"{what} {text!r} is not one token of this model's vocabulary (it tokenizes to "
+            f"{[view.tokenizer.decode([i]) for i in ids]}); name a single token, with its leading space if it has one")
+    return int(ids[0])
+
+
+def encode_prompt(view, text: str, bos: bool) -> list[int]:
+    if not text:
+        raise QueryError("a prompt is empty; give --clean and --corrupted text")
+    ids = view.tokenizer.encode(text, add_special_tokens=False)
+    b = view.tokenizer.bos_token_id if view.tokenizer.bos_token_id is not None else view.tokenizer.eos_token_id
+    return ([int(b)] if bos and b is not None else []) + [int(i) for i in ids]
+
+
+# -------------------------------------------------------------------------- internals
+class _Runner:
+    """Cached corrupted/clean runs of one prompt pair and the pieces to resume from block l+1."""
+
+    def __init__(self, view, clean_ids, corr_ids, target, contrast):
+        import torch
+
+        self.torch = torch
+        self.view = view
+        self.model = view.model
+        self.base = view.model.base_model
+        self.blocks = view.blocks
+        self.norm = view.model.get_submodule(view.final_norm_site())
+        head = view.model.get_output_embeddings()
+        self.dir = (head.weight[target] - head.weight[contrast]).detach().float()  # (d_model,)
+        b = getattr(head, "bias", None)
+        self.bias = float(b[target] - b[contrast]) if b is not None else 0.0
+        self.W_out = [view.W_out(l) for l in range(view.n_layers)]  # raw (N, d_model): exact deltas
+        self.clean_ids, self.corr_ids = clean_ids, corr_ids
+        self.T = len(corr_ids)
+        self.a_clean, _, self.m_clean = self._run(clean_ids)
+        self.a_corr, self.resid_corr, self.m_corr = self._run(corr_ids)
+        self._prefix_cache = None
+
+    def metric(self, final_hidden):
+        """m = logit(target) - logit(contrast) from the final norm's output at the last position."""
+        return final_hidden @ self.dir + self.bias
+
+    def _run(self, ids):
+        """Activations (L, T, N) and block outputs (L, T, d) of one prompt, and m."""
+        torch = self.torch
+        acts, outs = {}, {}
+        hooks = []
+        for l in range(self.view.n_layers):
+            hooks.append(self.model.get_submodule(self.view.act_site(l)).register_forward_pre_hook(
+                lambda m, a, l=l: acts.__setitem__(l, a[0][0].detach().clone())))
+            hooks.append(self.blocks[l].register_forward_hook(
+                lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].detach().clone())))
+        try:
+            with torch.inference_mode():
+                h = self.base(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        finally:
+            for hk in hooks:
+                hk.remove()
+        L = self.view.n_layers
+        return [acts[l] for l in range(L)], [outs[l] for l in range(L)], float(self.metric(h))
+
+    def _kwargs(self, hidden, position_ids):
+        kw = {"position_ids": position_ids}
+        rot = getattr(self.base, "rotary_emb", None)
+        if rot is not None:
+            kw["position_embeddings"] = rot(hidden, position_ids=position_ids)
+        return kw
+
+    def run_from(self, layer: int, hidden):
+        """Blocks layer+1.. on residual `hidden` (B, T, d) = the output of block `layer`, whole
+        prompt; the final norm's output at the last position (B, d)."""
+        torch = self.torch
+        from transformers.masking_utils import create_causal_mask
+
+        B, T, _ = hidden.shape
+        pid = torch.arange(T).unsqueeze(0)
+        if layer + 1 < len(self.blocks):
+            mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+                                      past_key_values=None, position_ids=pid)
+            kw = self._kwargs(hidden, pid)
+            for blk in self.blocks[layer + 1:]:
+                out = blk(hidden, attention_mask=mask, **kw)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return self.norm(hidden[:, -1])
+
+    def prefix_cache(self):
+        """Keys and values of the corrupted prompt's first T - 1 positions, every layer."""
+        if self._prefix_cache is None:
+            torch = self.torch
+            with torch.inference_mode():
+                out = self.base(input_ids=torch.tensor([self.corr_ids[:-1]]), use_cache=True)
+            self._prefix_cache = out.past_key_values
+        return self._prefix_cache
+
+    def run_last_from(self, layer: int, hidden_last):
+        """Blocks layer+1.. on the last position only, (B, 1, d), over the cached prefix."""
+        torch = self.torch
+        B = hidden_last.shape[0]
+        hidden = hidden_last
+        if layer + 1 < len(self.blocks):
+            cache = copy.copy(self.prefix_cache())
+            cache.layers = [copy.copy(c) for c in cache.layers]
+            for c in cache.layers[layer + 1:]:
+                c.keys = c.keys.expand(B, -1, -1, -1)
+                c.values = c.values.expand(B, -1, -1, -1)
+            pid = torch.full((1, 1), self.T - 1, dtype=torch.long)
+            kw = self._kwargs(hidden, pid)
+            kw["layer_past" if self.view.family == "gpt_neox" else "past_key_values"] = cache
+            for blk in self.blocks[layer + 1:]:
+                out = blk(hidden, attention_mask=None, use_cache=True, **kw)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return self.norm(hidden[:, -1])
+
+
+def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config: PatchConfig) -> _Runner:
+    if view.tokenizer is None:
+        raise QueryError("this model has no tokenizer; patching needs one")
+    t, c = single_token(view, target, "--target"), single_token(view, contrast, "--contrast")
+    if t == c:
+        raise QueryError("--target and --contrast are the same token; name two different tokens")
+    clean_ids, corr_ids = encode_prompt(view, clean, config.bos), encode_prompt(view, corrupted, config.bos)
+    if config.positions == "all" and len(clean_ids) != len(corr_ids):
+        raise QueryError(
+            f"--positions all needs prompts of equal length in tokens: --clean is {len(clean_ids)}, --corrupted "
+            f"{len(corr_ids)}; change the words or use --positions last")
+    r = _Runner(view, clean_ids, corr_ids, t, c)
+    if abs(r.m_clean - r.m_corr) < 1e-6:
+        raise QueryError(
+            f"the clean and corrupted prompts give the same logit difference ({r.m_clean:.4g}); "
+            "there is nothing to recover: choose prompts the model tells apart")
+    return r
+
+
+def _check_layers(view, layers) -> list[int]:
+    layers = list(range(view.n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < view.n_layers]
+    if bad:
+        raise QueryError(f"--layers {bad[0]} is out of range: this model has layers 0-{view.n_layers - 1}")
+    return sorted(set(layers))
+
+
+# ------------------------------------------------------------------------- public API
+def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
+                  config: PatchConfig | None = None, *, attribution: bool = True, progress: bool = False) -> PatchResult:
+    """Exact recovery of every neuron of `config.layers`, many neurons per forward pass."""
+    import time
+
+    from tqdm import tqdm
+
+    config = config or PatchConfig()
+    t0 = time.perf_counter()
+    layers = _check_layers(view, config.layers)
+    r = _runner(view, clean, corrupted, target, contrast, config)
+    torch = r.torch
+    denom = r.m_clean - r.m_corr
+    res = PatchResult(
+        clean_tokens=r.clean_ids, corrupted_tokens=r.corr_ids,
+        target=(single_token(view, target, "--target"), target), contrast=(single_token(view, contrast, "--contrast"), contrast),
+        positions=config.positions, m_clean=r.m_clean, m_corrupted=r.m_corr)
+    N = view.d_mlp
+    bar = tqdm(total=len(layers) * N, unit="neuron", desc="patch", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for l in layers:
+            if config.positions == "last":
+                da = (r.a_clean[l][-1] - r.a_corr[l][-1])  # (N,)
+                base = r.resid_corr[l][-1]  # (d,)
+            else:
+                da = (r.a_clean[l] - r.a_corr[l]).T  # (N, T)
+                base = r.resid_corr[l]  # (T, d)
+            out = np.empty(N)
+            for n0 in range(0, N, config.batch_size):
+                n1 = min(N, n0 + config.batch_size)
+                W = r.W_out[l][n0:n1]  # (B, d)
+                if config.positions == "last":
+                    hidden = (base[None, :] + da[n0:n1, None] * W)[:, None, :]  # (B, 1, d)
+                    h = r.run_last_from(l, hidden)
+                else:
+                    hidden = base[None] + da[n0:n1, :, None] * W[:, None, :]  # (B, T, d)
+                    h = r.run_from(l, hidden)
+                out[n0:n1] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
+                bar.update(n1 - n0)
+            res.recovery[l] = out
+    bar.close()
+    if attribution:
+        res.attribution = attribution_patching(view, r, config.positions)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def attribution_patching(view, r: _Runner, positions: str) -> np.ndarray:
+    """(L, N): sum over patched positions of (a_clean - a_corr) * dm/da at the corrupted run,
+    divided by (m_clean - m_corr). One forward and one backward pass."""
+    torch = r.torch
+    acts = {}
+
+    def keep(l):
+        def hook(m, a):
+            acts[l] = a[0]  # not detached: the gradient must flow through every later layer too
+        return hook
+
+    def grad_from_here(m, i, o):  # the model's parameters may not require grad: start the graph here
+        return o if o.requires_grad else o.detach().requires_grad_(True)
+
+    hooks = [view.model.get_input_embeddings().register_forward_hook(grad_from_here)]
+    for l in range(view.n_layers):
+        hooks.append(view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(keep(l)))
+    try:
+        with torch.enable_grad():
+            h = r.base(input_ids=torch.tensor([r.corr_ids])).last_hidden_state[0, -1]
+            m = r.metric(h)
+            grads = torch.autograd.grad(m, [acts[l] for l in range(view.n_layers)])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = np.empty((view.n_layers, view.d_mlp))
+    for l, g in enumerate(grads):
+        d = r.a_clean[l] - r.a_corr[l]  # (T, N)
+        g = g[0]
+        prod = (d[-1] * g[-1]) if positions == "last" else (d * g).sum(0)
+        out[l] = prod.double().numpy() / (r.m_clean - r.m_corr)
+    return out
+
+
+def patch_loop(view, clean: str, corrupted: str, target: str, contrast: str, layer: int, neurons,
+               config: PatchConfig | None = None) -> np.ndarray:
+    """Reference: one full forward pass per neuron, a hook overwriting its activation."""
+    config = config or PatchConfig()
+    r = _runner(view, clean, corrupted, target, contrast, config)
+    torch = r.torch
+    site = view.model.get_submodule(view.act_site(layer))
+    clean_a = r.a_clean[layer]
+    ids = torch.tensor([r.corr_ids])
+    out = []
+    for n in neurons:
+        def hook(m, a, n=n):
+            x = a[0].clone()
+            if config.positions == "last":
+                x[0, -1, n] = clean_a[-1, n]
+            else:
+                x[0, :, n] = clean_a[:, n]
+            return (x,) + tuple(a[1:])
+
+        hk = site.register_forward_pre_hook(hook)
+        try:
+            with torch.inference_mode():
+                logits = view.model(input_ids=ids).logits[0, -1]
+        finally:
+            hk.remove()
+        m = float(logits[single_token(view, target, "--target")] - logits[single_token(view, contrast, "--contrast")])
+        out.append((m - r.m_corr) / (r.m_clean - r.m_corr))
+    return np.array(out)
