@@ -15,7 +15,9 @@ residual stream after block l:
 - positions "last": only the final position's residual changes, so blocks l+1.. run on that one
   position per neuron, attending to the corrupted prefix's cached keys and values (a KV cache
   expanded to the batch). Cost per neuron: one token through L - l - 1 blocks.
-- positions "all": blocks l+1.. run on the whole prompt, many neurons per forward pass.
+- positions "all": positions before the first token where the prompts differ have identical
+  activations in both runs (attention is causal), so only the positions from there on run
+  through blocks l+1.., over the cached prefix, many neurons per forward pass.
 
 Only the final position's two logits are computed. `patch_loop` is the reference: one full
 forward pass per neuron with a hook that overwrites the activation (the way the "an" neuron
@@ -158,33 +160,48 @@ class _Runner:
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.norm(hidden[:, -1])
 
-    def prefix_cache(self):
-        """Keys and values of the corrupted prompt's first T - 1 positions, every layer."""
-        if self._prefix_cache is None:
+    def prefix_cache(self, length: int):
+        """Keys and values of the corrupted prompt's first `length` positions, every layer."""
+        if self._prefix_cache is None or self._prefix_cache[0] != length:
             torch = self.torch
             with torch.inference_mode():
-                out = self.base(input_ids=torch.tensor([self.corr_ids[:-1]]), use_cache=True)
-            self._prefix_cache = out.past_key_values
-        return self._prefix_cache
+                out = self.base(input_ids=torch.tensor([self.corr_ids[:length]]), use_cache=True)
+            self._prefix_cache = (length, out.past_key_values)
+        return self._prefix_cache[1]
 
-    def run_last_from(self, layer: int, hidden_last):
-        """Blocks layer+1.. on the last position only, (B, 1, d), over the cached prefix."""
+    def run_suffix_from(self, layer: int, hidden, start: int):
+        """Blocks layer+1.. on positions start.. only, (B, T - start, d), attending to the
+        corrupted prompt's cached keys and values before `start` (unchanged by the patch:
+        attention is causal). The final norm's output at the last position (B, d)."""
         torch = self.torch
-        B = hidden_last.shape[0]
-        hidden = hidden_last
+        from transformers.masking_utils import create_causal_mask
+
+        B, S, _ = hidden.shape
         if layer + 1 < len(self.blocks):
-            cache = copy.copy(self.prefix_cache())
+            cache = copy.copy(self.prefix_cache(start))
             cache.layers = [copy.copy(c) for c in cache.layers]
             for c in cache.layers[layer + 1:]:
                 c.keys = c.keys.expand(B, -1, -1, -1)
                 c.values = c.values.expand(B, -1, -1, -1)
-            pid = torch.full((1, 1), self.T - 1, dtype=torch.long)
+            pid = torch.arange(start, start + S).unsqueeze(0)
+            mask = None
+            if S > 1:  # one query position attends to every cached key: no mask needed
+                mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+                                          past_key_values=cache, position_ids=pid)
             kw = self._kwargs(hidden, pid)
             kw["layer_past" if self.view.family == "gpt_neox" else "past_key_values"] = cache
             for blk in self.blocks[layer + 1:]:
-                out = blk(hidden, attention_mask=None, use_cache=True, **kw)
+                out = blk(hidden, attention_mask=mask, use_cache=True, **kw)
                 hidden = out[0] if isinstance(out, tuple) else out
         return self.norm(hidden[:, -1])
+
+    def first_difference(self) -> int:
+        """The first position where the prompts differ (positions before it have equal
+        activations everywhere, so patching them changes nothing)."""
+        for i, (a, b) in enumerate(zip(self.clean_ids, self.corr_ids)):
+            if a != b:
+                return i
+        return min(len(self.clean_ids), len(self.corr_ids))
 
 
 def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config: PatchConfig) -> _Runner:
@@ -236,22 +253,17 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
     bar = tqdm(total=len(layers) * N, unit="neuron", desc="patch", disable=not progress, leave=False)
     with torch.inference_mode():
         for l in layers:
-            if config.positions == "last":
-                da = (r.a_clean[l][-1] - r.a_corr[l][-1])  # (N,)
-                base = r.resid_corr[l][-1]  # (d,)
-            else:
-                da = (r.a_clean[l] - r.a_corr[l]).T  # (N, T)
-                base = r.resid_corr[l]  # (T, d)
+            # the patched positions that can change anything: the last, or (all) every position
+            # from the first one where the prompts differ; earlier ones come from the KV cache
+            start = r.T - 1 if config.positions == "last" else min(r.first_difference(), r.T - 1)
+            da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
+            base = r.resid_corr[l][start:]  # (S, d)
             out = np.empty(N)
             for n0 in range(0, N, config.batch_size):
                 n1 = min(N, n0 + config.batch_size)
                 W = r.W_out[l][n0:n1]  # (B, d)
-                if config.positions == "last":
-                    hidden = (base[None, :] + da[n0:n1, None] * W)[:, None, :]  # (B, 1, d)
-                    h = r.run_last_from(l, hidden)
-                else:
-                    hidden = base[None] + da[n0:n1, :, None] * W[:, None, :]  # (B, T, d)
-                    h = r.run_from(l, hidden)
+                hidden = base[None] + da[n0:n1, :, None] * W[:, None, :]  # (B, S, d)
+                h = r.run_suffix_from(l, hidden, start) if start > 0 else r.run_from(l, hidden)
                 out[n0:n1] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
                 bar.update(n1 - n0)
             res.recovery[l] = out

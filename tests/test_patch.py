@@ -56,7 +56,8 @@ def test_attribution_is_the_first_order_term(arch, positions):
             W = r.W_out[layer]
             if positions == "last":
                 da = r.a_clean[layer][-1] - r.a_corr[layer][-1]
-                h = r.run_last_from(layer, (r.resid_corr[layer][-1][None] + eps * da[:, None] * W)[:, None])
+                h = r.run_suffix_from(layer, (r.resid_corr[layer][-1][None] + eps * da[:, None] * W)[:, None],
+                                      r.T - 1)
             else:
                 da = (r.a_clean[layer] - r.a_corr[layer]).T
                 h = r.run_from(layer, r.resid_corr[layer][None] + eps * da[:, :, None] * W[:, None])
@@ -149,3 +150,15 @@ def test_cli_bad_input(extra, needles, capsys):
     rc, out, err = run(capsys, *argv)
     assert_one_error_line(rc, err, *needles)
     assert out == ""
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_prompts_differing_at_the_first_token(arch):
+    """No shared prefix (no BOS, the first word differs): every position reruns from block l+1."""
+    view = _view(arch)
+    cfg = PatchConfig(positions="all", bos=False)
+    clean, corrupt = "apple tree and picked", "lemon tree and picked"
+    res = patch_neurons(view, clean, corrupt, "an", "a", cfg)
+    for layer in range(view.n_layers):
+        ref = patch_loop(view, clean, corrupt, "an", "a", layer, range(0, view.d_mlp, 5), cfg)
+        np.testing.assert_allclose(res.recovery[layer][::5], ref, atol=1e-4)
