@@ -1,0 +1,263 @@
+"""Feature tests (METHODS.md, "Feature tests"): every neuron scored as a detector of every rule.
+
+`collect` runs the model over held-out documents (BOS + pieces of `context - 1` tokens, as the
+corpus pass) and keeps, for every counted token, every neuron's activation (in a memory-mapped
+float32 file, so RAM stays bounded) and the rule labels of the token (`rules.label_tokens`
+through the tokenizer's character offsets). Documents are split in two halves by a hash of
+their id: part A chooses thresholds, part B scores them.
+
+`score`, vectorised over neurons (in blocks) and rules:
+- AUROC of the activation as a detector of the rule, exact, from average ranks over all tokens
+  (Mann-Whitney U / (n_pos * n_neg));
+- p-value under the permutation null of the labels: the exact mean and variance of U over all
+  relabellings (tie-corrected), normal approximation, one-sided (activation higher on the
+  feature); Benjamini-Hochberg q-values across every (neuron, rule) pair tested;
+- precision, recall and F1 on part B at the threshold that maximises F1 on part A (candidate
+  thresholds: `n_thresholds` quantiles of the neuron's activations on A, from the median up).
+
+Tokens inside a document are not independent, so the permutation p-values are optimistic; the
+verifier therefore asks for an effect size too (AUROC and held-out F1), and `shuffle_check`
+measures how many pairs pass when the labels are shuffled (it should be about alpha or less).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from discover.errors import CorpusError
+
+
+@dataclass
+class FeatureData:
+    rules: list  # Rule objects, in label-column order
+    skipped: list  # names of rules that could not run (spaCy missing)
+    labels: np.ndarray  # (R, n_rules) bool
+    part: np.ndarray  # (R,) 0 = part A (thresholds), 1 = part B (scores)
+    acts: np.ndarray  # (R, L * N) float32, memory-mapped
+    n_layers: int
+    d_mlp: int
+    documents: int
+    tmpdir: object = field(default=None, repr=False)  # keeps the memmap's directory alive
+
+    @property
+    def tokens(self) -> int:
+        return len(self.part)
+
+
+def _part(doc_id: str) -> int:
+    return hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()[0] & 1
+
+
+def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = None, split: str = "heldout",
+            batch_size: int = 16, max_doc_tokens: int = 2048, progress: bool = False) -> FeatureData:
+    """Activations and rule labels of up to `tokens` document tokens of `split`, at most
+    `max_doc_tokens` from each document (the first ones), so that many documents count."""
+    import torch
+    from tqdm import tqdm
+
+    from discover.activations import _bos_id, capture, model_context
+    from discover.rules import label_tokens, rule_spans
+
+    tok = view.tokenizer
+    ctx = context or min(model_context(view), 256)
+    bos = _bos_id(tok)
+    body = ctx - (1 if bos is not None else 0)
+    G = view.n_layers * view.d_mlp
+    tmp = tempfile.TemporaryDirectory(prefix="discover_features_")
+    acts = np.lib.format.open_memmap(Path(tmp.name) / "acts.npy", mode="w+", dtype=np.float32, shape=(tokens, G))
+    labels = np.zeros((tokens, len(rules)), bool)
+    part = np.zeros(tokens, np.int8)
+    probe = rule_spans(rules, "x")  # which rules can run (spaCy present?)
+    skipped = [r.name for r in rules if probe[r.name] is None]
+    n = docs = 0
+    pending: list = []  # (ids with BOS, row offset, n tokens)
+    bar = tqdm(total=tokens, unit="tok", desc="features", disable=not progress, leave=False)
+
+    def flush():
+        if not pending:
+            return
+        T = max(len(p[0]) for p in pending)
+        ids = torch.full((len(pending), T), pending[0][0][0], dtype=torch.long)
+        for b, (seq, _, _) in enumerate(pending):
+            ids[b, :len(seq)] = torch.tensor(seq)
+        with torch.inference_mode(), capture(view) as got:
+            view.model.base_model(input_ids=ids)
+        start = 1 if bos is not None else 0
+        for b, (seq, row, m) in enumerate(pending):
+            acts[row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
+                                          dim=-1).float().numpy()
+        pending.clear()
+
+    for doc in corpus.iter_documents(split):
+        if n >= tokens:
+            break
+        enc = tok(doc.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        if not ids:
+            continue
+        take = min(len(ids), tokens - n, max_doc_tokens)
+        lab = label_tokens(rules, doc.text, offs[:take])
+        labels[n:n + take] = lab
+        part[n:n + take] = _part(doc.doc_id)
+        for c in range(0, take, body):
+            m = min(body, take - c)
+            pending.append((([bos] if bos is not None else []) + ids[c:c + m], n + c, m))
+            if len(pending) == batch_size:
+                flush()
+        n += take
+        docs += 1
+        bar.update(take)
+    flush()
+    bar.close()
+    if n == 0:
+        raise CorpusError(f"the {split} split of the corpus has no tokens; point --corpus at text")
+    acts.flush()
+    return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:n],
+                       n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, tmpdir=tmp)
+
+
+@dataclass
+class FeatureScores:
+    rules: list  # rule names
+    n_pos: np.ndarray  # (n_rules,) positives among all tokens
+    tested: np.ndarray  # (n_rules,) bool: enough positives and negatives in both parts
+    auroc: np.ndarray  # (G, n_rules)
+    p: np.ndarray  # (G, n_rules) one-sided, NaN where not tested
+    q: np.ndarray  # (G, n_rules) Benjamini-Hochberg over all tested pairs
+    threshold: np.ndarray  # (G, n_rules) chosen on part A
+    precision: np.ndarray  # (G, n_rules) on part B
+    recall: np.ndarray
+    f1: np.ndarray
+    f1_a: np.ndarray  # the F1 on part A at the chosen threshold
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """q-values (BH step-up) of the finite entries of p; NaN stays NaN."""
+    flat = p.ravel()
+    ok = np.flatnonzero(np.isfinite(flat))
+    q = np.full(flat.shape, np.nan)
+    if len(ok) == 0:
+        return q.reshape(p.shape)
+    order = ok[np.argsort(flat[ok], kind="stable")]
+    m = len(order)
+    ranked = flat[order] * m / np.arange(1, m + 1)
+    q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    return q.reshape(p.shape)
+
+
+def _rank_block(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=0, method="average")
+
+
+def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives: int = 20,
+          n_thresholds: int = 64, block: int = 512) -> FeatureScores:
+    """Score every (neuron, rule) pair; `labels` overrides data.labels (shuffle checks)."""
+    from scipy.stats import norm
+
+    lab = data.labels if labels is None else labels
+    R, nr = lab.shape
+    G = data.acts.shape[1]
+    Y = lab.astype(np.float64)
+    n1 = Y.sum(0)
+    n0 = R - n1
+    inA, inB = data.part == 0, data.part == 1
+    tested = ((n1 >= min_positives) & (n0 >= min_positives) & (lab[inA].sum(0) >= min_positives // 2)
+              & (lab[inB].sum(0) >= min_positives // 2))
+    out = {k: np.full((G, nr), np.nan) for k in ("auroc", "p", "threshold", "precision", "recall", "f1", "f1_a")}
+    qs = np.linspace(0.5, 0.999, n_thresholds)
+    for g0 in range(0, G, block):
+        g1 = min(G, g0 + block)
+        X = np.asarray(data.acts[:, g0:g1], dtype=np.float64)  # (R, B)
+        ranks = _rank_block(X)
+        # --- AUROC and its permutation null (exact moments of U, tie-corrected)
+        rank_sum = Y.T @ ranks  # (nr, B)
+        U = rank_sum - (n1 * (n1 + 1) / 2)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            auc = U / (n1 * n0)[:, None]
+            tie = _tie_term(X)  # (B,) sum(t^3 - t) over tie groups
+            var = (n1 * n0)[:, None] / 12.0 * ((R + 1) - tie[None, :] / (R * (R - 1)))
+            z = (U - (n1 * n0 / 2)[:, None]) / np.sqrt(var)
+        p = norm.sf(z)
+        out["auroc"][g0:g1] = auc.T
+        out["p"][g0:g1] = np.where(tested[:, None] & np.isfinite(z), p, np.nan).T
+        # --- threshold on A (max F1 over quantile thresholds), precision / recall / F1 on B
+        XA, XB = X[inA], X[inB]
+        thr = np.quantile(XA, qs, axis=0)  # (K, B)
+        for part_x, part_y, key in ((XA, Y[inA], "a"), (XB, Y[inB], "b")):
+            counts = _threshold_counts(part_x, part_y, thr)  # tp (K, nr, B), pp (K, B)
+            if key == "a":
+                tpA, ppA = counts
+                posA = part_y.sum(0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    f1A = 2 * tpA / (ppA[:, None, :] + posA[None, :, None])
+                f1A = np.nan_to_num(f1A, nan=-1.0)
+                best = f1A.argmax(0)  # (nr, B)
+            else:
+                tpB, ppB = counts
+                posB = part_y.sum(0)
+                cols = np.arange(g1 - g0)[None, :]
+                tp = tpB[best, np.arange(nr)[:, None], cols]
+                pp = ppB[best, cols]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    prec = np.where(pp > 0, tp / pp, 0.0)
+                    rec = tp / posB[:, None]
+                    f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+                out["threshold"][g0:g1] = thr[best, cols].T
+                out["precision"][g0:g1] = prec.T
+                out["recall"][g0:g1] = rec.T
+                out["f1"][g0:g1] = f1.T
+                out["f1_a"][g0:g1] = f1A[best, np.arange(nr)[:, None], cols].T
+    for k in ("threshold", "precision", "recall", "f1", "f1_a"):
+        out[k][:, ~tested] = np.nan
+    q = benjamini_hochberg(out["p"])
+    return FeatureScores(rules=[r.name for r in data.rules], n_pos=n1.astype(np.int64), tested=tested, q=q, **out)
+
+
+def _tie_term(X: np.ndarray) -> np.ndarray:
+    """Per column, sum over groups of equal values of (t^3 - t) (vectorised run lengths)."""
+    R, B = X.shape
+    S = np.sort(X, axis=0)
+    edge = np.ones((B, R + 1), bool)  # a run starts at row 0, at every change, and "ends" at R
+    edge[:, 1:R] = (S[1:] != S[:-1]).T
+    pos = np.flatnonzero(edge.ravel())
+    t = np.diff(pos).astype(np.float64)  # run lengths; the jump between columns has length 1: adds 0
+    col = pos[:-1] // (R + 1)
+    return np.bincount(col, weights=t ** 3 - t, minlength=B)
+
+
+def _threshold_counts(X: np.ndarray, Y: np.ndarray, thr: np.ndarray):
+    """For K thresholds per column: true positives (K, n_rules, B) and predicted positives (K, B)
+    of the detector `X > thr`, from one binning pass (tokens fall in the K + 1 intervals)."""
+    K, B = thr.shape
+    R = X.shape[0]
+    # bin index: how many thresholds each value exceeds (0..K); thresholds ascend with k
+    idx = np.empty((R, B), np.int64)
+    for j in range(B):  # thresholds ascend: side="left" counts thresholds strictly below x
+        idx[:, j] = np.searchsorted(thr[:, j], X[:, j], side="left")
+    flat = idx + (K + 1) * np.arange(B)[None, :]
+    tot = np.bincount(flat.ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
+    pos = np.stack([np.bincount(flat[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
+                    for r in range(Y.shape[1])])  # (nr, B, K+1)
+    # X > thr[k]  <=>  bin index >= k + 1: suffix sums over bins
+    pp = np.cumsum(tot[:, ::-1], axis=1)[:, ::-1][:, 1:].T  # (K, B)
+    tp = np.cumsum(pos[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:].transpose(2, 0, 1)  # (K, nr, B)
+    return tp.astype(np.float64), pp.astype(np.float64)
+
+
+def shuffle_check(data: FeatureData, *, alpha: float = 0.05, seed: int = 0, **kw) -> dict:
+    """Labels shuffled across tokens (independently per rule): how many pairs pass BH at alpha."""
+    rng = np.random.default_rng(seed)
+    lab = data.labels.copy()
+    for j in range(lab.shape[1]):
+        lab[:, j] = lab[rng.permutation(len(lab)), j]
+    s = score(data, labels=lab, **kw)
+    tested = np.isfinite(s.q)
+    return {"pairs": int(tested.sum()), "passing": int((s.q[tested] <= alpha).sum()),
+            "fraction": float((s.q[tested] <= alpha).mean()) if tested.any() else 0.0}
