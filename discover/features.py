@@ -42,6 +42,9 @@ class FeatureData:
     n_layers: int
     d_mlp: int
     documents: int
+    next_token: np.ndarray = None  # (R,) the true next token (-1: none in the text taken)
+    top_pred: np.ndarray = None  # (R,) the model's top prediction
+    seqs: list = field(default_factory=list, repr=False)  # (ids with BOS, first row, n rows) per sequence
     tmpdir: object = field(default=None, repr=False)  # keeps the memmap's directory alive
 
     @property
@@ -72,6 +75,10 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     acts = np.lib.format.open_memmap(Path(tmp.name) / "acts.npy", mode="w+", dtype=np.float32, shape=(tokens, G))
     labels = np.zeros((tokens, len(rules)), bool)
     part = np.zeros(tokens, np.int8)
+    nxt = np.full(tokens, -1, np.int64)
+    pred = np.zeros(tokens, np.int64)
+    seqs: list = []
+    head = view.model.get_output_embeddings()
     probe = rule_spans(rules, "x")  # which rules can run (spaCy present?)
     skipped = [r.name for r in rules if probe[r.name] is None]
     n = docs = 0
@@ -86,11 +93,14 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
         for b, (seq, _, _) in enumerate(pending):
             ids[b, :len(seq)] = torch.tensor(seq)
         with torch.inference_mode(), capture(view) as got:
-            view.model.base_model(input_ids=ids)
+            h = view.model.base_model(input_ids=ids).last_hidden_state
+            top = torch.stack([head(h[b]).argmax(-1) for b in range(h.shape[0])])  # (B, T), one row of logits at a time
         start = 1 if bos is not None else 0
         for b, (seq, row, m) in enumerate(pending):
             acts[row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
                                           dim=-1).float().numpy()
+            pred[row:row + m] = top[b, start:start + m].numpy()
+        seqs.extend(pending)
         pending.clear()
 
     for doc in corpus.iter_documents(split):
@@ -104,6 +114,8 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
         lab = label_tokens(rules, doc.text, offs[:take])
         labels[n:n + take] = lab
         part[n:n + take] = _part(doc.doc_id)
+        nxt[n:n + take - 1] = ids[1:take]
+        nxt[n + take - 1] = ids[take] if take < len(ids) else -1
         for c in range(0, take, body):
             m = min(body, take - c)
             pending.append((([bos] if bos is not None else []) + ids[c:c + m], n + c, m))
@@ -118,7 +130,8 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
         raise CorpusError(f"the {split} split of the corpus has no tokens; point --corpus at text")
     acts.flush()
     return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:n],
-                       n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, tmpdir=tmp)
+                       n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, next_token=nxt[:n],
+                       top_pred=pred[:n], seqs=seqs, tmpdir=tmp)
 
 
 @dataclass
