@@ -468,7 +468,8 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
     spec, identity, view, context, batch_size = plan.spec, plan.identity, plan.view, plan.context, plan.batch_size
     user_pairs, corp, described = plan.user_pairs, plan.corpus, plan.described
 
-    scan_model(spec, store, progress=progress, identity=identity, view=view if cfg.device == "cpu" else None)
+    if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
+        scan_model(spec, store, progress=progress, identity=identity, view=view if cfg.device == "cpu" else None)
     ckpt_id = identity[1]
     pairs = list(dict.fromkeys(user_pairs + candidate_pairs(store, ckpt_id, cfg.max_candidates)))
     seen, uniq_pairs = set(), []

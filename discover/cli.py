@@ -167,6 +167,15 @@ def _add_query(sub) -> None:
     _add_model_opt(n)
     n.set_defaults(func=_cmd_query_neuron)
 
+    v = _verb(qs, "verdicts", "The verdicts of the latest `discover verify` run, confirmed first.",
+              "discover query verdicts --model gpt2-large --verdict confirmed")
+    v.add_argument("--verdict", choices=("confirmed", "rejected", "inconclusive"), default=None,
+                   help="only this verdict")
+    v.add_argument("--kind", choices=("feature", "prediction", "suppression"), default=None, help="only this kind")
+    v.add_argument("--top", type=int, default=50, help="how many (50)")
+    _add_model_opt(v)
+    v.set_defaults(func=_cmd_query_verdicts)
+
     r = _verb(qs, "roles", "Role candidates, strongest first.",
               "discover query roles --model gpt2-large --role prediction --top 50")
     r.add_argument("--role", required=True,
@@ -309,6 +318,29 @@ def _merge_bins(bins: list[dict], rows: int = 12) -> list[dict]:
             for k in ("positions", "top_prediction", "is_next"):
                 cur[k] += b[k]
     return out
+
+
+def _cmd_query_verdicts(args) -> int:
+    from discover.verify import query_verdicts
+
+    with _open_store(args, read_only=True) as store:
+        res = query_verdicts(store, _model(args), verdict=args.verdict, kind=args.kind, top=args.top)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"verify {res['verify_id']}: {res['total']} hypotheses on {res['tokens']:,} tokens of "
+          f"{res['corpus']['kind']} corpus {res['corpus']['path']}")
+    rows = []
+    for h in res["hypotheses"]:
+        ev = h["evidence"]
+        if h["kind"] == "feature":
+            nums = f"AUROC {ev['auroc']:.3f}  F1 {ev['f1']:.2f}  q {ev['q']:.1e}"
+        else:
+            nums = (f"AUROC(next) {ev.get('auroc_next', float('nan')):.3f}  ablation z "
+                    f"{ev.get('ablation_z', float('nan')):.2f}")
+        rows.append([h["neuron"], h["kind"], h["subject"], h["verdict"], nums, h["decided_by"]])
+    print(_table(["neuron", "kind", "subject", "verdict", "evidence", "decided by"], rows))
+    return 0
 
 
 def _cmd_query_roles(args) -> int:
@@ -498,6 +530,66 @@ def _cmd_patch(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- verify ----
+def _add_verify(sub) -> None:
+    p = _verb(sub, "verify",
+              "Test the top hypotheses of a model on held-out text (feature rules, prediction-role tests with "
+              "mean ablation) and store verdicts with their evidence.",
+              "discover verify gpt2-large --corpus pile-10k.jsonl --tokens 100000 --candidates 50")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="hub id or local model directory (default: the embedded default model)")
+    p.add_argument("--corpus", metavar="SPEC", default=None, help="the text (default: the built-in corpus)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
+    p.add_argument("--split", choices=("heldout", "all", "train"), default="heldout",
+                   help="documents the tests read (heldout)")
+    p.add_argument("--tokens", type=int, default=50_000, metavar="N", help="document tokens read (50000)")
+    p.add_argument("--rules", action="append", default=[], metavar="DIR",
+                   help="also read the *.toml rule files of DIR (repeatable)")
+    p.add_argument("--candidates", type=int, default=20, metavar="N",
+                   help="prediction/suppression candidates tested, strongest first (20)")
+    p.add_argument("--per-rule", type=int, default=3, metavar="N", help="feature hypotheses per rule (3)")
+    p.add_argument("--controls", type=int, default=20, metavar="N",
+                   help="random same-layer neurons ablated as the baseline (20)")
+    p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate (0.05)")
+    p.add_argument("--min-auroc", type=float, default=0.85, help="feature: AUROC needed to confirm (0.85)")
+    p.add_argument("--min-f1", type=float, default=0.5, help="feature: held-out F1 needed to confirm (0.5)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    from dataclasses import asdict
+
+    from discover.verify import VerifyConfig, prepare, verify_model
+
+    try:
+        cfg = VerifyConfig(candidates=args.candidates, per_rule=args.per_rule, tokens=args.tokens,
+                           controls=args.controls, alpha=args.alpha, min_auroc=args.min_auroc, min_f1=args.min_f1,
+                           split=args.split)
+    except ValueError as e:
+        raise DiscoverError(f"{e} (see discover verify --help)") from None
+    prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,
+                       rules_dirs=args.rules, allow_pickle=args.allow_pickle)
+    with _open_store(args, read_only=False) as store:
+        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared)
+    if args.json:
+        _print_json(asdict(res))
+        return 0
+    print(f"verify {res.verify_id} (checkpoint {res.checkpoint_id[:12]}): {res.tokens:,} held-out tokens from "
+          f"{res.documents} documents, {res.rules} rules, {res.seconds:.0f} s")
+    if res.skipped_rules:
+        print(f"skipped (no spaCy pipeline): {len(res.skipped_rules)} rules")
+    print(_table(["hypotheses", "confirmed", "inconclusive", "rejected"],
+                 [[k, c["confirmed"], c["inconclusive"], c["rejected"]] for k, c in res.counts.items()]))
+    sh = res.shuffled
+    print(f"shuffled-label check: {sh['passing']} of {sh['pairs']:,} (neuron, rule) pairs pass the FDR control "
+          f"with shuffled labels (expected: about alpha or fewer)")
+    print("see: discover query verdicts")
+    return 0
+
+
 # ---------------------------------------------------------------- train (issue 3) ----
 def _add_train(sub) -> None:
     """The `train` verb: train a small GPT-2 from scratch on a corpus (resumable)."""
@@ -586,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query(sub)
     _add_activations(sub)
     _add_patch(sub)
+    _add_verify(sub)
     _add_sql(sub)
     _add_train(sub)
     return parser

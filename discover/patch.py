@@ -146,19 +146,7 @@ class _Runner:
     def run_from(self, layer: int, hidden):
         """Blocks layer+1.. on residual `hidden` (B, T, d) = the output of block `layer`, whole
         prompt; the final norm's output at the last position (B, d)."""
-        torch = self.torch
-        from transformers.masking_utils import create_causal_mask
-
-        B, T, _ = hidden.shape
-        pid = torch.arange(T).unsqueeze(0)
-        if layer + 1 < len(self.blocks):
-            mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
-                                      past_key_values=None, position_ids=pid)
-            kw = self._kwargs(hidden, pid)
-            for blk in self.blocks[layer + 1:]:
-                out = blk(hidden, attention_mask=mask, **kw)
-                hidden = out[0] if isinstance(out, tuple) else out
-        return self.norm(hidden[:, -1])
+        return blocks_from(self.view, layer, hidden)[:, -1]
 
     def prefix_cache(self, length: int):
         """Keys and values of the corrupted prompt's first `length` positions, every layer."""
@@ -202,6 +190,28 @@ class _Runner:
             if a != b:
                 return i
         return min(len(self.clean_ids), len(self.corr_ids))
+
+
+def blocks_from(view, layer: int, hidden):
+    """Run blocks layer+1.. of `view` on `hidden` (B, T, d), the residual stream after block
+    `layer` at positions 0..T-1 (causal mask, positions from 0), then the final norm: (B, T, d)."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    blocks = view.blocks
+    B, T, _ = hidden.shape
+    if layer + 1 < len(blocks):
+        pid = torch.arange(T).unsqueeze(0)
+        mask = create_causal_mask(config=view.model.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=None, position_ids=pid)
+        kw = {"position_ids": pid}
+        rot = getattr(view.model.base_model, "rotary_emb", None)
+        if rot is not None:
+            kw["position_embeddings"] = rot(hidden, position_ids=pid)
+        for blk in blocks[layer + 1:]:
+            out = blk(hidden, attention_mask=mask, **kw)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return view.model.get_submodule(view.final_norm_site())(hidden)
 
 
 def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config: PatchConfig) -> _Runner:

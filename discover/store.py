@@ -164,6 +164,31 @@ CREATE TABLE IF NOT EXISTS activation_histograms (
     hi              DOUBLE,
     count           BIGINT
 );
+CREATE TABLE IF NOT EXISTS verify_runs (
+    verify_id       VARCHAR PRIMARY KEY,
+    checkpoint_id   VARCHAR,
+    corpus_fingerprint VARCHAR,
+    corpus          JSON,
+    split           VARCHAR,              -- the held-out text the tests ran on
+    tokens          BIGINT,
+    settings        JSON,                 -- VerifyConfig: thresholds of every decision rule
+    checks          JSON,                 -- skipped rules; the shuffled-label check
+    created_at      TIMESTAMP,
+    seconds         DOUBLE,
+    discover_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS hypotheses (
+    verify_id       VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    kind            VARCHAR,              -- feature | prediction | suppression
+    subject         VARCHAR,              -- the rule name, or the token
+    subject_id      INTEGER,              -- the token id (prediction / suppression)
+    verdict         VARCHAR,              -- confirmed | rejected | inconclusive
+    decided_by      VARCHAR,              -- the decision rule that decided
+    evidence        JSON                  -- every number the decision used
+);
 CREATE TABLE IF NOT EXISTS prediction_curves (
     pass_id         VARCHAR,
     checkpoint_id   VARCHAR,

@@ -1,0 +1,360 @@
+"""The verifier: hypotheses from the scan and the feature rules become verdicts with evidence.
+
+`verify_model` runs the model once over held-out text (`features.collect`) and tests:
+
+- **feature hypotheses**: for every rule with enough positives, the `per_rule` neurons with the
+  highest AUROC as detectors of it (`features.score`). Decision rule:
+  `confirmed` if q <= alpha (Benjamini-Hochberg over every (neuron, rule) pair scored) and
+  AUROC >= min_auroc and held-out F1 >= min_f1; `rejected` if q > alpha or AUROC < 0.6;
+  otherwise `inconclusive` (significant but weak).
+- **prediction / suppression hypotheses**: the scan's `candidates` strongest candidates, each
+  with its top (prediction) or bottom (suppression) token X. Evidence: the AUROC of the
+  activation for "X is the true next token" and for "X is the model's top prediction" over the
+  held-out positions, and a mean ablation: the neuron's activation set to its held-out mean at
+  every position of the sequences where X is next, and the change of log p(X) at those
+  positions, compared with `controls` random neurons of the same layer ablated the same way
+  (z = (effect - mean of controls) / sd of controls). Decision rule: `confirmed` if the
+  ablation moves log p(X) the predicted way (down for prediction, up for suppression) with
+  z beyond 3 and, for prediction neurons, AUROC(X next) >= pred_auroc; `rejected` if |z| < 2
+  and AUROC(X next) < 0.55 (prediction) / |z| < 2 (suppression); otherwise `inconclusive`;
+  `inconclusive` also when X is never next in the held-out text.
+
+Every number that decided a verdict is stored with it (`hypotheses.evidence`, JSON), with the
+decision rule that decided (`decided_by`). One run is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from discover.errors import QueryError
+
+VERDICTS = ("confirmed", "rejected", "inconclusive")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    candidates: int = 20  # prediction / suppression candidates tested (strongest first)
+    per_rule: int = 3  # feature hypotheses per rule
+    tokens: int = 50_000  # held-out document tokens
+    context: int | None = None
+    controls: int = 20  # same-layer random neurons for the ablation baseline
+    max_ablation_sequences: int = 32
+    alpha: float = 0.05
+    min_auroc: float = 0.85
+    min_f1: float = 0.5
+    pred_auroc: float = 0.7
+    min_positives: int = 20
+    seed: int = 0
+    split: str = "heldout"
+
+    def __post_init__(self):
+        for name in ("candidates", "per_rule", "controls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.tokens < 1:
+            raise ValueError(f"tokens must be a positive number of tokens, got {self.tokens}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.controls < 3 and self.candidates > 0:
+            raise ValueError("controls must be >= 3 to compare an ablation with random neurons")
+
+
+@dataclass
+class Hypothesis:
+    layer: int
+    neuron: int
+    kind: str  # feature | prediction | suppression
+    subject: str  # the rule name, or the token
+    subject_id: int | None
+    verdict: str
+    decided_by: str
+    evidence: dict
+
+
+# ---------------------------------------------------------------------- feature tests
+def feature_hypotheses(scores, N: int, cfg: VerifyConfig) -> list[Hypothesis]:
+    out = []
+    for j, rule in enumerate(scores.rules):
+        if not scores.tested[j]:
+            continue
+        col = np.nan_to_num(scores.auroc[:, j], nan=-1)
+        for g in np.argsort(-col, kind="stable")[:cfg.per_rule]:
+            ev = {k: float(getattr(scores, k)[g, j]) for k in ("auroc", "p", "q", "precision", "recall", "f1", "f1_a",
+                                                              "threshold")}
+            ev.update(n_positive=int(scores.n_pos[j]), alpha=cfg.alpha)
+            if ev["q"] <= cfg.alpha and ev["auroc"] >= cfg.min_auroc and ev["f1"] >= cfg.min_f1:
+                v, why = "confirmed", f"q <= {cfg.alpha} and AUROC >= {cfg.min_auroc} and held-out F1 >= {cfg.min_f1}"
+            elif ev["q"] > cfg.alpha or ev["auroc"] < 0.6:
+                v, why = "rejected", f"q > {cfg.alpha} or AUROC < 0.6"
+            else:
+                v, why = "inconclusive", (f"q <= {cfg.alpha} but AUROC < {cfg.min_auroc} or held-out F1 < "
+                                          f"{cfg.min_f1}")
+            out.append(Hypothesis(int(g // N), int(g % N), "feature", rule, None, v, why, ev))
+    return out
+
+
+# -------------------------------------------------------------------- prediction tests
+def _auroc(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(x)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+class _Ablator:
+    """Mean ablation of neurons on the held-out sequences where a token is next, from the
+    residual stream cached after the neuron's layer (patch.blocks_from)."""
+
+    def __init__(self, view, data):
+        import torch
+
+        self.torch, self.view, self.data = torch, view, data
+        self.row0 = np.array([s[1] for s in data.seqs], np.int64)
+        self.start = 1 if len(data.seqs) and len(data.seqs[0][0]) > data.seqs[0][2] else 0
+        self.W_out = [view.W_out(l) for l in range(view.n_layers)]
+
+    def effects(self, token: int, neurons: list, means: np.ndarray, max_seqs: int) -> tuple[np.ndarray, int]:
+        """Mean change of log p(token) at positions where it is next, per (layer, neuron)."""
+        from discover.patch import blocks_from
+
+        torch, view, data = self.torch, self.view, self.data
+        rows = np.flatnonzero(data.next_token == token)
+        if len(rows) == 0:
+            return np.full(len(neurons), np.nan), 0
+        seq_of = np.searchsorted(self.row0, rows, side="right") - 1
+        chosen = list(dict.fromkeys(seq_of.tolist()))[:max_seqs]
+        keep = np.isin(seq_of, chosen)
+        rows, seq_of = rows[keep], seq_of[keep]
+        local = {s: i for i, s in enumerate(chosen)}
+        b_idx = torch.tensor([local[s] for s in seq_of])
+        t_idx = torch.tensor(rows - self.row0[seq_of] + self.start)
+        seqs = [data.seqs[s][0] for s in chosen]
+        T = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [s[0]] * (T - len(s)) for s in seqs])
+        acts, outs = {}, {}
+        hooks = []
+        for l in range(view.n_layers):
+            hooks.append(view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(
+                lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
+            hooks.append(view.blocks[l].register_forward_hook(
+                lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())))
+        head = view.model.get_output_embeddings()
+        try:
+            with torch.inference_mode():
+                h = view.model.base_model(input_ids=ids).last_hidden_state
+        finally:
+            for hk in hooks:
+                hk.remove()
+
+        def logp(hidden):
+            logits = head(hidden[b_idx, t_idx]).float()
+            return torch.log_softmax(logits, -1)[:, token]
+
+        with torch.inference_mode():
+            base = logp(h)
+            out = np.empty(len(neurons))
+            for i, (l, n) in enumerate(neurons):
+                delta = (float(means[l, n]) - acts[l][:, :, n])[..., None] * self.W_out[l][n]  # (S, T, d)
+                hid = blocks_from(view, l, outs[l] + delta)
+                out[i] = float((logp(hid) - base).mean())
+        return out, int(len(rows))
+
+
+def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
+    from tqdm import tqdm
+
+    from discover.activations import candidate_pairs
+
+    cands = candidate_pairs(store, ckpt_id, cfg.candidates)
+    if not cands:
+        return []
+    N, L = view.d_mlp, view.n_layers
+    acts = data.acts
+    means = np.asarray(acts, dtype=np.float64).mean(0).reshape(L, N)
+    has_next = data.next_token >= 0
+    rng = np.random.default_rng(cfg.seed)
+    abl = _Ablator(view, data)
+    strings = view.token_strings()
+    out = []
+    for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
+        x = np.asarray(acts[:, l * N + n], dtype=np.float64)
+        ev = {"token": strings[tok], "auroc_next": _auroc(x[has_next], data.next_token[has_next] == tok),
+              "auroc_top_prediction": _auroc(x, data.top_pred == tok),
+              "n_next": int((data.next_token == tok).sum()), "n_top_prediction": int((data.top_pred == tok).sum()),
+              "held_out_tokens": int(len(x))}
+        controls = [int(c) for c in rng.choice([i for i in range(N) if i != n], size=min(cfg.controls, N - 1),
+                                               replace=False)]
+        eff, n_pos = abl.effects(tok, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
+        sign = -1.0 if role == "prediction" else 1.0  # the expected direction of the change of log p(X)
+        if n_pos == 0:
+            ev.update(ablation_positions=0)
+            out.append(Hypothesis(l, n, role, strings[tok], tok, "inconclusive",
+                                  f"{strings[tok]!r} is never the next token in the held-out text", ev))
+            continue
+        ctrl = eff[1:]
+        sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
+        z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
+        ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
+                  control_sd=sd, ablation_z=z, controls=[f"L{l}.N{c}" for c in controls])
+        directed = sign * z if np.isfinite(z) else float("nan")
+        if role == "prediction":
+            ok_curve = np.isfinite(ev["auroc_next"]) and ev["auroc_next"] >= cfg.pred_auroc
+            if directed >= 3 and ok_curve:
+                v, why = "confirmed", (f"mean ablation lowers log p(X) where X is next, z <= -3 against "
+                                       f"{len(ctrl)} same-layer neurons, and AUROC(X next) >= {cfg.pred_auroc}")
+            elif abs(z) < 2 and ev["auroc_next"] < 0.55:
+                v, why = "rejected", "ablation |z| < 2 and AUROC(X next) < 0.55"
+            else:
+                v, why = "inconclusive", "one test passed, the other did not, or weakly"
+        else:
+            if directed >= 3:
+                v, why = "confirmed", (f"mean ablation raises log p(X) where X is next, z >= 3 against "
+                                       f"{len(ctrl)} same-layer neurons")
+            elif abs(z) < 2:
+                v, why = "rejected", "ablation |z| < 2"
+            else:
+                v, why = "inconclusive", "2 <= |z| < 3, or the effect has the wrong sign"
+        out.append(Hypothesis(l, n, role, strings[tok], tok, v, why, ev))
+    return out
+
+
+# ---------------------------------------------------------------------------- pipeline
+@dataclass
+class VerifySummary:
+    verify_id: str
+    checkpoint_id: str
+    tokens: int
+    documents: int
+    rules: int
+    skipped_rules: list
+    counts: dict  # kind -> verdict -> n
+    shuffled: dict
+    seconds: float
+
+
+def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *, corpus: str | None = None,
+                 text_field: str = "text", rules_dirs=None, allow_pickle: bool = False, progress: bool = True,
+                 prepared=None) -> VerifySummary:
+    """Test the top hypotheses of a model and commit verdicts and evidence to `store`."""
+    from discover.features import collect, score, shuffle_check
+    from discover.scan import scan_model
+
+    cfg = config or VerifyConfig()
+    t0 = time.perf_counter()
+    view, identity, rules, corp, described = prepared or prepare(spec, corpus=corpus, text_field=text_field,
+                                                                 rules_dirs=rules_dirs, allow_pickle=allow_pickle)
+    if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
+        scan_model(view.spec, store, progress=progress, identity=identity, view=view)
+    data = collect(view, corp, rules, tokens=cfg.tokens, context=cfg.context, split=cfg.split, progress=progress)
+    scores = score(data, min_positives=cfg.min_positives)
+    shuffled = shuffle_check(data, alpha=cfg.alpha, seed=cfg.seed, min_positives=cfg.min_positives)
+    hyps = feature_hypotheses(scores, view.d_mlp, cfg)
+    hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress)
+    seconds = time.perf_counter() - t0
+    vid = uuid.uuid4().hex[:12]
+    _write(store, vid, identity[1], described, cfg, data, shuffled, hyps, seconds)
+    counts: dict = {}
+    for h in hyps:
+        counts.setdefault(h.kind, {v: 0 for v in VERDICTS})[h.verdict] += 1
+    return VerifySummary(vid, identity[1], data.tokens, data.documents, len(rules), data.skipped, counts, shuffled,
+                         seconds)
+
+
+def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pickle=False):
+    """Load and check the model, the rules and the corpus before the store is touched."""
+    from discover.adapter import identify, load_model
+    from discover.corpus import open_corpus
+    from discover.rules import load_rules
+    from discover.scan import default_model_spec
+
+    spec = spec or default_model_spec()
+    identity = identify(spec, allow_pickle=allow_pickle)
+    view = load_model(spec, allow_pickle=allow_pickle, identity=identity)
+    if view.tokenizer is None:
+        raise QueryError(f"model {spec} has no tokenizer; the verifier needs one")
+    rules = load_rules(rules_dirs)
+    corp = open_corpus(corpus, text_field=text_field)
+    return view, identity, rules, corp, corp.describe()
+
+
+def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -> None:
+    import pyarrow as pa
+
+    from discover import __version__
+    from discover.store import _rollback
+
+    tbl = pa.table({
+        "verify_id": pa.repeat(pa.scalar(vid), len(hyps)),
+        "checkpoint_id": pa.repeat(pa.scalar(ckpt_id), len(hyps)),
+        "layer": pa.array([h.layer for h in hyps], pa.int16()),
+        "neuron": pa.array([h.neuron for h in hyps], pa.int32()),
+        "kind": pa.array([h.kind for h in hyps], pa.string()),
+        "subject": pa.array([h.subject for h in hyps], pa.string()),
+        "subject_id": pa.array([h.subject_id for h in hyps], pa.int32()),
+        "verdict": pa.array([h.verdict for h in hyps], pa.string()),
+        "decided_by": pa.array([h.decided_by for h in hyps], pa.string()),
+        "evidence": pa.array([json.dumps(h.evidence, default=float) for h in hyps], pa.string()),
+    })
+    con = store.con
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("INSERT INTO verify_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
+                    [vid, ckpt_id, described["fingerprint"], json.dumps(described), cfg.split, data.tokens,
+                     json.dumps(asdict(cfg)), json.dumps({"skipped_rules": data.skipped, "shuffled_labels": shuffled}),
+                     seconds, __version__])
+        con.register("_incoming", tbl)
+        con.execute("INSERT INTO hypotheses BY NAME SELECT * FROM _incoming")
+        con.unregister("_incoming")
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
+
+
+def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str | None = None,
+                   top: int = 50) -> dict:
+    """The latest verify run's hypotheses of a model: confirmed first, strongest evidence first."""
+    if verdict is not None and verdict not in VERDICTS:
+        raise QueryError(f"unknown verdict {verdict!r}; use one of {', '.join(VERDICTS)}")
+    if kind is not None and kind not in ("feature", "prediction", "suppression"):
+        raise QueryError(f"unknown kind {kind!r}; use feature, prediction or suppression")
+    if top < 1:
+        raise QueryError("--top must be at least 1")
+    ckpt = store.resolve_model(model)
+    run = store.con.execute(
+        "SELECT verify_id, tokens, created_at, corpus FROM verify_runs WHERE checkpoint_id = ? "
+        "ORDER BY created_at DESC LIMIT 1", [ckpt["checkpoint_id"]]).fetchone()
+    if run is None:
+        raise QueryError(f"model {model} has no verdicts in this store; run `discover verify {model}` first")
+    where, params = ["verify_id = ?"], [run[0]]
+    if verdict:
+        where.append("verdict = ?")
+        params.append(verdict)
+    if kind:
+        where.append("kind = ?")
+        params.append(kind)
+    rows = store.con.execute(
+        f"SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses WHERE {' AND '.join(where)} "
+        "ORDER BY CASE verdict WHEN 'confirmed' THEN 0 WHEN 'inconclusive' THEN 1 ELSE 2 END, "
+        "kind, layer, neuron", params).fetchall()
+    items = []
+    for l, n, k, subj, v, why, ev in rows:
+        ev = json.loads(ev)
+        strength = ev.get("auroc", ev.get("auroc_next", 0.0))
+        items.append({"neuron": f"L{l}.N{n}", "layer": l, "neuron_index": n, "kind": k, "subject": subj,
+                      "verdict": v, "decided_by": why, "evidence": ev, "strength": strength})
+    order = {"confirmed": 0, "inconclusive": 1, "rejected": 2}
+    items.sort(key=lambda x: (order[x["verdict"]], -(x["strength"] if np.isfinite(x["strength"]) else -1)))
+    corpus = json.loads(run[3]) if isinstance(run[3], str) else run[3]
+    return {"model": model, "checkpoint_id": ckpt["checkpoint_id"], "verify_id": run[0], "tokens": run[1],
+            "corpus": corpus, "hypotheses": items[:top], "total": len(items)}

@@ -1,0 +1,203 @@
+"""The verifier on planted neurons: a digit detector (w_in aligned with what digit tokens share
+in the embedding) is confirmed for the number rule and for no unrelated rule; a planted "apple ->
+tree" prediction neuron is confirmed by its AUROC and by mean ablation against same-layer
+controls; a random model gets few confirmations; shuffled labels pass at most the FDR level;
+verdicts, evidence and the decision rule are in the catalog and behind `query verdicts`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, make_model, save
+from test_cli import assert_one_error_line, run, run_json, snapshot
+
+from discover.store import Store
+from discover.verify import VerifyConfig, query_verdicts, verify_model
+
+D_MODEL, D_MLP = 64, 128
+DIGIT_NEURON = 5
+CFG = VerifyConfig(tokens=6000, split="all", candidates=5, controls=10, per_rule=3, min_positives=20)
+
+
+def _text_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """English-like sentences with numbers, dates and code, one document per file."""
+    rng = random.Random(seed)
+    words = ["the", "apple", "tree", "was", "green", "and", "we", "picked", "it", "They", "saw", "John", "in",
+             "Paris", "on", "Monday", "with", "a", "dog", "cats", "ran", "quickly", "because", "of", "rain"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(4, 9)):
+            sent = [rng.choice(words) for _ in range(rng.randint(4, 9))]
+            for _ in range(rng.randint(0, 3)):
+                sent.insert(rng.randrange(len(sent) + 1), str(rng.choice([7, 42, 1999, 2021, 365, 12, 3, 880])))
+            lines.append(" ".join(sent).capitalize() + ".")
+        if rng.random() < 0.5:
+            lines.append(f"def f{i}(x, y):\n        return x + {rng.randint(1, 99)}  # add")
+        (root / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _digit_model(tok_dir: Path, out: Path, plant: bool) -> Path:
+    """A random 2-layer GPT-2 on the embedded model's BPE vocabulary; with `plant`, every
+    token made only of digits gets a shared embedding direction u, and neuron L0.N5 reads u."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(1)
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=D_MODEL, n_head=4, n_inner=D_MLP, vocab_size=len(tok),
+                                   n_positions=256, bos_token_id=0, eos_token_id=0)).eval()
+    if plant:
+        digits = [i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()]
+        assert len(digits) > 10
+        with torch.no_grad():
+            u = torch.randn(D_MODEL)
+            u /= u.norm()
+            m.transformer.wte.weight[digits] += 0.2 * u  # the embeddings are ~N(0, 0.02): this dominates
+            m.transformer.h[0].attn.c_proj.weight.mul_(0.0)  # layer 0's MLP then sees its own token
+            m.transformer.wpe.weight.mul_(0.1)
+            w = m.transformer.h[0].mlp.c_fc.weight  # Conv1D (d_model, d_mlp)
+            w[:, DIGIT_NEURON] = 4.0 * u / m.transformer.h[0].ln_2.weight
+            m.transformer.h[0].mlp.c_fc.bias[DIGIT_NEURON] = -2.0
+    out.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from discover.scan import default_model_spec
+
+    d = tmp_path_factory.mktemp("verify")
+    corpus = _text_corpus(d / "corpus")
+    planted = _digit_model(Path(default_model_spec()), d / "planted", plant=True)
+    rand = _digit_model(Path(default_model_spec()), d / "random", plant=False)
+    out = SimpleNamespace(dir=d, corpus=corpus, planted=planted, random=rand, store=d / "store")
+    with Store(out.store) as st:
+        out.planted_summary = verify_model(str(planted), st, CFG, corpus=str(corpus), progress=False)
+        out.random_summary = verify_model(str(rand), st, CFG, corpus=str(corpus), progress=False)
+        out.planted_verdicts = query_verdicts(st, str(planted), top=10_000)["hypotheses"]
+        out.random_verdicts = query_verdicts(st, str(rand), top=10_000)["hypotheses"]
+    return out
+
+
+def test_planted_digit_detector_is_confirmed_for_numbers(env):
+    mine = [h for h in env.planted_verdicts if h["neuron"] == f"L0.N{DIGIT_NEURON}"]
+    by_rule = {h["subject"]: h for h in mine}
+    assert "number" in by_rule, [h["subject"] for h in mine]
+    h = by_rule["number"]
+    assert h["verdict"] == "confirmed", h
+    ev = h["evidence"]
+    assert ev["auroc"] > 0.95 and ev["f1"] > 0.8 and ev["q"] < 1e-6
+    assert h["decided_by"].startswith("q <= 0.05 and AUROC")
+    unrelated = {"python_keyword", "capitalized_word", "comma", "noun", "verb", "end_of_sentence", "proper_noun",
+                 "start_of_line", "determiner", "pronoun"}
+    assert not [x for x in mine if x["subject"] in unrelated and x["verdict"] == "confirmed"]
+
+
+def test_random_model_confirms_few_hypotheses(env):
+    hyps = [h for h in env.random_verdicts if h["kind"] == "feature"]
+    assert len(hyps) >= 30
+    confirmed = [h for h in hyps if h["verdict"] == "confirmed"]
+    assert len(confirmed) / len(hyps) < 0.05, [(h["neuron"], h["subject"]) for h in confirmed]
+
+
+def test_shuffled_labels_pass_at_most_the_fdr_level(env):
+    for s in (env.planted_summary, env.random_summary):
+        assert s.shuffled["pairs"] > 1000
+        assert s.shuffled["fraction"] <= CFG.alpha
+
+
+def test_verdicts_are_stored_with_evidence(env, capsys):
+    res = run_json(capsys, "query", "verdicts", "--model", env.planted, "--store", env.store, "--verdict", "confirmed")
+    assert res["hypotheses"] and all(h["verdict"] == "confirmed" for h in res["hypotheses"])
+    rows = snapshot(env.store)[0]
+    runs = rows["verify_runs"]
+    assert len(runs) == 2
+    settings = json.loads(runs[0][6])
+    assert settings["alpha"] == CFG.alpha and settings["min_auroc"] == CFG.min_auroc
+    rc, out, err = run(capsys, "query", "verdicts", "--model", env.planted, "--store", env.store, "--top", 3)
+    assert rc == 0 and "confirmed" in out and "decided by" in out
+
+
+# ---------------------------------------------------------------- prediction neuron
+def _prediction_model(out: Path) -> Path:
+    """Tiny word-level GPT-2 with L1.N7 planted: reads "apple", writes the unembedding of "tree"."""
+    torch.manual_seed(0)
+    m = make_model("gpt2", n_layer=2, d_model=D_MODEL, d_mlp=D_MLP)
+    apple, tree = VOCAB.index("apple"), VOCAB.index("tree")
+    with torch.no_grad():
+        t = m.lm_head.weight[tree] / m.lm_head.weight[tree].norm()
+        u = torch.randn(D_MODEL)
+        u -= (u @ t) * t  # tied embeddings: keep "apple"'s new direction out of "tree"'s unembedding
+        u /= u.norm()
+        m.transformer.wte.weight[apple] += 1.5 * u
+        ln = m.transformer.h[1].ln_2.weight
+        m.transformer.h[1].mlp.c_fc.weight[:, 7] = 6.0 * u / ln
+        m.transformer.h[1].mlp.c_fc.bias[7] = -3.0
+        m.transformer.h[1].mlp.c_proj.weight[7] = 3.0 * m.lm_head.weight[tree] / m.lm_head.weight[tree].norm()
+    return save(m, out)
+
+
+def test_planted_prediction_neuron_is_confirmed(tmp_path):
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    others = [w for w in VOCAB[1:] if w not in ("apple", "tree")]
+    for i in range(40):
+        words = []
+        for _ in range(60):
+            words += ["apple", "tree"] if rng.random() < 0.15 else [rng.choice(others)]
+        (corpus / f"d{i}.txt").write_text(" ".join(words))
+    model = _prediction_model(tmp_path / "pred")
+    from discover.scan import RoleThresholds, ScanConfig, scan_model
+
+    with Store(tmp_path / "store") as st:
+        # 97 tokens in 64 dimensions: one token's direction stands out less than in a real vocabulary
+        scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=8.0)), progress=False)
+        verify_model(str(model), st, VerifyConfig(tokens=3000, split="all", candidates=5, controls=12, per_rule=1),
+                     corpus=str(corpus), progress=False)
+        hyps = query_verdicts(st, str(model), kind="prediction")["hypotheses"]
+    h = {x["neuron"]: x for x in hyps}["L1.N7"]
+    assert h["subject"] == "tree" and h["verdict"] == "confirmed", h
+    ev = h["evidence"]
+    assert ev["auroc_next"] > 0.9 and ev["ablation_delta_logp"] < 0 and ev["ablation_z"] < -3
+    assert len(ev["controls"]) == 12
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, needles", [
+    (["--tokens", 0], ["tokens must be a positive"]),
+    (["--alpha", 2], ["alpha"]),
+    (["--rules", "/nonexistent/rules"], ["does not exist"]),
+    (["--corpus", "/nonexistent/corpus"], ["does not exist"]),
+])
+def test_verify_bad_input(env, extra, needles, capsys, tmp_path):
+    before = snapshot(env.store)
+    rc, out, err = run(capsys, "verify", env.planted, "--store", env.store, *extra)
+    assert_one_error_line(rc, err, *needles)
+    assert snapshot(env.store) == before
+
+
+def test_malformed_user_rule_file_is_one_line(env, capsys, tmp_path):
+    (tmp_path / "mine.toml").write_text("[[rule]]\nname='bad'\nkind='regex'\npattern='(oops'\n")
+    rc, out, err = run(capsys, "verify", env.planted, "--store", tmp_path / "s", "--rules", tmp_path)
+    assert_one_error_line(rc, err, "mine.toml", "rule 'bad'", "invalid regex")
+    assert not (tmp_path / "s").exists()
+
+
+def test_query_verdicts_before_verify(env, capsys, tmp_path):
+    from discover.cli import main
+
+    assert main(["scan", str(env.random), "--store", str(tmp_path / "s"), "--json"]) == 0
+    capsys.readouterr()
+    rc, out, err = run(capsys, "query", "verdicts", "--model", env.random, "--store", tmp_path / "s")
+    assert_one_error_line(rc, err, "no verdicts", "discover verify")
+    np.testing.assert_equal(rc, 2)
