@@ -10,7 +10,9 @@
 - **prediction / suppression hypotheses**: the scan's `candidates` strongest candidates, each
   with its top (prediction) or bottom (suppression) token X. Evidence: the AUROC of the
   activation for "X is the true next token" and for "X is the model's top prediction" over the
-  held-out positions, and a mean ablation: the neuron's activation set to its held-out mean at
+  held-out positions (plus, when the checkpoint has a corpus pass, how the pass's
+  activation-vs-top-prediction curve rises: its Spearman correlation over bins with >= 20
+  positions, as evidence), and a mean ablation: the neuron's activation set to its held-out mean at
   every position of the sequences where X is next, and the change of log p(X) at those
   positions, compared with `controls` random neurons of the same layer ablated the same way
   (z = (effect - mean of controls) / sd of controls). Decision rule: `confirmed` if the
@@ -185,6 +187,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     rng = np.random.default_rng(cfg.seed)
     abl = _Ablator(view, data)
     strings = view.token_strings()
+    curves = _pass_curves(store, ckpt_id)
     out = []
     for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
         x = np.asarray(acts[:, l * N + n], dtype=np.float64)
@@ -192,6 +195,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
               "auroc_top_prediction": _auroc(x, data.top_pred == tok),
               "n_next": int((data.next_token == tok).sum()), "n_top_prediction": int((data.top_pred == tok).sum()),
               "held_out_tokens": int(len(x))}
+        ev.update(_curve_trend(curves.get((l, n, tok))))
         controls = [int(c) for c in rng.choice([i for i in range(N) if i != n], size=min(cfg.controls, N - 1),
                                                replace=False)]
         eff, n_pos = abl.effects(tok, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
@@ -226,6 +230,37 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
                 v, why = "inconclusive", "2 <= |z| < 3, or the effect has the wrong sign"
         out.append(Hypothesis(l, n, role, strings[tok], tok, v, why, ev))
     return out
+
+
+def _pass_curves(store, ckpt_id: str) -> dict:
+    """{(layer, neuron, token): [(bin lo, bin hi, positions, top_prediction), ...]} of the
+    checkpoint's latest corpus pass (empty if it has none)."""
+    from discover.query import latest_pass
+
+    p = latest_pass(store, {"checkpoint_id": ckpt_id})
+    if p is None:
+        return {}
+    out: dict = {}
+    for l, n, t, lo, hi, pos, top in store.con.execute(
+            "SELECT layer, neuron, token_id, lo, hi, positions, top_prediction FROM prediction_curves "
+            "WHERE pass_id = ? ORDER BY layer, neuron, token_id, bin", [p["pass_id"]]).fetchall():
+        out.setdefault((l, n, t), []).append((lo, hi, pos, top))
+    return out
+
+
+def _curve_trend(bins) -> dict:
+    """Does the corpus pass's activation-vs-top-prediction curve rise? Spearman correlation of the
+    bin order with the fraction, over bins with at least 20 positions (reported as evidence)."""
+    if not bins:
+        return {"curve_bins": 0}
+    from scipy.stats import spearmanr
+
+    rows = [(i, top / pos) for i, (lo, hi, pos, top) in enumerate(bins) if pos >= 20]
+    res = {"curve_bins": len(rows), "curve_positions": int(sum(b[2] for b in bins)),
+           "curve_top_fraction_highest_bin": rows[-1][1] if rows else None}
+    if len(rows) >= 3 and len({f for _, f in rows}) > 1:
+        res["curve_spearman"] = float(spearmanr([r[0] for r in rows], [r[1] for r in rows])[0])
+    return res
 
 
 # ---------------------------------------------------------------------------- pipeline

@@ -162,6 +162,9 @@ def test_planted_prediction_neuron_is_confirmed(tmp_path):
     with Store(tmp_path / "store") as st:
         # 97 tokens in 64 dimensions: one token's direction stands out less than in a real vocabulary
         scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=8.0)), progress=False)
+        from discover.activations import ActivationConfig, run_activations
+
+        run_activations(str(model), st, ActivationConfig(tokens=2000, batch_size=8), corpus=str(corpus), progress=False)
         verify_model(str(model), st, VerifyConfig(tokens=3000, split="all", candidates=5, controls=12, per_rule=1),
                      corpus=str(corpus), progress=False)
         hyps = query_verdicts(st, str(model), kind="prediction")["hypotheses"]
@@ -170,6 +173,8 @@ def test_planted_prediction_neuron_is_confirmed(tmp_path):
     ev = h["evidence"]
     assert ev["auroc_next"] > 0.9 and ev["ablation_delta_logp"] < 0 and ev["ablation_z"] < -3
     assert len(ev["controls"]) == 12
+    # the corpus pass recorded this candidate's curve: the top-prediction fraction rises with activation
+    assert ev["curve_bins"] >= 3 and ev["curve_spearman"] > 0.5
 
 
 # ---------------------------------------------------------------------- bad input
