@@ -582,7 +582,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     """Commit the pass's current results: arrays first (unreferenced), then one transaction."""
     import pyarrow as pa
 
-    from discover.store import _rollback
+    from discover.store import _rollback, insert_arrow
 
     view = runner.view
     L, N, k = runner.L, runner.N, runner.cfg.top_k
@@ -660,9 +660,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                               ("activation_histograms", hists), ("prediction_curves", curves)):
                 tbl = tbl.append_column("pass_id", pa.repeat(pa.scalar(pid), tbl.num_rows))
                 tbl = tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(cid), tbl.num_rows))
-                con.register("_incoming", tbl)
-                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _incoming")
-                con.unregister("_incoming")
+                insert_arrow(con, name, tbl)
             con.execute(
                 "UPDATE activation_passes SET tokens = ?, sequences = ?, documents = ?, exhausted = ?, "
                 "results_dir = ?, updated_at = now(), seconds = ? WHERE pass_id = ?",

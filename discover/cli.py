@@ -27,6 +27,11 @@ def _json_default(o):
     return str(o)
 
 
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="hub id or local model directory (default: the embedded default model)")
+
+
 def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
@@ -77,8 +82,7 @@ def _toks(tokens: list[str], n: int = 6) -> str:
 def _add_scan(sub) -> None:
     p = _verb(sub, "scan", "Scan every MLP neuron of a model into the store (weights only).",
               'discover scan gpt2-large --store indexes')
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="hub id or local model directory (default: the embedded default model)")
+    _add_model_arg(p)
     _add_store(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle .bin weights (loaded with weights_only=True)")
@@ -388,8 +392,7 @@ def _add_activations(sub) -> None:
               "Run the model over corpus text: exact activation statistics, max-activating examples, "
               "histograms and activation-vs-prediction curves for every neuron (resumable, extendable).",
               "discover activations gpt2-large --corpus pile-10k.jsonl --tokens 2000000 --pair 'L31.N892:\" an\"'")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="hub id or local model directory (default: the embedded default model)")
+    _add_model_arg(p)
     p.add_argument("--corpus", metavar="SPEC", default=None,
                    help="default, a text file, a directory, FILE.jsonl, FILE.parquet, a datasets dir "
                         "(see `discover train --help`; default: the built-in default corpus)")
@@ -462,8 +465,7 @@ def _add_patch(sub) -> None:
               "layers (batched), plus an attribution-patching screen over all layers.",
               f"discover patch gpt2-large --clean \"{AN_CLEAN}\" --corrupted \"{AN_CLEAN.replace('apple', 'lemon')}\" "
               "--target \" an\" --contrast \" a\" --layers 31")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="hub id or local model directory (default: the embedded default model)")
+    _add_model_arg(p)
     p.add_argument("--clean", required=True, metavar="TEXT", help="the prompt whose activations are patched in")
     p.add_argument("--corrupted", required=True, metavar="TEXT", help="the prompt that is run and patched")
     p.add_argument("--target", required=True, metavar="TOK", help="the token whose logit the clean prompt favours")
@@ -536,8 +538,7 @@ def _add_verify(sub) -> None:
               "Test the top hypotheses of a model on held-out text (feature rules, prediction-role tests with "
               "mean ablation) and store verdicts with their evidence.",
               "discover verify gpt2-large --corpus pile-10k.jsonl --tokens 100000 --candidates 50")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="hub id or local model directory (default: the embedded default model)")
+    _add_model_arg(p)
     p.add_argument("--corpus", metavar="SPEC", default=None, help="the text (default: the built-in corpus)")
     p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
     p.add_argument("--split", choices=("heldout", "all", "train"), default="heldout",

@@ -420,9 +420,7 @@ class Store:
                 )
                 for name, tbl in (("neurons", neurons), ("neuron_tokens", nt), ("roles", roles),
                                   ("token_neurons", tn), ("tokens", toks)):
-                    con.register("_incoming", tbl)
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _incoming")
-                    con.unregister("_incoming")
+                    insert_arrow(con, name, tbl)
                 self.add_alias(spec, ckpt)
                 con.execute("COMMIT")
             except BaseException:
@@ -456,9 +454,7 @@ class Store:
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute("DELETE FROM roles WHERE checkpoint_id = ?", [ckpt])
-            con.register("_incoming", roles)
-            con.execute("INSERT INTO roles BY NAME SELECT * FROM _incoming")
-            con.unregister("_incoming")
+            insert_arrow(con, "roles", roles)
             con.register("_prim", prim)
             con.execute(
                 "UPDATE neurons SET role = _prim.role FROM _prim WHERE neurons.checkpoint_id = ? "
@@ -504,6 +500,15 @@ def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
         "role": pa.array([r[1] for r in role_rows], type=pa.string()),
         "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
     })
+
+
+def insert_arrow(con, table: str, tbl) -> None:
+    """INSERT an Arrow table's rows BY NAME into `table` (inside the caller's transaction)."""
+    con.register("_incoming", tbl)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _incoming")
+    finally:
+        con.unregister("_incoming")
 
 
 def _rollback(con) -> None:

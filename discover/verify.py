@@ -326,7 +326,7 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -
     import pyarrow as pa
 
     from discover import __version__
-    from discover.store import _rollback
+    from discover.store import _rollback, insert_arrow
 
     tbl = pa.table({
         "verify_id": pa.repeat(pa.scalar(vid), len(hyps)),
@@ -347,9 +347,7 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -
                     [vid, ckpt_id, described["fingerprint"], json.dumps(described), cfg.split, data.tokens,
                      json.dumps(asdict(cfg)), json.dumps({"skipped_rules": data.skipped, "shuffled_labels": shuffled}),
                      seconds, __version__])
-        con.register("_incoming", tbl)
-        con.execute("INSERT INTO hypotheses BY NAME SELECT * FROM _incoming")
-        con.unregister("_incoming")
+        insert_arrow(con, "hypotheses", tbl)
         con.execute("COMMIT")
     except BaseException:
         _rollback(con)
