@@ -32,7 +32,9 @@ BLOCK = 64  # neurons per thread task
 
 
 def bin_edges() -> np.ndarray:
-    """(N_BINS + 1,) float64 edges; bin i holds values in [edges[i], edges[i+1])."""
+    """(N_BINS + 1,) float64 edges. Bins go by magnitude: a positive bin i holds [edges[i],
+    edges[i+1]), a negative one (edges[i], edges[i+1]] (the end nearer zero is closed), the zero
+    bin (-2**EXP_LO, 2**EXP_LO). NaN and +-inf count in the overflow bins."""
     mags = np.array([2.0 ** (EXP_LO + c // SUB) * (1 + (c % SUB) / SUB) for c in range(NPOS + 1)])
     return np.concatenate([[-np.inf], -mags[::-1], mags, [np.inf]])
 

@@ -21,8 +21,8 @@ tokenizer's BOS (else EOS) token, as GPT-2 saw documents in training; the BOS po
 in examples but never counted. The budget is counted in document tokens and honoured in whole
 batches, so a pass extended to more tokens sees exactly the batches a longer single run would.
 
-A pass is identified by (checkpoint, corpus fingerprint, split, context, batch size, k, window,
-pairs). Its running state is saved atomically every `save_every` seconds under
+A pass is identified by (checkpoint, corpus fingerprint, split, context, batch size, device, k,
+window, pairs). Its running state is saved atomically every `save_every` seconds under
 `activations/<pass>/state.npz`; a rerun after `kill -9` continues from there and ends with the
 same numbers as an uninterrupted run (the batches, their order and every merge are the same).
 Results are committed to the catalog in one transaction at the end of each run; until then the
@@ -176,6 +176,7 @@ class PassState:
             self.a[f"{p}doc"] = np.full((L, N, k), -1, i64)
             self.a[f"{p}pos"] = np.zeros((L, N, k), i32)
             self.a[f"{p}chunk"] = np.zeros((L, N, k), i32)
+            self.a[f"{p}next"] = np.full((L, N, k), -1, i32)
             self.a[f"{p}tok"] = np.full((L, N, k, width), -1, i32)
             self.a[f"{p}val"] = np.zeros((L, N, k, width), np.float16)
 
@@ -300,7 +301,7 @@ class _Pass:
                 a["hist"][l], a["av"][l], a["adoc"][l], asrc, a["apos"][l], a["dv"][l], a["ddoc"][l], dsrc,
                 a["dpos"][l])
             for p, src in (("a", asrc), ("d", dsrc)):
-                self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale)
+                self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok)
             self._curves(state, l, act, valid, pred, nxt_tok)
         n_tokens = int(valid.sum())
         names = state.meta["doc_names"]
@@ -314,7 +315,7 @@ class _Pass:
         more = last[4] >= 0  # the document goes on after this chunk
         state.meta["next"] = [last[0], last[2] + 1] if more else [last[0] + 1, 0]
 
-    def _windows(self, state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale) -> None:
+    def _windows(self, state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok) -> None:
         """Copy the context window of every top-k entry the kernel just replaced."""
         n_idx, j_idx = np.nonzero(src >= 0)
         if len(n_idx) == 0:
@@ -333,6 +334,7 @@ class _Pass:
         a[f"{p}tok"][l][n_idx, j_idx] = np.where(ok, ids[bb, qc], -1)
         a[f"{p}val"][l][n_idx, j_idx] = np.where(ok, vals, np.nan).astype(np.float16)
         a[f"{p}chunk"][l][n_idx, j_idx] = chunks[b]
+        a[f"{p}next"][l][n_idx, j_idx] = nxt_tok[b, pos]
 
     def _curves(self, state, l, act, valid, pred, nxt_tok) -> None:
         """Activation-vs-prediction counts per bin for this layer's pairs (vectorised)."""
@@ -478,7 +480,7 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
             seen.add(p[:3])
             uniq_pairs.append(p)
     pairs = uniq_pairs
-    settings = {"context": context, "batch_size": batch_size, "top_k": cfg.top_k, "before": cfg.before,
+    settings = {"context": context, "batch_size": batch_size, "device": str(cfg.device), "top_k": cfg.top_k, "before": cfg.before,
                 "after": cfg.after, "bins": {"exp_lo": K.EXP_LO, "exp_hi": K.EXP_HI, "per_octave": K.SUB},
                 "bos": _bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
     key = {"checkpoint_id": ckpt_id, "corpus": described["fingerprint"], "split": cfg.split, **settings}
@@ -593,7 +595,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     rdir.mkdir()
     a = state.a
     strings = view.token_strings()
-    str_arr = pa.array(strings + ["<pad>"], type=pa.string())
+    str_arr = pa.array(strings + [""], type=pa.string())  # the last entry: window slots outside the piece
     edges = K.bin_edges()
     try:
         # -- arrays: examples sorted by value (rank 0 = strongest), empty slots last
@@ -615,7 +617,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
             names = state.meta["doc_names"]
             win = ex_tok[g, s, r]  # (E, W)
             mid = win[:, runner.cfg.before]
-            nxt = win[:, runner.cfg.before + 1] if runner.cfg.after > 0 else np.full(len(g), -1)
+            nxt = take(a[f"{p}next"])[g, r]  # the true next token (known at a piece's end too; -1 at a document's)
             body = runner.context - (1 if settings_bos(row) is not None else 0)
             start = 1 if settings_bos(row) is not None else 0
             flat = np.where(win >= 0, win, len(strings)).ravel()

@@ -304,7 +304,8 @@ def _print_activity(act: dict, color: bool) -> None:
         print(f"\nactivation vs top prediction of {cv['token']!r} ({cv['source']}; adjacent bins merged "
               f"to about equal counts, --json has every bin):")
         print(_table(["activation range", "positions", "top prediction", "fraction", "is next"],
-                     [[f"[{b['lo']:.3g}, {b['hi']:.3g})", b["positions"], b["top_prediction"],
+                     [[(f"[{b['lo']:.3g}, {b['hi']:.3g})" if b["hi"] > 0 else f"({b['lo']:.3g}, {b['hi']:.3g}]"),
+                       b["positions"], b["top_prediction"],
                        b["top_prediction"] / b["positions"], b["is_next"]] for b in _merge_bins(cv["bins"])]))
 
 
@@ -337,11 +338,14 @@ def _cmd_query_verdicts(args) -> int:
     rows = []
     for h in res["hypotheses"]:
         ev = h["evidence"]
+        def num(key, spec):
+            v = ev.get(key)
+            return "-" if v is None else format(v, spec)
+
         if h["kind"] == "feature":
-            nums = f"AUROC {ev['auroc']:.3f}  F1 {ev['f1']:.2f}  q {ev['q']:.1e}"
+            nums = f"AUROC {num('auroc', '.3f')}  F1 {num('f1', '.2f')}  q {num('q', '.1e')}"
         else:
-            nums = (f"AUROC(next) {ev.get('auroc_next', float('nan')):.3f}  ablation z "
-                    f"{ev.get('ablation_z', float('nan')):.2f}")
+            nums = f"AUROC(next) {num('auroc_next', '.3f')}  ablation z {num('ablation_z', '.2f')}"
         rows.append([h["neuron"], h["kind"], h["subject"], h["verdict"], nums, h["decided_by"]])
     print(_table(["neuron", "kind", "subject", "verdict", "evidence", "decided by"], rows))
     return 0

@@ -2,7 +2,8 @@
 
 `collect` runs the model over held-out documents (BOS + pieces of `context - 1` tokens, as the
 corpus pass) and keeps, for every counted token, every neuron's activation (in a memory-mapped
-float32 file, so RAM stays bounded) and the rule labels of the token (`rules.label_tokens`
+float32 file, neuron-major, in a temporary directory: tokens x neurons x 4 bytes of disk, e.g.
+50,000 x 36,864 x 4 = 7.4 GB for GPT-2 small; RAM stays bounded by one block of neurons) and the rule labels of the token (`rules.label_tokens`
 through the tokenizer's character offsets). Documents are split in two halves by a hash of
 their id: part A chooses thresholds, part B scores them.
 
@@ -38,7 +39,7 @@ class FeatureData:
     skipped: list  # names of rules that could not run (spaCy missing)
     labels: np.ndarray  # (R, n_rules) bool
     part: np.ndarray  # (R,) 0 = part A (thresholds), 1 = part B (scores)
-    acts: np.ndarray  # (R, L * N) float32, memory-mapped
+    acts: np.ndarray  # (L * N, R) float32, memory-mapped, neuron-major: one neuron's values are contiguous
     n_layers: int
     d_mlp: int
     documents: int
@@ -67,12 +68,17 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     from discover.rules import label_tokens, rule_spans
 
     tok = view.tokenizer
+    if not getattr(tok, "is_fast", False):
+        from discover.errors import ModelLoadError
+
+        raise ModelLoadError("feature tests align rule spans through character offsets, which need a fast "
+                             "(Rust) tokenizer; this model's tokenizer is a slow one: save a tokenizer.json beside it")
     ctx = context or min(model_context(view), 256)
     bos = _bos_id(tok)
     body = ctx - (1 if bos is not None else 0)
     G = view.n_layers * view.d_mlp
     tmp = tempfile.TemporaryDirectory(prefix="discover_features_")
-    acts = np.lib.format.open_memmap(Path(tmp.name) / "acts.npy", mode="w+", dtype=np.float32, shape=(tokens, G))
+    acts = np.lib.format.open_memmap(Path(tmp.name) / "acts.npy", mode="w+", dtype=np.float32, shape=(G, tokens))
     labels = np.zeros((tokens, len(rules)), bool)
     part = np.zeros(tokens, np.int8)
     nxt = np.full(tokens, -1, np.int64)
@@ -97,8 +103,8 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
             top = torch.stack([head(h[b]).argmax(-1) for b in range(h.shape[0])])  # (B, T), one row of logits at a time
         start = 1 if bos is not None else 0
         for b, (seq, row, m) in enumerate(pending):
-            acts[row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
-                                          dim=-1).float().numpy()
+            acts[:, row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
+                                             dim=-1).float().numpy().T
             pred[row:row + m] = top[b, start:start + m].numpy()
         seqs.extend(pending)
         pending.clear()
@@ -111,7 +117,7 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
         if not ids:
             continue
         take = min(len(ids), tokens - n, max_doc_tokens)
-        lab = label_tokens(rules, doc.text, offs[:take])
+        lab = label_tokens(rules, doc.text[:offs[take - 1][1]], offs[:take])  # only the text that is used
         labels[n:n + take] = lab
         part[n:n + take] = _part(doc.doc_id)
         nxt[n:n + take - 1] = ids[1:take]
@@ -129,7 +135,7 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     if n == 0:
         raise CorpusError(f"the {split} split of the corpus has no tokens; point --corpus at text")
     acts.flush()
-    return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:n],
+    return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:, :n],
                        n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, next_token=nxt[:n],
                        top_pred=pred[:n], seqs=seqs, tmpdir=tmp)
 
@@ -176,7 +182,7 @@ def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives:
 
     lab = data.labels if labels is None else labels
     R, nr = lab.shape
-    G = data.acts.shape[1]
+    G = data.acts.shape[0]
     Y = lab.astype(np.float64)
     n1 = Y.sum(0)
     n0 = R - n1
@@ -187,7 +193,7 @@ def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives:
     qs = np.linspace(0.5, 0.999, n_thresholds)
     for g0 in range(0, G, block):
         g1 = min(G, g0 + block)
-        X = np.asarray(data.acts[:, g0:g1], dtype=np.float64)  # (R, B)
+        X = np.asarray(data.acts[g0:g1], dtype=np.float64).T  # (R, B)
         ranks = _rank_block(X)
         # --- AUROC and its permutation null (exact moments of U, tie-corrected)
         rank_sum = Y.T @ ranks  # (nr, B)
@@ -201,6 +207,8 @@ def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives:
         out["auroc"][g0:g1] = auc.T
         out["p"][g0:g1] = np.where(tested[:, None] & np.isfinite(z), p, np.nan).T
         # --- threshold on A (max F1 over quantile thresholds), precision / recall / F1 on B
+        if not tested.any():  # (e.g. every document fell in one half): nothing to threshold
+            continue
         XA, XB = X[inA], X[inB]
         thr = np.quantile(XA, qs, axis=0)  # (K, B)
         for part_x, part_y, key in ((XA, Y[inA], "a"), (XB, Y[inB], "b")):

@@ -221,6 +221,12 @@ def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config
     if t == c:
         raise QueryError("--target and --contrast are the same token; name two different tokens")
     clean_ids, corr_ids = encode_prompt(view, clean, config.bos), encode_prompt(view, corrupted, config.bos)
+    from discover.activations import model_context
+
+    longest = max(len(clean_ids), len(corr_ids))
+    if longest > model_context(view):
+        raise QueryError(f"a prompt is {longest} tokens, longer than this model's {model_context(view)} positions; "
+                         "shorten it")
     if config.positions == "all" and len(clean_ids) != len(corr_ids):
         raise QueryError(
             f"--positions all needs prompts of equal length in tokens: --clean is {len(clean_ids)}, --corrupted "
@@ -265,8 +271,12 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
         for l in layers:
             # the patched positions that can change anything: the last, or (all) every position
             # from the first one where the prompts differ; earlier ones come from the KV cache
-            start = r.T - 1 if config.positions == "last" else min(r.first_difference(), r.T - 1)
-            da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
+            if config.positions == "last":  # the prompts may differ in length: last with last
+                start = r.T - 1
+                da = (r.a_clean[l][-1:] - r.a_corr[l][-1:]).T  # (N, 1)
+            else:  # equal lengths
+                start = min(r.first_difference(), r.T - 1)
+                da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
             base = r.resid_corr[l][start:]  # (S, d)
             out = np.empty(N)
             for n0 in range(0, N, config.batch_size):
@@ -311,9 +321,11 @@ def attribution_patching(view, r: _Runner, positions: str) -> np.ndarray:
             hk.remove()
     out = np.empty((view.n_layers, view.d_mlp))
     for l, g in enumerate(grads):
-        d = r.a_clean[l] - r.a_corr[l]  # (T, N)
         g = g[0]
-        prod = (d[-1] * g[-1]) if positions == "last" else (d * g).sum(0)
+        if positions == "last":
+            prod = (r.a_clean[l][-1] - r.a_corr[l][-1]) * g[-1]
+        else:
+            prod = ((r.a_clean[l] - r.a_corr[l]) * g).sum(0)  # (T, N) -> (N,): equal lengths
         out[l] = prod.double().numpy() / (r.m_clean - r.m_corr)
     return out
 

@@ -160,7 +160,7 @@ CREATE TABLE IF NOT EXISTS activation_histograms (
     layer           SMALLINT,
     neuron          INTEGER,
     bin             SMALLINT,             -- fixed geometric bins, 4 per octave (only non-empty bins)
-    lo              DOUBLE,               -- [lo, hi)
+    lo              DOUBLE,               -- [lo, hi) for positive bins, (lo, hi] for negative ones
     hi              DOUBLE,
     count           BIGINT
 );

@@ -90,7 +90,9 @@ def feature_hypotheses(scores, N: int, cfg: VerifyConfig) -> list[Hypothesis]:
             ev = {k: float(getattr(scores, k)[g, j]) for k in ("auroc", "p", "q", "precision", "recall", "f1", "f1_a",
                                                               "threshold")}
             ev.update(n_positive=int(scores.n_pos[j]), alpha=cfg.alpha)
-            if ev["q"] <= cfg.alpha and ev["auroc"] >= cfg.min_auroc and ev["f1"] >= cfg.min_f1:
+            if not np.isfinite(ev["q"]):
+                v, why = "rejected", "no test possible: the activation is constant on this text"
+            elif ev["q"] <= cfg.alpha and ev["auroc"] >= cfg.min_auroc and ev["f1"] >= cfg.min_f1:
                 v, why = "confirmed", f"q <= {cfg.alpha} and AUROC >= {cfg.min_auroc} and held-out F1 >= {cfg.min_f1}"
             elif ev["q"] > cfg.alpha or ev["auroc"] < 0.6:
                 v, why = "rejected", f"q > {cfg.alpha} or AUROC < 0.6"
@@ -167,6 +169,7 @@ class _Ablator:
             out = np.empty(len(neurons))
             for i, (l, n) in enumerate(neurons):
                 delta = (float(means[l, n]) - acts[l][:, :, n])[..., None] * self.W_out[l][n]  # (S, T, d)
+                delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
                 hid = blocks_from(view, l, outs[l] + delta)
                 out[i] = float((logp(hid) - base).mean())
         return out, int(len(rows))
@@ -181,8 +184,9 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     if not cands:
         return []
     N, L = view.d_mlp, view.n_layers
-    acts = data.acts
-    means = np.asarray(acts, dtype=np.float64).mean(0).reshape(L, N)
+    acts = data.acts  # (G, R) neuron-major memmap
+    means = np.concatenate([np.asarray(acts[g0:g0 + 1024], dtype=np.float64).mean(1)
+                            for g0 in range(0, acts.shape[0], 1024)]).reshape(L, N)
     has_next = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)
     abl = _Ablator(view, data)
@@ -190,7 +194,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     curves = _pass_curves(store, ckpt_id)
     out = []
     for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
-        x = np.asarray(acts[:, l * N + n], dtype=np.float64)
+        x = np.asarray(acts[l * N + n], dtype=np.float64)
         ev = {"token": strings[tok], "auroc_next": _auroc(x[has_next], data.next_token[has_next] == tok),
               "auroc_top_prediction": _auroc(x, data.top_pred == tok),
               "n_next": int((data.next_token == tok).sum()), "n_top_prediction": int((data.top_pred == tok).sum()),
@@ -338,7 +342,7 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -
         "subject_id": pa.array([h.subject_id for h in hyps], pa.int32()),
         "verdict": pa.array([h.verdict for h in hyps], pa.string()),
         "decided_by": pa.array([h.decided_by for h in hyps], pa.string()),
-        "evidence": pa.array([json.dumps(h.evidence, default=float) for h in hyps], pa.string()),
+        "evidence": pa.array([json.dumps(_finite(h.evidence)) for h in hyps], pa.string()),
     })
     con = store.con
     con.execute("BEGIN TRANSACTION")
@@ -352,6 +356,11 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -
     except BaseException:
         _rollback(con)
         raise
+
+
+def _finite(ev: dict) -> dict:
+    """NaN / inf are not JSON: store them as null."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in ev.items()}
 
 
 def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str | None = None,
@@ -383,7 +392,8 @@ def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str |
     items = []
     for l, n, k, subj, v, why, ev in rows:
         ev = json.loads(ev)
-        strength = ev.get("auroc", ev.get("auroc_next", 0.0))
+        strength = ev.get("auroc") if k == "feature" else ev.get("auroc_next")
+        strength = float(strength) if strength is not None else float("nan")
         items.append({"neuron": f"L{l}.N{n}", "layer": l, "neuron_index": n, "kind": k, "subject": subj,
                       "verdict": v, "decided_by": why, "evidence": ev, "strength": strength})
     order = {"confirmed": 0, "inconclusive": 1, "rejected": 2}

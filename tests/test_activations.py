@@ -474,3 +474,18 @@ def test_a_fresh_store_is_not_created_by_bad_input(env, tmp_path, capsys):
     rc, _, err = run(capsys, *_a(env, "--pair", "L9.N0:an", store=tmp_path / "fresh"))
     assert_one_error_line(rc, err, "out of range")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_example_rows_know_the_next_token_and_their_text(env):
+    """next_token_id is the true next token, also at the last position of a piece; the context
+    column is the window's text and nothing else."""
+    ref = env.ref
+    rows = _rows(env.store, "SELECT doc_ordinal, chunk, position, next_token_id, context, token FROM "
+                            "activation_examples")
+    at_end = 0
+    for d, c, p, nxt, ctx, tok in rows:
+        r = np.flatnonzero((ref.doc == d) & (ref.chunk == c) & (ref.pos == p))
+        assert len(r) == 1 and nxt == ref.next[r[0]]
+        at_end += p == len(ref.seqs[ref.seq[r[0]]][3]) - 1 and nxt >= 0
+        assert "<pad>" not in ctx and tok in ctx
+    assert at_end > 0, "no example at a piece's end: the case is not exercised"

@@ -140,6 +140,7 @@ def test_cli_an_experiment_on_the_default_model(capsys):
     (["--corrupted", ""], ["empty"]),
     (["--corrupted", AN_CLEAN], ["same logit difference"]),
     (["--batch-size", 0], ["batch_size"]),
+    (["--corrupted", "tree " * 300], ["longer than this model's", "positions"]),
 ])
 def test_cli_bad_input(extra, needles, capsys):
     base = {"--clean": AN_CLEAN, "--corrupted": AN_CORR, "--target": " an", "--contrast": " a"}
@@ -162,3 +163,17 @@ def test_prompts_differing_at_the_first_token(arch):
     for layer in range(view.n_layers):
         ref = patch_loop(view, clean, corrupt, "an", "a", layer, range(0, view.d_mlp, 5), cfg)
         np.testing.assert_allclose(res.recovery[layer][::5], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_last_position_patching_with_prompts_of_different_lengths(arch):
+    """--positions last patches the final position of each prompt into the other: lengths may differ."""
+    view = _view(arch)
+    cfg = PatchConfig(positions="last")
+    clean, corrupt = "the apple tree and I picked", "a lemon tree picked"
+    res = patch_neurons(view, clean, corrupt, "an", "a", cfg)
+    assert len(res.clean_tokens) != len(res.corrupted_tokens)
+    for layer in range(view.n_layers):
+        ref = patch_loop(view, clean, corrupt, "an", "a", layer, range(0, view.d_mlp, 4), cfg)
+        np.testing.assert_allclose(res.recovery[layer][::4], ref, atol=1e-4)
+    assert res.attribution.shape == (view.n_layers, view.d_mlp) and np.isfinite(res.attribution).all()
