@@ -595,6 +595,53 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------- report ----
+def _add_report(sub) -> None:
+    p = _verb(sub, "report",
+              "Write a ranked candidate report: summary plots, then one card per neuron (verdicts and evidence, "
+              "vocabulary-effect histogram, tokens, activation-vs-prediction curves, shaded examples).",
+              "discover report gpt2-large --out report.html")
+    _add_model_arg(p)
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="output file (default: report.html / report.md / report.json by --format)")
+    p.add_argument("--format", choices=("html", "md", "json"), default="html", help="html (default), md or json")
+    p.add_argument("--cards", type=int, default=200, metavar="N", help="neuron cards, strongest first (200)")
+    p.add_argument("--examples", type=int, default=8, metavar="K", help="max-activating examples per card (8)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from discover.report import build_report, render_html, render_markdown
+
+    model = args.model or _default_model()
+    out = Path(args.out or f"report.{args.format}")
+    if out.is_dir():
+        raise DiscoverError(f"--out {out} is a directory; name a file")
+    if not out.parent.exists():
+        raise DiscoverError(f"the directory of --out {out} does not exist")
+    view = None
+    try:  # the vocabulary-effect histograms need the weights; everything else comes from the store
+        from discover.adapter import load_model
+
+        view = load_model(model, allow_pickle=args.allow_pickle)
+    except DiscoverError as e:
+        print(f"discover: note: no vocabulary-effect histograms ({e})", file=sys.stderr)
+    with _open_store(args, read_only=True) as store:
+        rep = build_report(store, model, cards=args.cards, examples=args.examples, view=view)
+    text = {"html": render_html, "md": render_markdown,
+            "json": lambda r: _json.dumps(r, indent=1, ensure_ascii=False)}[args.format](rep)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    print(f"{out} ({args.format}, {len(rep['cards'])} cards, {len(text) / 1e6:.1f} MB)")
+    return 0
+
+
 # ---------------------------------------------------------------- train (issue 3) ----
 def _add_train(sub) -> None:
     """The `train` verb: train a small GPT-2 from scratch on a corpus (resumable)."""
@@ -684,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_activations(sub)
     _add_patch(sub)
     _add_verify(sub)
+    _add_report(sub)
     _add_sql(sub)
     _add_train(sub)
     return parser

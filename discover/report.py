@@ -1,0 +1,288 @@
+"""Ranked candidate reports: the catalog as a page researchers can read.
+
+`build_report` gathers, for one checkpoint, the summary plots' data (role counts per layer,
+vocabulary kurtosis vs skew of every neuron, verdict counts) and one card per candidate neuron
+— ranked by the strength of its verdicts and evidence — with its roles, verdicts (and the
+numbers that decided them), statistics, top and bottom tokens, the histogram of its direct
+vocabulary effect `w_out . U[:, t]` over every token, its activation-vs-prediction curves,
+max-activating examples with per-token values, and its feature-test scores.
+
+`render_html` writes one self-contained file: the data travels as JSON inside a
+`<script type="application/json">` element (every `<`, `>` and `&` escaped, so no token or
+corpus text can close it) and a small script draws the plots as SVG and the cards page by page
+with `textContent` only — nothing from the data is ever parsed as HTML. No network access.
+`render_markdown` and `json.dumps(build_report(...))` are the other formats.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import datetime, timezone
+
+import numpy as np
+
+from discover.errors import QueryError
+
+FORMATS = ("html", "md", "json")
+VOCAB_BINS = 60
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _rank_key(c: dict) -> tuple:
+    order = {"confirmed": 0, "inconclusive": 1, "rejected": 2}
+    best = min((order[v["verdict"]] for v in c["verdicts"]), default=3)
+    n_conf = sum(v["verdict"] == "confirmed" for v in c["verdicts"])
+    strength = max((v["strength"] for v in c["verdicts"] if v["strength"] is not None), default=0.0)
+    return (best, -n_conf, -strength, -(c["stats"].get("vocab_kurt") or 0.0))
+
+
+def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view=None) -> dict:
+    """The report's data for the checkpoint of `model` (a spec or checkpoint id)."""
+    from discover.query import latest_pass, neuron_activity, query_neuron
+    from discover.scan import ROLES
+
+    if cards < 1:
+        raise QueryError("--cards must be at least 1")
+    ckpt = store.resolve_model(model)
+    cid, N, L = ckpt["checkpoint_id"], ckpt["d_mlp"], ckpt["n_layers"]
+    con = store.con
+    # -- summary
+    stats = con.execute("SELECT layer, neuron, vocab_kurt, vocab_skew, role FROM neurons WHERE checkpoint_id = ? "
+                        "ORDER BY layer, neuron", [cid]).fetchnumpy()
+    role_rows = con.execute("SELECT role, layer, count(*) FROM roles WHERE checkpoint_id = ? GROUP BY role, layer",
+                            [cid]).fetchall()
+    per_layer = {r: [0] * L for r in ROLES}
+    for role, layer, n in role_rows:
+        per_layer[role][layer] = int(n)
+    run = con.execute("SELECT verify_id, tokens, corpus FROM verify_runs WHERE checkpoint_id = ? "
+                      "ORDER BY created_at DESC LIMIT 1", [cid]).fetchone()
+    hyps = []
+    if run is not None:
+        hyps = con.execute("SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses "
+                           "WHERE verify_id = ?", [run[0]]).fetchall()
+    verdict_counts: dict = {}
+    by_neuron: dict = {}
+    for l, n, kind, subj, v, why, ev in hyps:
+        ev = json.loads(ev)
+        verdict_counts.setdefault(kind, {"confirmed": 0, "inconclusive": 0, "rejected": 0})[v] += 1
+        strength = ev.get("auroc") if kind == "feature" else ev.get("auroc_next")
+        by_neuron.setdefault((l, n), []).append({"kind": kind, "subject": subj, "verdict": v, "decided_by": why,
+                                                 "evidence": ev, "strength": strength})
+    # -- candidates: every neuron with a hypothesis, then role candidates by score
+    chosen = list(by_neuron)
+    if len(chosen) < cards:
+        for l, n in con.execute("SELECT layer, neuron FROM roles WHERE checkpoint_id = ? ORDER BY score DESC, layer, "
+                                "neuron", [cid]).fetchall():
+            if (l, n) not in by_neuron and (l, n) not in chosen:
+                chosen.append((l, n))
+    p = latest_pass(store, ckpt)
+    built = []
+    for l, n in chosen:
+        q = query_neuron(store, model, f"L{l}.N{n}")
+        card = {"neuron": q["neuron"], "layer": l, "index": n, "roles": q["roles"], "stats": q["stats"],
+                "top_tokens": q["top_tokens"][:10], "bottom_tokens": q["bottom_tokens"][:10],
+                "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed")}
+        if p is not None:
+            act = neuron_activity(store, ckpt, l, n, limit=examples)
+            card.update(activation=act["stats"], examples=act["examples"], curves=act["curves"])
+        built.append(card)
+    built.sort(key=_rank_key)
+    built = built[:cards]
+    if view is not None:
+        _vocab_histograms(view, built)
+    return _clean({
+        "model": model, "checkpoint_id": cid, "architecture": ckpt["architecture"], "n_layers": L, "d_mlp": N,
+        "d_model": ckpt["d_model"], "d_vocab": ckpt["d_vocab"],
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "corpus_pass": None if p is None else {"pass_id": p["pass_id"], "tokens": p["tokens"], "corpus": p["corpus"]},
+        "verify": None if run is None else {"verify_id": run[0], "tokens": run[1],
+                                            "corpus": json.loads(run[2]) if isinstance(run[2], str) else run[2]},
+        "summary": {
+            "roles_per_layer": per_layer,
+            "verdict_counts": verdict_counts,
+            "scatter": {"kurtosis": [round(float(x), 4) for x in stats["vocab_kurt"]],
+                        "skew": [round(float(x), 4) for x in stats["vocab_skew"]],
+                        "role": [r if isinstance(r, str) else None for r in stats["role"]]},
+        },
+        "cards": built,
+    })
+
+
+def _vocab_histograms(view, cards: list) -> None:
+    """Per card: the histogram of w_out . U[:, t] over the whole vocabulary (processed weights)."""
+    import torch
+
+    U = view.processed_unembed()
+    for c in cards:
+        with torch.no_grad():
+            g = (view.processed_W_out(c["layer"])[c["index"]] @ U).double().numpy()
+        counts, edges = np.histogram(g, bins=VOCAB_BINS)
+        c["vocab_effect"] = {"edges": edges.tolist(), "counts": counts.tolist(),
+                             "mean": float(g.mean()), "std": float(g.std())}
+
+
+# ------------------------------------------------------------------------------ markdown
+def _md(s) -> str:
+    """Token / corpus text inside a Markdown table or paragraph: escaped, one line."""
+    s = html.escape(str(s), quote=True).replace("|", "&#124;").replace("`", "&#96;").replace("*", "&#42;")
+    s = s.replace("_", "&#95;").replace("[", "&#91;").replace("]", "&#93;").replace("\\", "&#92;")
+    return s.replace("\n", "\u21b5").replace("\r", "").replace("\t", "\u2192")
+
+
+def _num(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}g}"
+    return str(x)
+
+
+def render_markdown(rep: dict) -> str:
+    out = [f"# discover report: {_md(rep['model'])}", "",
+           f"checkpoint <code>{rep['checkpoint_id'][:16]}</code> ({rep['architecture']}, {rep['n_layers']} layers x "
+           f"{rep['d_mlp']} neurons, vocab {rep['d_vocab']}), generated {rep['generated']}", ""]
+    s = rep["summary"]
+    out += ["## Roles per layer", "", "| role | " + " | ".join(f"L{i}" for i in range(rep["n_layers"])) + " |",
+            "|---|" + "---|" * rep["n_layers"]]
+    out += [f"| {r} | " + " | ".join(str(c) for c in counts) + " |" for r, counts in s["roles_per_layer"].items()]
+    out += ["", "## Verdicts", "", "| kind | confirmed | inconclusive | rejected |", "|---|---|---|---|"]
+    out += [f"| {k} | {c['confirmed']} | {c['inconclusive']} | {c['rejected']} |" for k, c in s["verdict_counts"].items()]
+    out += ["", f"## Candidates ({len(rep['cards'])})", ""]
+    for c in rep["cards"]:
+        out += [f"### {c['neuron']}", ""]
+        roles = ", ".join(f"{r['role']} ({_num(r['score'])})" for r in c["roles"]) or "none"
+        st = c["stats"]
+        out += [f"roles: {roles}; vocab kurtosis {_num(st.get('vocab_kurt'))}, skew {_num(st.get('vocab_skew'))}", ""]
+        if c["verdicts"]:
+            out += ["| hypothesis | verdict | evidence | decided by |", "|---|---|---|---|"]
+            for v in c["verdicts"]:
+                ev = ", ".join(f"{k} {_num(x)}" for k, x in v["evidence"].items() if isinstance(x, (int, float)))
+                out.append(f"| {v['kind']}: {_md(v['subject'])} | **{v['verdict']}** | {_md(ev)} | {_md(v['decided_by'])} |")
+            out.append("")
+        out += ["top tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["top_tokens"]), "",
+                "bottom tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["bottom_tokens"]), ""]
+        for ex in c.get("examples", []):
+            toks = "".join((f"**{_md(t['token'])}**" if i == ex["max_index"] else _md(t["token"]))
+                           for i, t in enumerate(ex["tokens"]))
+            out.append(f"- {_num(ex['value'])} ({_md(ex['doc_id'])}): {toks}")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------- HTML
+def _json_for_script(data: dict) -> str:
+    """JSON that cannot end its <script> element or open a comment: <, >, & escaped."""
+    return (json.dumps(data, ensure_ascii=False, allow_nan=False)
+            .replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def render_html(rep: dict) -> str:
+    title = html.escape(f"discover report: {rep['model']}")
+    return (_PAGE.replace("__TITLE__", title).replace("__DATA__", _json_for_script(rep)))
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:14px 24px}header h1{font-size:18px;margin:0}
+header p{margin:4px 0 0;color:#c9cfda;font-size:13px}main{max-width:1180px;margin:0 auto;padding:16px}
+.row{display:flex;flex-wrap:wrap;gap:16px}.panel{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:12px;flex:1 1 340px}
+.panel h2{font-size:14px;margin:0 0 8px}.card{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:12px;margin:12px 0}
+.card h3{margin:0 0 6px;font-size:16px}.tag{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;margin-right:4px;background:#e8ebf0}
+.confirmed{background:#d4f2dc;color:#12632b}.rejected{background:#f7d9d9;color:#8a1c1c}.inconclusive{background:#f3ecd0;color:#6b5a12}
+table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bottom:1px solid #eef0f4;text-align:left;vertical-align:top}
+.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;background:#eef1f6;border-radius:3px;padding:0 3px;margin:1px}
+.ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap;word-break:break-all;margin:4px 0;padding:4px;border-left:3px solid #dde1e8}
+.ex span.max{outline:2px solid #c0392b;border-radius:2px}.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:12px}
+.pager{margin:12px 0}.pager button{margin-right:6px}svg text{font-size:10px;fill:#4a5263}small{color:#6a7386}
+</style></head>
+<body><header><h1 id="title"></h1><p id="sub"></p></header>
+<main>
+<div class="row"><div class="panel"><h2>Roles per layer</h2><div id="roles"></div></div>
+<div class="panel"><h2>Vocabulary kurtosis vs skew, every neuron</h2><div id="scatter"></div></div>
+<div class="panel"><h2>Verdicts</h2><div id="verdicts"></div></div></div>
+<h2 id="cards-title"></h2><div class="pager" id="pager"></div><div id="cards"></div><div class="pager" id="pager2"></div>
+</main>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const NS = "http://www.w3.org/2000/svg";
+const COLORS = {prediction:"#2e7d32",suppression:"#c62828",partition:"#6a1b9a",entropy:"#ef6c00",memory_management:"#1565c0",signal_boosting:"#00838f"};
+function el(tag, attrs, text){const e=document.createElement(tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);if(text!==undefined&&text!==null)e.textContent=String(text);return e;}
+function svg(tag, attrs){const e=document.createElementNS(NS,tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);return e;}
+function fmt(x,d){if(x===null||x===undefined)return "-";if(typeof x!=="number")return String(x);const a=Math.abs(x);return (a!==0&&(a<1e-3||a>=1e5))?x.toExponential(2):x.toPrecision(d||3);}
+function showTok(s){return String(s).replace(/\\n/g,"\\u21b5").replace(/\\t/g,"\\u2192");}
+function axes(g,W,H,P,x0,x1,y0,y1,xl,yl){g.appendChild(svg("line",{x1:P,y1:H-P,x2:W-5,y2:H-P,stroke:"#99a"}));g.appendChild(svg("line",{x1:P,y1:5,x2:P,y2:H-P,stroke:"#99a"}));
+ const t1=svg("text",{x:P,y:H-P+12});t1.textContent=fmt(x0);g.appendChild(t1);const t2=svg("text",{x:W-40,y:H-P+12});t2.textContent=fmt(x1);g.appendChild(t2);
+ const t3=svg("text",{x:2,y:12});t3.textContent=fmt(y1);g.appendChild(t3);const t4=svg("text",{x:2,y:H-P});t4.textContent=fmt(y0);g.appendChild(t4);
+ const xt=svg("text",{x:W/2-20,y:H-2});xt.textContent=xl;g.appendChild(xt);const yt=svg("text",{x:P+4,y:12});yt.textContent=yl;g.appendChild(yt);}
+function bars(counts, labels, color, W, H, xl, yl){const P=30,g=svg("svg",{width:W,height:H,role:"img"});const m=Math.max(1,...counts);const bw=(W-P-8)/counts.length;
+ counts.forEach((c,i)=>{const h=(H-P-8)*c/m;const r=svg("rect",{x:P+i*bw+1,y:H-P-h,width:Math.max(1,bw-2),height:h,fill:color});const t=svg("title");t.textContent=(labels?labels[i]+": ":"")+c;r.appendChild(t);g.appendChild(r);});
+ axes(g,W,H,P,labels?labels[0]:0,labels?labels[labels.length-1]:counts.length,0,m,xl,yl);return g;}
+function rolesPlot(){const box=document.getElementById("roles");const t=el("table");const hr=el("tr");hr.appendChild(el("th",{},"role"));
+ for(let l=0;l<D.n_layers;l++)hr.appendChild(el("th",{},"L"+l));t.appendChild(hr);
+ for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
+  c.forEach(x=>tr.appendChild(el("td",{},x)));t.appendChild(tr);}box.appendChild(t);}
+function scatterPlot(){const s=D.summary.scatter,W=360,H=240,P=30,g=svg("svg",{width:W,height:H,role:"img"});const K=s.kurtosis.map(x=>x===null?NaN:x),S=s.skew.map(x=>x===null?NaN:x);
+ const kx=Math.max(...K.filter(isFinite)),kn=Math.min(...K.filter(isFinite)),sx=Math.max(...S.filter(isFinite)),sn=Math.min(...S.filter(isFinite));
+ const X=k=>P+(W-P-8)*(k-kn)/((kx-kn)||1),Y=v=>H-P-(H-P-8)*(v-sn)/((sx-sn)||1);
+ for(let i=0;i<K.length;i++){if(!isFinite(K[i])||!isFinite(S[i]))continue;const r=s.role[i];g.appendChild(svg("circle",{cx:X(K[i]).toFixed(1),cy:Y(S[i]).toFixed(1),r:r?2.4:1.4,fill:r?(COLORS[r]||"#555"):"#b9c0cc","fill-opacity":r?0.9:0.5}));}
+ axes(g,W,H,P,kn,kx,sn,sx,"kurtosis","skew");document.getElementById("scatter").appendChild(g);}
+function verdictPlot(){const box=document.getElementById("verdicts");const vc=D.summary.verdict_counts;if(!Object.keys(vc).length){box.appendChild(el("p",{},"no verify run yet: discover verify"));return;}
+ const t=el("table");const hr=el("tr");["kind","confirmed","inconclusive","rejected"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
+ for(const k in vc){const tr=el("tr");tr.appendChild(el("td",{},k));["confirmed","inconclusive","rejected"].forEach(v=>{const td=el("td");td.appendChild(el("span",{class:"tag "+v},vc[k][v]));tr.appendChild(td);});t.appendChild(tr);}box.appendChild(t);}
+function tokenList(ts){const d=el("div");ts.forEach(t=>{const s=el("span",{class:"tok",title:"congruence "+fmt(t.congruence)},showTok(t.token));d.appendChild(s);});return d;}
+function example(ex){const d=el("div",{class:"ex"});const vals=ex.tokens.map(t=>t.value===null?0:t.value);const top=Math.max(1e-9,...vals);
+ d.appendChild(el("small",{},fmt(ex.value)+"  "+ex.doc_id+" @ token "+ex.doc_token+"\\n"));
+ ex.tokens.forEach((t,i)=>{const a=Math.max(0,(t.value||0)/top);const s=el("span",{title:fmt(t.value),style:"background:rgba(230,81,0,"+a.toFixed(3)+")"},showTok(t.token));if(i===ex.max_index)s.className="max";d.appendChild(s);});return d;}
+function curvePlot(c){const W=330,H=170,P=30,g=svg("svg",{width:W,height:H,role:"img"});const b=c.bins.filter(x=>x.positions>0);if(!b.length)return el("span");
+ const fr=b.map(x=>x.top_prediction/x.positions),m=Math.max(0.01,...fr),bw=(W-P-8)/b.length;
+ b.forEach((x,i)=>{const h=(H-P-8)*fr[i]/m;const r=svg("rect",{x:P+i*bw+0.5,y:H-P-h,width:Math.max(1,bw-1),height:h,fill:"#1565c0","fill-opacity":Math.min(1,0.25+Math.log10(1+x.positions)/4)});
+  const t=svg("title");t.textContent="["+fmt(x.lo)+", "+fmt(x.hi)+"): n="+x.positions+", top prediction "+x.top_prediction;r.appendChild(t);g.appendChild(r);});
+ axes(g,W,H,P,b[0].lo,b[b.length-1].hi,0,m,"activation (bins; opacity = log n)","P(top prediction)");return g;}
+function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neuron));const tags=el("div");
+ c.roles.forEach(r=>tags.appendChild(el("span",{class:"tag",style:"background:"+(COLORS[r.role]||"#999")+";color:#fff"},r.role)));
+ c.verdicts.forEach(v=>tags.appendChild(el("span",{class:"tag "+v.verdict},v.kind+": "+v.subject+" \\u2014 "+v.verdict)));d.appendChild(tags);
+ if(c.verdicts.length){const t=el("table");const hr=el("tr");["hypothesis","verdict","evidence","decided by"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
+  c.verdicts.forEach(v=>{const tr=el("tr");tr.appendChild(el("td",{},v.kind+": "+v.subject));tr.appendChild(el("td",{},v.verdict));
+   tr.appendChild(el("td",{},Object.entries(v.evidence).filter(e=>typeof e[1]==="number").map(e=>e[0]+" "+fmt(e[1])).join(", ")));tr.appendChild(el("td",{},v.decided_by));t.appendChild(tr);});d.appendChild(t);}
+ const grid=el("div",{class:"grid"});
+ if(c.vocab_effect){const p=el("div");p.appendChild(el("b",{},"direct effect on every token, w_out \\u00b7 U"));const e=c.vocab_effect.edges;
+  p.appendChild(bars(c.vocab_effect.counts.map(x=>Math.log10(1+x)),e.slice(0,-1).map((x,i)=>fmt(x)+".."+fmt(e[i+1])),"#546e7a",330,150,"w_out \\u00b7 U[:, t]","log10(1+tokens)"));grid.appendChild(p);}
+ const tk=el("div");tk.appendChild(el("b",{},"top tokens"));tk.appendChild(tokenList(c.top_tokens));tk.appendChild(el("b",{},"bottom tokens"));tk.appendChild(tokenList(c.bottom_tokens));
+ const st=el("small",{},"vocab kurtosis "+fmt(c.stats.vocab_kurt)+", skew "+fmt(c.stats.vocab_skew)+(c.activation?"; activation mean "+fmt(c.activation.act_mean)+", kurtosis "+fmt(c.activation.act_kurt)+", freq>0 "+fmt(c.activation.act_freq):""));tk.appendChild(st);grid.appendChild(tk);
+ (c.curves||[]).forEach(cv=>{const p=el("div");p.appendChild(el("b",{},"activation vs top prediction of "+showTok(cv.token)));p.appendChild(curvePlot(cv));grid.appendChild(p);});
+ d.appendChild(grid);
+ if(c.examples&&c.examples.length){d.appendChild(el("b",{},"max-activating examples"));c.examples.forEach(ex=>d.appendChild(example(ex)));}
+ return d;}
+const PER=25;let page=0;
+function pager(id){const p=document.getElementById(id);p.textContent="";const n=Math.ceil(D.cards.length/PER);if(n<2)return;
+ for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}
+function draw(){const box=document.getElementById("cards");box.textContent="";D.cards.slice(page*PER,(page+1)*PER).forEach(c=>box.appendChild(card(c)));pager("pager");pager("pager2");}
+document.getElementById("title").textContent="discover report: "+D.model;
+document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
+ (D.corpus_pass?" \\u00b7 corpus pass: "+D.corpus_pass.tokens+" tokens":"")+(D.verify?" \\u00b7 verified on "+D.verify.tokens+" held-out tokens":"")+" \\u00b7 "+D.generated;
+document.getElementById("cards-title").textContent="Candidates, strongest evidence first ("+D.cards.length+")";
+rolesPlot();scatterPlot();verdictPlot();draw();
+</script></body></html>
+"""
