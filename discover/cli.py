@@ -576,7 +576,7 @@ def _cmd_verify(args) -> int:
     except ValueError as e:
         raise DiscoverError(f"{e} (see discover verify --help)") from None
     prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,
-                       rules_dirs=args.rules, allow_pickle=args.allow_pickle)
+                       rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=args.split)
     with _open_store(args, read_only=False) as store:
         res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared)
     if args.json:
@@ -639,6 +639,65 @@ def _cmd_report(args) -> int:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     print(f"{out} ({args.format}, {len(rep['cards'])} cards, {len(text) / 1e6:.1f} MB)")
+    return 0
+
+
+# -------------------------------------------------------------------------- run ----
+def _add_run(sub) -> None:
+    p = _verb(sub, "run",
+              "The main job: scan -> activations -> verify -> report, reusing whatever the store already has.",
+              "discover run gpt2-large --corpus pile-10k.jsonl --tokens 2000000")
+    _add_model_arg(p)
+    p.add_argument("--corpus", metavar="SPEC", default=None, help="the text (default: the built-in corpus)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
+    p.add_argument("--tokens", type=int, default=1_000_000, metavar="N", help="corpus-pass tokens (1000000)")
+    p.add_argument("--verify-tokens", type=int, default=50_000, metavar="N", help="held-out tokens for verify (50000)")
+    p.add_argument("--verify-split", choices=("heldout", "all", "train"), default="heldout",
+                   help="documents verify reads (heldout; `all` for a corpus too small to hold some out)")
+    p.add_argument("--candidates", type=int, default=20, metavar="N", help="prediction candidates verified (20)")
+    p.add_argument("--rules", action="append", default=[], metavar="DIR", help="extra rule files (repeatable)")
+    p.add_argument("--out", metavar="FILE", default="report.html", help="the report (report.html)")
+    p.add_argument("--format", choices=("html", "md", "json"), default="html", help="report format (html)")
+    p.add_argument("--cards", type=int, default=200, metavar="N", help="report cards (200)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from discover.activations import ActivationConfig
+    from discover.pipeline import prepare, run_pipeline
+    from discover.verify import VerifyConfig
+
+    try:
+        act = ActivationConfig(tokens=args.tokens)
+        ver = VerifyConfig(tokens=args.verify_tokens, candidates=args.candidates, split=args.verify_split)
+    except ValueError as e:
+        raise DiscoverError(f"{e} (see discover run --help)") from None
+    if args.cards < 1:
+        raise DiscoverError("--cards must be at least 1")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.exists():
+        raise DiscoverError(f"--out {out}: name a file in an existing directory")
+    prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,
+                       act_config=act, rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=ver.split)
+    with _open_store(args, read_only=False) as store:
+        res = run_pipeline(None, store, act_config=act, verify_config=ver, out=out, fmt=args.format,
+                           cards=args.cards, progress=not args.json, prepared=prepared)
+    if args.json:
+        _print_json(asdict(res))
+        return 0
+    print(_table(["stage", "status", "seconds"], [[k, v["status"], round(v["seconds"], 1)] for k, v in res.stages.items()]))
+    if res.top:
+        print("\nconfirmed neurons, strongest first:")
+        print(_table(["neuron", "what it does"], [[t["neuron"], t["description"]] for t in res.top]))
+    else:
+        print("\nno confirmed neurons (see the report for the inconclusive ones)")
+    print(f"\nreport: {res.report}   ({res.seconds:.0f} s in all)")
     return 0
 
 
@@ -726,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
+    _add_run(sub)
     _add_scan(sub)
     _add_query(sub)
     _add_activations(sub)

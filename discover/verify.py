@@ -283,7 +283,7 @@ class VerifySummary:
 
 def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *, corpus: str | None = None,
                  text_field: str = "text", rules_dirs=None, allow_pickle: bool = False, progress: bool = True,
-                 prepared=None) -> VerifySummary:
+                 prepared=None, key: str | None = None) -> VerifySummary:
     """Test the top hypotheses of a model and commit verdicts and evidence to `store`."""
     from discover.features import collect, score, shuffle_check
     from discover.scan import scan_model
@@ -291,7 +291,8 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
     cfg = config or VerifyConfig()
     t0 = time.perf_counter()
     view, identity, rules, corp, described = prepared or prepare(spec, corpus=corpus, text_field=text_field,
-                                                                 rules_dirs=rules_dirs, allow_pickle=allow_pickle)
+                                                                 rules_dirs=rules_dirs, allow_pickle=allow_pickle,
+                                                                 split=cfg.split)
     if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
         scan_model(view.spec, store, progress=progress, identity=identity, view=view)
     data = collect(view, corp, rules, tokens=cfg.tokens, context=cfg.context, split=cfg.split, progress=progress)
@@ -301,7 +302,7 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
     hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress)
     seconds = time.perf_counter() - t0
     vid = uuid.uuid4().hex[:12]
-    _write(store, vid, identity[1], described, cfg, data, shuffled, hyps, seconds)
+    _write(store, vid, identity[1], described, cfg, data, shuffled, hyps, seconds, key)
     counts: dict = {}
     for h in hyps:
         counts.setdefault(h.kind, {v: 0 for v in VERDICTS})[h.verdict] += 1
@@ -309,7 +310,17 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
                          seconds)
 
 
-def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pickle=False):
+def check_split(corp, split: str) -> None:
+    """The split the tests read must have text (the held-out split is 5% of the documents)."""
+    from discover.errors import CorpusError
+
+    for _ in corp.iter_documents(split):
+        return
+    raise CorpusError(f"the {split} split of corpus {corp.path} has no documents (held-out = about 5% of the "
+                      f"documents, chosen by a hash of their ids); use --split all / --verify-split all or a bigger corpus")
+
+
+def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pickle=False, split="heldout"):
     """Load and check the model, the rules and the corpus before the store is touched."""
     from discover.adapter import identify, load_model
     from discover.corpus import open_corpus
@@ -323,10 +334,12 @@ def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pick
         raise QueryError(f"model {spec} has no tokenizer; the verifier needs one")
     rules = load_rules(rules_dirs)
     corp = open_corpus(corpus, text_field=text_field)
-    return view, identity, rules, corp, corp.describe()
+    described = corp.describe()
+    check_split(corp, split)
+    return view, identity, rules, corp, described
 
 
-def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -> None:
+def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds, key=None) -> None:
     import pyarrow as pa
 
     from discover import __version__
@@ -349,7 +362,8 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds) -
     try:
         con.execute("INSERT INTO verify_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
                     [vid, ckpt_id, described["fingerprint"], json.dumps(described), cfg.split, data.tokens,
-                     json.dumps(asdict(cfg)), json.dumps({"skipped_rules": data.skipped, "shuffled_labels": shuffled}),
+                     json.dumps(asdict(cfg)),
+                     json.dumps({"skipped_rules": data.skipped, "shuffled_labels": shuffled, "key": key}),
                      seconds, __version__])
         insert_arrow(con, "hypotheses", tbl)
         con.execute("COMMIT")

@@ -172,7 +172,7 @@ def store_copy(ctx, tmp_path):
 # ------------------------------------------------------------------------- help ---
 def test_every_verb_is_walked():
     assert {"scan", "activations", "patch", "verify", "query", "query token", "query neuron", "query roles",
-            "query verdicts", "report", "sql", "train"} <= set(VERBS)
+            "query verdicts", "report", "run", "sql", "train"} <= set(VERBS)
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))

@@ -138,3 +138,38 @@ def test_report_bad_input(env, capsys, tmp_path):
     assert_one_error_line(rc, err, "--cards")
     rc, out, err = run(capsys, "report", mdir, "--store", tmp_path / "empty", "--out", tmp_path / "r.html")
     assert_one_error_line(rc, err, "no catalog")
+
+
+def test_discover_run_end_to_end_through_the_entry_point(env, tmp_path):
+    """`python -m discover run` on a tiny model and corpus: every stage, a report, a summary; the
+    rerun reuses everything in the store."""
+    import sys
+
+    d, mdir, _ = env
+    store, out = tmp_path / "store", tmp_path / "main.html"
+    argv = [sys.executable, "-m", "discover", "run", str(mdir), "--corpus", str(d / "corpus"), "--tokens", "1500",
+            "--verify-tokens", "1500", "--verify-split", "all", "--candidates", "3", "--store", str(store),
+            "--out", str(out)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("[1/4] scan", "[2/4] activations", "[3/4] verify", "[4/4] report"):
+        assert stage in first.stderr
+    assert "report: " + str(out.resolve()) in first.stdout
+    assert _payload(out.read_text())["cards"]
+    second = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    res = json.loads(second.stdout)
+    assert {k: v["status"] for k, v in res["stages"].items()} == {
+        "scan": "unchanged", "activations": "unchanged", "verify": "unchanged", "report": "written"}
+
+
+def test_run_with_no_held_out_documents_is_one_line_and_writes_nothing(env, tmp_path, capsys):
+    from test_cli import assert_one_error_line
+
+    d, mdir, _ = env
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "only.txt").write_text("the apple tree and the " * 20)
+    rc, out, err = run(capsys, "run", mdir, "--corpus", tiny, "--store", tmp_path / "s", "--out", tmp_path / "r.html")
+    assert_one_error_line(rc, err, "heldout split", "--verify-split all")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r.html").exists()

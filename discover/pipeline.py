@@ -1,0 +1,133 @@
+"""The main job, `discover run`: scan -> activations -> verify -> report, reusing the store.
+
+Each stage reuses what the store already has: an unchanged checkpoint is not rescanned, a corpus
+pass with enough tokens is not rerun (a larger budget extends it), and a verify run with the same
+corpus, settings and rules is reused. The report is always rewritten (it is cheap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunSummary:
+    spec: str
+    checkpoint_id: str
+    stages: dict = field(default_factory=dict)  # stage -> {"status", "seconds", ...}
+    top: list = field(default_factory=list)  # the strongest confirmed hypotheses
+    report: str = ""
+    seconds: float = 0.0
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_field: str = "text",
+                 act_config=None, verify_config=None, rules_dirs=None, out: str | Path = "report.html",
+                 fmt: str = "html", cards: int = 200, allow_pickle: bool = False, progress: bool = True,
+                 prepared=None) -> RunSummary:
+    """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in)."""
+    from discover.activations import ActivationConfig, run_activations
+    from discover.activations import prepare as prepare_pass
+    from discover.report import build_report, render_html, render_markdown
+    from discover.scan import scan_model
+    from discover.verify import VerifyConfig, query_verdicts, verify_model
+
+    quiet = not progress
+    t0 = time.perf_counter()
+    act_config = act_config or ActivationConfig()
+    verify_config = verify_config or VerifyConfig()
+    plan, verify_prep = prepared or prepare(spec, corpus=corpus, text_field=text_field, act_config=act_config,
+                                            rules_dirs=rules_dirs, allow_pickle=allow_pickle)
+    view, identity = plan.view, plan.identity
+    res = RunSummary(spec=view.spec, checkpoint_id=identity[1])
+
+    _say("[1/4] scan: every neuron's weights against the vocabulary", quiet)
+    t = time.perf_counter()
+    s = scan_model(view.spec, store, progress=progress, identity=identity, view=view)
+    res.stages["scan"] = {"status": s.status, "seconds": time.perf_counter() - t, "roles": s.role_counts}
+
+    _say(f"[2/4] activations: {act_config.tokens:,} tokens of corpus text", quiet)
+    t = time.perf_counter()
+    p = run_activations(view.spec, store, act_config, progress=progress, plan=plan)
+    res.stages["activations"] = {"status": p.status, "seconds": time.perf_counter() - t, "tokens": p.tokens,
+                                 "tokens_per_second": p.tokens_per_second}
+
+    _say(f"[3/4] verify: hypotheses on {verify_config.tokens:,} held-out tokens", quiet)
+    t = time.perf_counter()
+    key = verify_key(identity[1], plan.described["fingerprint"], verify_config, verify_prep[2])
+    reused = _find_verify(store, identity[1], key)
+    if reused is None:
+        v = verify_model(view.spec, store, verify_config, progress=progress, prepared=verify_prep, key=key)
+        res.stages["verify"] = {"status": "ran", "seconds": time.perf_counter() - t, "counts": v.counts}
+    else:
+        res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": reused}
+
+    _say("[4/4] report", quiet)
+    t = time.perf_counter()
+    rep = build_report(store, view.spec, cards=cards, view=view)
+    text = render_html(rep) if fmt == "html" else (render_markdown(rep) if fmt == "md" else json.dumps(rep, indent=1))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    res.stages["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": len(rep["cards"])}
+    res.report = str(out.resolve())
+    top = query_verdicts(store, view.spec, verdict="confirmed", top=10)["hypotheses"]
+    strings = {c["neuron"]: c for c in rep["cards"]}
+    res.top = [{"neuron": h["neuron"], "kind": h["kind"], "subject": h["subject"],
+                "description": describe(h, strings.get(h["neuron"]))} for h in top]
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def describe(h: dict, card: dict | None) -> str:
+    """One line a researcher can read: what the neuron was confirmed to do, with its numbers."""
+    ev = h["evidence"]
+    if h["kind"] == "feature":
+        line = f"detects {h['subject']} (AUROC {ev['auroc']:.3f}, held-out F1 {ev['f1']:.2f})"
+    else:
+        verb = "predicts" if h["kind"] == "prediction" else "suppresses"
+        line = (f"{verb} {h['subject']!r} (AUROC next {ev.get('auroc_next') or float('nan'):.3f}, "
+                f"ablation z {ev.get('ablation_z') or float('nan'):.1f})")
+    if card and card.get("top_tokens"):
+        line += "; writes " + " ".join(repr(t["token"]) for t in card["top_tokens"][:3])
+    return line
+
+
+def prepare(spec, *, corpus=None, text_field="text", act_config=None, rules_dirs=None, allow_pickle=False,
+            split: str = "heldout"):
+    """Check the model, corpus and rules once, before the store is touched."""
+    from discover.activations import ActivationConfig
+    from discover.activations import prepare as prepare_pass
+    from discover.rules import load_rules
+
+    plan = prepare_pass(spec, act_config or ActivationConfig(), corpus=corpus, text_field=text_field,
+                        allow_pickle=allow_pickle)
+    from discover.verify import check_split
+
+    rules = load_rules(rules_dirs)
+    check_split(plan.corpus, split)
+    return plan, (plan.view, plan.identity, rules, plan.corpus, plan.described)
+
+
+def verify_key(checkpoint_id: str, fingerprint: str, cfg, rules) -> str:
+    """What makes two verify runs the same: checkpoint, corpus, settings and the rules' contents."""
+    rules_id = [(r.name, r.kind, r.pattern, r.flags, str(r.group), r.attr, r.values, json.dumps(r.matcher),
+                 r.positive) for r in rules]
+    blob = json.dumps([checkpoint_id, fingerprint, asdict(cfg), rules_id], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _find_verify(store, checkpoint_id: str, key: str) -> str | None:
+    row = store.con.execute("SELECT verify_id FROM verify_runs WHERE checkpoint_id = ? AND json_extract_string("
+                            "checks, '$.key') = ? ORDER BY created_at DESC LIMIT 1", [checkpoint_id, key]).fetchone()
+    return None if row is None else row[0]
