@@ -98,6 +98,8 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
                 "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed")}
         if p is not None:
             act = neuron_activity(store, ckpt, l, n, limit=examples)
+            for ex in act["examples"]:  # compact: [token, value] pairs (the page holds thousands of them)
+                ex["tokens"] = [[t["token"], None if t["value"] is None else round(t["value"], 4)] for t in ex["tokens"]]
             card.update(activation=act["stats"], examples=act["examples"], curves=act["curves"])
         built.append(card)
     built.sort(key=_rank_key)
@@ -176,7 +178,7 @@ def render_markdown(rep: dict) -> str:
         out += ["top tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["top_tokens"]), "",
                 "bottom tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["bottom_tokens"]), ""]
         for ex in c.get("examples", []):
-            toks = "".join((f"**{_md(t['token'])}**" if i == ex["max_index"] else _md(t["token"]))
+            toks = "".join((f"**{_md(t[0])}**" if i == ex["max_index"] else _md(t[0]))
                            for i, t in enumerate(ex["tokens"]))
             out.append(f"- {_num(ex['value'])} ({_md(ex['doc_id'])}): {toks}")
         out.append("")
@@ -252,9 +254,9 @@ function verdictPlot(){const box=document.getElementById("verdicts");const vc=D.
  const t=el("table");const hr=el("tr");["kind","confirmed","inconclusive","rejected"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
  for(const k in vc){const tr=el("tr");tr.appendChild(el("td",{},k));["confirmed","inconclusive","rejected"].forEach(v=>{const td=el("td");td.appendChild(el("span",{class:"tag "+v},vc[k][v]));tr.appendChild(td);});t.appendChild(tr);}box.appendChild(t);}
 function tokenList(ts){const d=el("div");ts.forEach(t=>{const s=el("span",{class:"tok",title:"congruence "+fmt(t.congruence)},showTok(t.token));d.appendChild(s);});return d;}
-function example(ex){const d=el("div",{class:"ex"});const vals=ex.tokens.map(t=>t.value===null?0:t.value);const top=Math.max(1e-9,...vals);
+function example(ex){const d=el("div",{class:"ex"});const vals=ex.tokens.map(t=>t[1]===null?0:t[1]);const top=Math.max(1e-9,...vals);
  d.appendChild(el("small",{},fmt(ex.value)+"  "+ex.doc_id+" @ token "+ex.doc_token+"\\n"));
- ex.tokens.forEach((t,i)=>{const a=Math.max(0,(t.value||0)/top);const s=el("span",{title:fmt(t.value),style:"background:rgba(230,81,0,"+a.toFixed(3)+")"},showTok(t.token));if(i===ex.max_index)s.className="max";d.appendChild(s);});return d;}
+ ex.tokens.forEach((t,i)=>{const a=Math.max(0,(t[1]||0)/top);const s=el("span",{title:fmt(t[1]),style:"background:rgba(230,81,0,"+a.toFixed(3)+")"},showTok(t[0]));if(i===ex.max_index)s.className="max";d.appendChild(s);});return d;}
 function curvePlot(c){const W=330,H=170,P=30,g=svg("svg",{width:W,height:H,role:"img"});const b=c.bins.filter(x=>x.positions>0);if(!b.length)return el("span");
  const fr=b.map(x=>x.top_prediction/x.positions),m=Math.max(0.01,...fr),bw=(W-P-8)/b.length;
  b.forEach((x,i)=>{const h=(H-P-8)*fr[i]/m;const r=svg("rect",{x:P+i*bw+0.5,y:H-P-h,width:Math.max(1,bw-1),height:h,fill:"#1565c0","fill-opacity":Math.min(1,0.25+Math.log10(1+x.positions)/4)});
