@@ -238,9 +238,9 @@ function axes(g,W,H,P,x0,x1,y0,y1,xl,yl){g.appendChild(svg("line",{x1:P,y1:H-P,x
  const t1=svg("text",{x:P,y:H-P+12});t1.textContent=fmt(x0);g.appendChild(t1);const t2=svg("text",{x:W-40,y:H-P+12});t2.textContent=fmt(x1);g.appendChild(t2);
  const t3=svg("text",{x:2,y:12});t3.textContent=fmt(y1);g.appendChild(t3);const t4=svg("text",{x:2,y:H-P});t4.textContent=fmt(y0);g.appendChild(t4);
  const xt=svg("text",{x:W/2-20,y:H-2});xt.textContent=xl;g.appendChild(xt);const yt=svg("text",{x:P+4,y:12});yt.textContent=yl;g.appendChild(yt);}
-function bars(counts, labels, color, W, H, xl, yl){const P=30,g=svg("svg",{width:W,height:H,role:"img"});const m=Math.max(1,...counts);const bw=(W-P-8)/counts.length;
+function bars(counts, labels, color, W, H, xl, yl, x0, x1){const P=30,g=svg("svg",{width:W,height:H,role:"img"});const m=Math.max(1,...counts);const bw=(W-P-8)/counts.length;
  counts.forEach((c,i)=>{const h=(H-P-8)*c/m;const r=svg("rect",{x:P+i*bw+1,y:H-P-h,width:Math.max(1,bw-2),height:h,fill:color});const t=svg("title");t.textContent=(labels?labels[i]+": ":"")+c;r.appendChild(t);g.appendChild(r);});
- axes(g,W,H,P,labels?labels[0]:0,labels?labels[labels.length-1]:counts.length,0,m,xl,yl);return g;}
+ axes(g,W,H,P,x0===undefined?0:x0,x1===undefined?counts.length:x1,0,m,xl,yl);return g;}
 function rolesPlot(){const box=document.getElementById("roles");const t=el("table");const hr=el("tr");hr.appendChild(el("th",{},"role"));
  for(let l=0;l<D.n_layers;l++)hr.appendChild(el("th",{},"L"+l));t.appendChild(hr);
  for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
@@ -270,7 +270,7 @@ function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neu
    tr.appendChild(el("td",{},Object.entries(v.evidence).filter(e=>typeof e[1]==="number").map(e=>e[0]+" "+fmt(e[1])).join(", ")));tr.appendChild(el("td",{},v.decided_by));t.appendChild(tr);});d.appendChild(t);}
  const grid=el("div",{class:"grid"});
  if(c.vocab_effect){const p=el("div");p.appendChild(el("b",{},"direct effect on every token, w_out \\u00b7 U"));const e=c.vocab_effect.edges;
-  p.appendChild(bars(c.vocab_effect.counts.map(x=>Math.log10(1+x)),e.slice(0,-1).map((x,i)=>fmt(x)+".."+fmt(e[i+1])),"#546e7a",330,150,"w_out \\u00b7 U[:, t]","log10(1+tokens)"));grid.appendChild(p);}
+  p.appendChild(bars(c.vocab_effect.counts.map(x=>Math.log10(1+x)),e.slice(0,-1).map((x,i)=>fmt(x)+".."+fmt(e[i+1])),"#546e7a",330,150,"w_out \\u00b7 U[:, t]","log10(1+tokens)",e[0],e[e.length-1]));grid.appendChild(p);}
  const tk=el("div");tk.appendChild(el("b",{},"top tokens"));tk.appendChild(tokenList(c.top_tokens));tk.appendChild(el("b",{},"bottom tokens"));tk.appendChild(tokenList(c.bottom_tokens));
  const st=el("small",{},"vocab kurtosis "+fmt(c.stats.vocab_kurt)+", skew "+fmt(c.stats.vocab_skew)+(c.activation?"; activation mean "+fmt(c.activation.act_mean)+", kurtosis "+fmt(c.activation.act_kurt)+", freq>0 "+fmt(c.activation.act_freq):""));tk.appendChild(st);grid.appendChild(tk);
  (c.curves||[]).forEach(cv=>{const p=el("div");p.appendChild(el("b",{},"activation vs top prediction of "+showTok(cv.token)));p.appendChild(curvePlot(cv));grid.appendChild(p);});

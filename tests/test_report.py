@@ -15,7 +15,9 @@ import pytest
 import torch
 from test_cli import run, sql_rows
 
-EVIL = ["<script>alert(1)</script>", '"><img', "src=x", "onerror=alert(2)>", "</script><b>", "&amp;", "<!--"]
+EVIL = ["<script>alert(1)</script>", '"><img', "src=x", "onerror=alert(2)>", "</script><b>", "&amp;", "<!--",
+        "<script>document.title='PWNED'</script>", '"><svg/onload=document.title=`PWNED`>',
+        "<img/src=x/onerror=document.title='PWNED'>"]
 WORDS = ["<|endoftext|>"] + EVIL + ["the", "a", "tree", "apple", "an", "picked", "and", "of", "1999", "42"] + [
     f"w{i}" for i in range(60)]
 
@@ -173,3 +175,33 @@ def test_run_with_no_held_out_documents_is_one_line_and_writes_nothing(env, tmp_
     rc, out, err = run(capsys, "run", mdir, "--corpus", tiny, "--store", tmp_path / "s", "--out", tmp_path / "r.html")
     assert_one_error_line(rc, err, "heldout split", "--verify-split all")
     assert not (tmp_path / "s").exists() and not (tmp_path / "r.html").exists()
+
+
+def test_report_in_a_real_browser(env, capsys):
+    """Headless Chromium (Debian `chromium`; tests/setup_system.sh installs it) loads the page with
+    its markup-laden tokens: no injected script runs (they would retitle the page), the cards are
+    drawn, the tokens show as text. A screenshot is kept in tests/artifacts/."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed: run tests/setup_system.sh (CI does)")
+    d, mdir, store = env
+    out = d / "browser.html"
+    assert run(capsys, "report", mdir, "--store", store, "--out", out)[0] == 0
+    n_cards = len(_payload(out.read_text())["cards"])
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             "--virtual-time-budget=5000", f"--user-data-dir={d / 'chromium-profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html_after = dom.stdout
+    title = re.search(r"<title>(.*?)</title>", html_after, re.S).group(1)
+    assert "PWNED" not in title and title.startswith("discover report")
+    assert html_after.count('class="card"') == min(25, n_cards)  # the script ran and drew the first page
+    assert "&lt;script&gt;document.title" in html_after  # shown as text
+    for injected in ("<svg/onload", "<img/src", "<script>document", "<script>alert"):
+        assert injected not in html_after, injected
+    art = Path(__file__).parent / "artifacts"
+    art.mkdir(exist_ok=True)
+    shot = art / "report_markup_safety.png"
+    res = subprocess.run([browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", out.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
