@@ -4,6 +4,8 @@
 text)` in a fixed order with constant memory. The spec is one of:
 
     None, "default"          the built-in default corpus (below), from the running Python
+    default+docs             the default corpus plus the Python docs' reST sources and fortunes
+                             from Debian packages (DefaultDocsCorpus)
     default:ROOT             the built-in default corpus read from another CPython stdlib ROOT
     FILE.jsonl               one JSON object a line; the text is field `text_field`
     FILE.parquet             read through DuckDB; the text is column `text_field`
@@ -54,6 +56,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 import warnings
 from dataclasses import dataclass
@@ -465,6 +468,55 @@ class DefaultCorpus(Corpus):
             yield Document(f"pydoc:{key}", topics[key])
 
 
+class DefaultDocsCorpus(DefaultCorpus):
+    """`default+docs`: the built-in corpus, then English prose from two Debian packages:
+    the reStructuredText sources of the Python documentation (`python3.X-doc`:
+    /usr/share/doc/python3.X/html/_sources/**/*.txt, one document each, sorted) and the
+    `fortunes` collections (/usr/share/games/fortunes/NAME, split at `%` lines and grouped into
+    documents of at least TEXT_CHUNK_CHARS characters). Install them with
+    `apt-get install python3.X-doc fortunes` (X = the running Python's minor version)."""
+
+    kind = "default+docs"
+
+    def __init__(self, heldout_percent: int = 5, docs_root: str | None = None, fortunes_root: str | None = None):
+        super().__init__(None, heldout_percent)
+        ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        self.docs_root = docs_root or f"/usr/share/doc/{ver}/html/_sources"
+        self.fortunes_root = fortunes_root or "/usr/share/games/fortunes"
+        if not os.path.isdir(self.docs_root) or not os.path.isdir(self.fortunes_root):
+            raise CorpusError(
+                f"default+docs needs {self.docs_root} and {self.fortunes_root}: "
+                f"apt-get install {ver}-doc fortunes (or use --corpus default)"
+            )
+
+    def _read(self, counts: _Pass) -> Iterator[Document]:
+        yield from super()._read(counts)
+        for dirpath, dirnames, filenames in os.walk(self.docs_root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.endswith(".txt"):
+                    full = os.path.join(dirpath, name)
+                    with open(full, "rb") as f:
+                        yield Document(f"pydocs:{os.path.relpath(full, self.docs_root)}", _decode(f.read(), counts))
+        for name in sorted(os.listdir(self.fortunes_root)):
+            full = os.path.join(self.fortunes_root, name)
+            if "." in name or not os.path.isfile(full):  # NAME.dat indexes, NAME.u8 symlinks
+                continue
+            with open(full, "rb") as f:
+                text = _decode(f.read(), counts)
+            chunk, i = [], 0
+            for entry in text.split("\n%\n"):
+                entry = entry.strip("\n%")
+                if not entry.strip():
+                    continue
+                chunk.append(entry)
+                if sum(len(c) for c in chunk) >= TEXT_CHUNK_CHARS:
+                    yield Document(f"fortune:{name}:{i}", "\n\n".join(chunk))
+                    chunk, i = [], i + 1
+            if chunk:
+                yield Document(f"fortune:{name}:{i}", "\n\n".join(chunk))
+
+
 # ---------------------------------------------------------------------------- open ----
 def open_corpus(
     spec: str | None,
@@ -476,6 +528,8 @@ def open_corpus(
     """Open a corpus from a `--corpus` spec (see the module docstring for the forms)."""
     if spec is None or spec == "default":
         return DefaultCorpus(None, heldout_percent)
+    if spec == "default+docs":
+        return DefaultDocsCorpus(heldout_percent)
     kind, path = None, spec
     head, sep, rest = spec.partition(":")
     if sep and head in KINDS:

@@ -318,3 +318,27 @@ def test_bad_split_and_kind_mismatch(text_dir):
     with pytest.raises(CorpusError) as e:
         open_corpus(f"text:{text_dir}")
     assert "dir:" in one_line_error(e)
+
+
+def test_default_plus_docs_corpus(tmp_path):
+    """default+docs = the built-in corpus, then the Python docs' reST sources, then fortunes
+    grouped into documents; without the Debian packages, one clear error naming them."""
+    from discover.corpus import TEXT_CHUNK_CHARS, DefaultDocsCorpus, open_corpus
+    from discover.errors import CorpusError
+
+    docs, fort = tmp_path / "_sources", tmp_path / "fortunes"
+    (docs / "library").mkdir(parents=True)
+    (docs / "library" / "re.rst.txt").write_text("The re module.\n")
+    (docs / "about.rst.txt").write_text("About these documents.\n")
+    (docs / "notes.html").write_text("<p>not a source</p>")
+    fort.mkdir()
+    (fort / "computers").write_text("\n%\n".join(["A" * 3000, "B" * 3000, "C" * 3000, "D"]) + "\n%\n")
+    (fort / "computers.dat").write_bytes(b"\0\1")
+    c = DefaultDocsCorpus(docs_root=str(docs), fortunes_root=str(fort))
+    extra = [d for d in c.iter_documents() if not d.doc_id.startswith(("stdlib:", "pydoc:"))]
+    assert [d.doc_id for d in extra] == ["pydocs:about.rst.txt", "pydocs:library/re.rst.txt", "fortune:computers:0",
+                                        "fortune:computers:1"]
+    assert len(extra[2].text) >= TEXT_CHUNK_CHARS and "%" not in extra[2].text and extra[3].text == "D"
+    with pytest.raises(CorpusError, match="apt-get install python3.*-doc fortunes"):
+        DefaultDocsCorpus(docs_root=str(tmp_path / "nope"), fortunes_root=str(fort))
+    assert open_corpus("default+docs").kind == "default+docs" if (Path("/usr/share/games/fortunes")).is_dir() else True
