@@ -481,6 +481,8 @@ def _add_patch(sub) -> None:
     p.add_argument("--top", type=int, default=15, help="neurons listed (15)")
     p.add_argument("--batch-size", type=int, default=512, help="neurons per forward pass (512)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    _add_store(p)
+    p.add_argument("--no-store", action="store_true", help="only print: do not record the experiment in the store")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
     p.add_argument("--json", action="store_true", help="every neuron's numbers as JSON")
     p.set_defaults(func=_cmd_patch)
@@ -501,11 +503,17 @@ def _cmd_patch(args) -> int:
         raise DiscoverError(str(e)) from None
     view = load_model(args.model or _default_model(), allow_pickle=args.allow_pickle)
     res = patch_neurons(view, args.clean, args.corrupted, args.target, args.contrast, cfg, progress=not args.json)
+    experiment = None
+    if not args.no_store:
+        from discover.patch import store_result
+
+        with _open_store(args, read_only=False) as store:
+            experiment = store_result(store, view, res, args.clean, args.corrupted, cfg.layers)
     N = view.d_mlp
     exact = [(l, n, float(v)) for l, arr in res.recovery.items() for n, v in enumerate(arr)]
     exact.sort(key=lambda x: -abs(x[2]))
     att = res.attribution
-    meta = {"model": view.spec, "checkpoint_id": view.checkpoint_id, "direction": "denoising",
+    meta = {"model": view.spec, "checkpoint_id": view.checkpoint_id, "experiment_id": experiment, "direction": "denoising",
             "ablation": "clean activation patched into the corrupted run", "positions": res.positions,
             "target": {"id": res.target[0], "token": res.target[1]},
             "contrast": {"id": res.contrast[0], "token": res.contrast[1]},

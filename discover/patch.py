@@ -84,7 +84,7 @@ def single_token(view, text: str, what: str) -> int:
 def encode_prompt(view, text: str, bos: bool) -> list[int]:
     if not text:
         raise QueryError("a prompt is empty; give --clean and --corrupted text")
-    ids = view.tokenizer.encode(text, add_special_tokens=False)
+    ids = view.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is checked below
     b = view.tokenizer.bos_token_id if view.tokenizer.bos_token_id is not None else view.tokenizer.eos_token_id
     return ([int(b)] if bos and b is not None else []) + [int(i) for i in ids]
 
@@ -358,3 +358,40 @@ def patch_loop(view, clean: str, corrupted: str, target: str, contrast: str, lay
         m = float(logits[single_token(view, target, "--target")] - logits[single_token(view, contrast, "--contrast")])
         out.append((m - r.m_corr) / (r.m_clean - r.m_corr))
     return np.array(out)
+
+
+def store_result(store, view, res: PatchResult, clean: str, corrupted: str, layers) -> str:
+    """Write one experiment (every neuron's recovery and attribution) in one transaction."""
+    import json
+    import uuid
+
+    import pyarrow as pa
+
+    from discover.store import _rollback, insert_arrow
+
+    eid = uuid.uuid4().hex[:12]
+    L, N = view.n_layers, view.d_mlp
+    rec = np.full((L, N), np.nan)
+    for l, arr in res.recovery.items():
+        rec[l] = arr
+    att = res.attribution if res.attribution is not None else np.full((L, N), np.nan)
+    tbl = pa.table({
+        "experiment_id": pa.repeat(pa.scalar(eid), L * N),
+        "checkpoint_id": pa.repeat(pa.scalar(view.checkpoint_id), L * N),
+        "layer": np.repeat(np.arange(L, dtype=np.int16), N),
+        "neuron": np.tile(np.arange(N, dtype=np.int32), L),
+        "recovery": pa.array(rec.ravel(), mask=np.isnan(rec.ravel())),
+        "attribution": pa.array(att.ravel(), mask=np.isnan(att.ravel())),
+    })
+    con = store.con
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("INSERT INTO patch_experiments VALUES (?, ?, ?, ?, ?, ?, 'denoising', ?, ?, ?, ?, now(), ?)",
+                    [eid, view.checkpoint_id, clean, corrupted, res.target[1], res.contrast[1], res.positions,
+                     res.m_clean, res.m_corrupted, json.dumps(sorted(res.recovery)), res.seconds])
+        insert_arrow(con, "patch_results", tbl)
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
+    return eid

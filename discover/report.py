@@ -5,7 +5,8 @@ vocabulary kurtosis vs skew of every neuron, verdict counts) and one card per ca
 — ranked by the strength of its verdicts and evidence — with its roles, verdicts (and the
 numbers that decided them), statistics, top and bottom tokens, the histogram of its direct
 vocabulary effect `w_out . U[:, t]` over every token, its activation-vs-prediction curves,
-max-activating examples with per-token values, and its feature-test scores.
+max-activating examples with per-token values, its feature-test scores, and its results in the
+stored `discover patch` experiments.
 
 `render_html` writes one self-contained file: the data travels as JSON inside a
 `<script type="application/json">` element (every `<`, `>` and `&` escaped, so no token or
@@ -96,6 +97,14 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         card = {"neuron": q["neuron"], "layer": l, "index": n, "roles": q["roles"], "stats": q["stats"],
                 "top_tokens": q["top_tokens"][:10], "bottom_tokens": q["bottom_tokens"][:10],
                 "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed")}
+        card["patching"] = [
+            {"experiment_id": e, "clean": c_, "corrupted": k_, "target": t, "contrast": ct, "positions": ps,
+             "recovery": r, "attribution": a}
+            for e, c_, k_, t, ct, ps, r, a in con.execute(
+                "SELECT x.experiment_id, x.clean, x.corrupted, x.target, x.contrast, x.positions, r.recovery, "
+                "r.attribution FROM patch_results r JOIN patch_experiments x USING (experiment_id) WHERE "
+                "r.checkpoint_id = ? AND r.layer = ? AND r.neuron = ? ORDER BY x.created_at DESC LIMIT 5",
+                [cid, l, n]).fetchall()]
         if p is not None:
             act = neuron_activity(store, ckpt, l, n, limit=examples)
             for ex in act["examples"]:  # compact: [token, value] pairs (the page holds thousands of them)
@@ -177,6 +186,9 @@ def render_markdown(rep: dict) -> str:
             out.append("")
         out += ["top tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["top_tokens"]), "",
                 "bottom tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["bottom_tokens"]), ""]
+        for x in c.get("patching", []):
+            out.append(f"- patching {_md(x['target'])} vs {_md(x['contrast'])} ({x['positions']}): recovery "
+                       f"{_num(x['recovery'])}, attribution {_num(x['attribution'])}")
         for ex in c.get("examples", []):
             toks = "".join((f"**{_md(t[0])}**" if i == ex["max_index"] else _md(t[0]))
                            for i, t in enumerate(ex["tokens"]))
@@ -275,6 +287,9 @@ function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neu
  const st=el("small",{},"vocab kurtosis "+fmt(c.stats.vocab_kurt)+", skew "+fmt(c.stats.vocab_skew)+(c.activation?"; activation mean "+fmt(c.activation.act_mean)+", kurtosis "+fmt(c.activation.act_kurt)+", freq>0 "+fmt(c.activation.act_freq):""));tk.appendChild(st);grid.appendChild(tk);
  (c.curves||[]).forEach(cv=>{const p=el("div");p.appendChild(el("b",{},"activation vs top prediction of "+showTok(cv.token)));p.appendChild(curvePlot(cv));grid.appendChild(p);});
  d.appendChild(grid);
+ if(c.patching&&c.patching.length){d.appendChild(el("b",{},"activation patching (denoising; recovery of logit(target) \u2212 logit(contrast))"));const t=el("table");const hr=el("tr");
+  ["target / contrast","positions","recovery (exact)","attribution","clean prompt"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
+  c.patching.forEach(x=>{const tr=el("tr");[showTok(x.target)+" / "+showTok(x.contrast),x.positions,fmt(x.recovery),fmt(x.attribution),x.clean].forEach(v=>tr.appendChild(el("td",{},v)));t.appendChild(tr);});d.appendChild(t);}
  if(c.examples&&c.examples.length){d.appendChild(el("b",{},"max-activating examples"));c.examples.forEach(ex=>d.appendChild(example(ex)));}
  return d;}
 const PER=25;let page=0;

@@ -189,6 +189,29 @@ CREATE TABLE IF NOT EXISTS hypotheses (
     decided_by      VARCHAR,              -- the decision rule that decided
     evidence        JSON                  -- every number the decision used
 );
+CREATE TABLE IF NOT EXISTS patch_experiments (
+    experiment_id   VARCHAR PRIMARY KEY,
+    checkpoint_id   VARCHAR,
+    clean           VARCHAR,              -- the prompts, as given
+    corrupted       VARCHAR,
+    target          VARCHAR,
+    contrast        VARCHAR,
+    direction       VARCHAR,              -- denoising: clean activations patched into the corrupted run
+    positions       VARCHAR,              -- last | all
+    m_clean         DOUBLE,               -- logit(target) - logit(contrast) at the final position
+    m_corrupted     DOUBLE,
+    layers          JSON,                 -- the layers patched exactly
+    created_at      TIMESTAMP,
+    seconds         DOUBLE
+);
+CREATE TABLE IF NOT EXISTS patch_results (
+    experiment_id   VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    recovery        DOUBLE,               -- exact; NULL where the layer was not patched exactly
+    attribution     DOUBLE                -- the first-order screen, every layer
+);
 CREATE TABLE IF NOT EXISTS prediction_curves (
     pass_id         VARCHAR,
     checkpoint_id   VARCHAR,

@@ -110,11 +110,15 @@ AN_CLEAN = "I climbed up the pear tree and picked a pear. I climbed up the apple
 AN_CORR = AN_CLEAN.replace("apple", "lemon")
 
 
-def test_cli_an_experiment_on_the_default_model(capsys):
+def test_cli_an_experiment_on_the_default_model(capsys, tmp_path):
     """The "an" study's prompts on the embedded model: whatever it does, the numbers are
-    consistent (exact recovery of the strongest neuron equals a one-neuron forward pass)."""
+    consistent (exact recovery of the strongest neuron equals a one-neuron forward pass), and
+    the experiment is recorded in the store."""
+    from test_cli import sql_rows
+
+    store = tmp_path / "store"
     res = run_json(capsys, "patch", "--clean", AN_CLEAN, "--corrupted", AN_CORR, "--target", " an",
-                   "--contrast", " a")
+                   "--contrast", " a", "--store", store)
     assert res["positions"] == "last" and res["direction"] == "denoising"
     assert res["m_clean"] != res["m_corrupted"]
     rec = {int(l): np.array(v["recovery"]) for l, v in res["layers"].items()}
@@ -126,8 +130,13 @@ def test_cli_an_experiment_on_the_default_model(capsys):
     view = load_model(default_model_spec())
     ref = patch_loop(view, AN_CLEAN, AN_CORR, " an", " a", layer, [n])
     assert ref[0] == pytest.approx(rec[layer][n], abs=1e-4)
+    (stored,), = sql_rows(store, "SELECT recovery FROM patch_results WHERE experiment_id = ? AND layer = ? AND "
+                                 "neuron = ?", [res["experiment_id"], layer, n])
+    assert stored == pytest.approx(rec[layer][n])
+    assert sql_rows(store, "SELECT target, positions, m_clean FROM patch_experiments") == [
+        (" an", "last", pytest.approx(res["m_clean"]))]
     rc, out, err = run(capsys, "patch", "--clean", AN_CLEAN, "--corrupted", AN_CORR, "--target", " an",
-                       "--contrast", " a", "--layers", 1, "--top", 5)
+                       "--contrast", " a", "--layers", 1, "--top", 5, "--no-store")
     assert rc == 0, err
     assert "recovery" in out and "attribution screen" in out
 
@@ -142,15 +151,16 @@ def test_cli_an_experiment_on_the_default_model(capsys):
     (["--batch-size", 0], ["batch_size"]),
     (["--corrupted", "tree " * 300], ["longer than this model's", "positions"]),
 ])
-def test_cli_bad_input(extra, needles, capsys):
-    base = {"--clean": AN_CLEAN, "--corrupted": AN_CORR, "--target": " an", "--contrast": " a"}
+def test_cli_bad_input(extra, needles, capsys, tmp_path):
+    base = {"--clean": AN_CLEAN, "--corrupted": AN_CORR, "--target": " an", "--contrast": " a",
+            "--store": tmp_path / "store"}
     argv = ["patch"]
     given = dict(zip(extra[::2], extra[1::2]))
     for k, v in {**base, **given}.items():
         argv += [k, v]
     rc, out, err = run(capsys, *argv)
     assert_one_error_line(rc, err, *needles)
-    assert out == ""
+    assert out == "" and not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])

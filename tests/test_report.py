@@ -205,3 +205,20 @@ def test_report_in_a_real_browser(env, capsys):
     res = subprocess.run([browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", out.as_uri()],
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
+
+
+def test_cards_show_stored_patching_results(env, capsys, tmp_path):
+    d, mdir, store = env
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    res = json.loads(run(capsys, "patch", mdir, "--clean", "the apple tree and the", "--corrupted",
+                         "the w3 tree and the", "--target", "an", "--contrast", "a", "--store", work, "--json")[1])
+    out = tmp_path / "r.json"
+    assert run(capsys, "report", mdir, "--store", work, "--format", "json", "--out", out)[0] == 0
+    rep = json.loads(out.read_text())
+    card = rep["cards"][0]
+    (rec, att), = sql_rows(work, "SELECT recovery, attribution FROM patch_results WHERE experiment_id = ? AND "
+                                 "layer = ? AND neuron = ?", [res["experiment_id"], card["layer"], card["index"]])
+    got = [x for x in card["patching"] if x["experiment_id"] == res["experiment_id"]]
+    assert got and got[0]["recovery"] == pytest.approx(rec) and got[0]["attribution"] == pytest.approx(att)
+    assert got[0]["target"] == "an" and got[0]["positions"] == "last"
