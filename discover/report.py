@@ -257,11 +257,16 @@ function rolesPlot(){const box=document.getElementById("roles");const t=el("tabl
  for(let l=0;l<D.n_layers;l++)hr.appendChild(el("th",{},"L"+l));t.appendChild(hr);
  for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
   c.forEach(x=>tr.appendChild(el("td",{},x)));t.appendChild(tr);}box.appendChild(t);}
-function scatterPlot(){const s=D.summary.scatter,W=360,H=240,P=30,g=svg("svg",{width:W,height:H,role:"img"});const K=s.kurtosis.map(x=>x===null?NaN:x),S=s.skew.map(x=>x===null?NaN:x);
- const kx=Math.max(...K.filter(isFinite)),kn=Math.min(...K.filter(isFinite)),sx=Math.max(...S.filter(isFinite)),sn=Math.min(...S.filter(isFinite));
+function scatterPlot(){const s=D.summary.scatter,W=360,H=240,P=30;const K=s.kurtosis.map(x=>x===null?NaN:x),S=s.skew.map(x=>x===null?NaN:x);
+ const fk=K.filter(isFinite),fs=S.filter(isFinite);if(!fk.length)return;
+ const kx=fk.reduce((a,b)=>Math.max(a,b)),kn=fk.reduce((a,b)=>Math.min(a,b)),sx=fs.reduce((a,b)=>Math.max(a,b)),sn=fs.reduce((a,b)=>Math.min(a,b));
  const X=k=>P+(W-P-8)*(k-kn)/((kx-kn)||1),Y=v=>H-P-(H-P-8)*(v-sn)/((sx-sn)||1);
- for(let i=0;i<K.length;i++){if(!isFinite(K[i])||!isFinite(S[i]))continue;const r=s.role[i];g.appendChild(svg("circle",{cx:X(K[i]).toFixed(1),cy:Y(S[i]).toFixed(1),r:r?2.4:1.4,fill:r?(COLORS[r]||"#555"):"#b9c0cc","fill-opacity":r?0.9:0.5}));}
- axes(g,W,H,P,kn,kx,sn,sx,"kurtosis","skew");document.getElementById("scatter").appendChild(g);}
+ const box=el("div",{style:"position:relative;width:"+W+"px;height:"+H+"px"});
+ const cv=el("canvas",{width:W,height:H,style:"position:absolute;left:0;top:0"});const ctx=cv.getContext("2d");
+ for(const pass of [0,1])for(let i=0;i<K.length;i++){const r=s.role[i];if(!isFinite(K[i])||!isFinite(S[i])||(pass===0)===Boolean(r))continue;
+  ctx.fillStyle=r?(COLORS[r]||"#555"):"rgba(150,160,175,0.45)";ctx.beginPath();ctx.arc(X(K[i]),Y(S[i]),r?2.6:1.5,0,6.2832);ctx.fill();}
+ const g=svg("svg",{width:W,height:H,style:"position:absolute;left:0;top:0"});axes(g,W,H,P,kn,kx,sn,sx,"kurtosis","skew");
+ box.appendChild(cv);box.appendChild(g);document.getElementById("scatter").appendChild(box);}
 function verdictPlot(){const box=document.getElementById("verdicts");const vc=D.summary.verdict_counts;if(!Object.keys(vc).length){box.appendChild(el("p",{},"no verify run yet: discover verify"));return;}
  const t=el("table");const hr=el("tr");["kind","confirmed","inconclusive","rejected"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
  for(const k in vc){const tr=el("tr");tr.appendChild(el("td",{},k));["confirmed","inconclusive","rejected"].forEach(v=>{const td=el("td");td.appendChild(el("span",{class:"tag "+v},vc[k][v]));tr.appendChild(td);});t.appendChild(tr);}box.appendChild(t);}

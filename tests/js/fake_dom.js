@@ -17,6 +17,7 @@ class Node_ {
   get innerHTML() { throw new Error("innerHTML used"); }
   set innerHTML(v) { throw new Error("innerHTML used"); }
   get offsetTop() { return 0; }
+  getContext() { const n = () => { counts.draw = (counts.draw || 0) + 1; }; return {beginPath() {}, arc: n, fill() {}, set fillStyle(v) {}}; }
 }
 const byId = {};
 for (const id of ["title", "sub", "roles", "scatter", "verdicts", "cards-title", "pager", "cards", "pager2"]) byId[id] = new Node_("div");
