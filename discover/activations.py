@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +193,7 @@ class PassState:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "PassState":
+    def load(cls, path: Path) -> PassState:
         self = cls.__new__(cls)
         with np.load(path) as z:
             self.meta = json.loads(bytes(z["__meta__"]).decode())
@@ -584,7 +584,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     """Commit the pass's current results: arrays first (unreferenced), then one transaction."""
     import pyarrow as pa
 
-    from discover.store import _rollback, insert_arrow
+    from discover.store import insert_arrow, transaction
 
     view = runner.view
     L, N, k = runner.L, runner.N, runner.cfg.top_k
@@ -607,8 +607,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
             docs = a[f"{p}doc"].reshape(L * N, k)
             # strongest first; ties by document order; empty slots (doc -1, value EMPTY) last
             order = np.lexsort((np.where(docs >= 0, docs, np.iinfo(np.int64).max), -vals.astype(np.float64)), axis=1)
-            take = lambda x: np.take_along_axis(x.reshape(L * N, k, *x.shape[3:]),  # noqa: E731
-                                                order.reshape(L * N, k, *([1] * (x.ndim - 3))), axis=1)
+            take = partial(_take_ranked, order=order, rows=L * N, k=k)
             vals, docs = take(a[f"{p}v"]), take(a[f"{p}doc"])
             pos, chunk = take(a[f"{p}pos"]), take(a[f"{p}chunk"])
             ex_tok[:, s] = take(a[f"{p}tok"])
@@ -653,9 +652,7 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                           "count": hist[gi, bi].astype(np.int64)})
         curves = _curves_table(runner.pairs, a["curves"], edges, str_arr)
         examples = pa.concat_tables(tables)
-        con = store.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(store.con) as con:
             for t in RESULT_TABLES:
                 con.execute(f"DELETE FROM {t} WHERE pass_id = ?", [pid])
             for name, tbl in (("neuron_activations", acts), ("activation_examples", examples),
@@ -668,10 +665,6 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                 "results_dir = ?, updated_at = now(), seconds = ? WHERE pass_id = ?",
                 [state.meta["tokens"], state.meta["sequences"], state.meta["documents"], state.meta["exhausted"],
                  rdir_name, seconds, pid])
-            con.execute("COMMIT")
-        except BaseException:
-            _rollback(con)
-            raise
     except BaseException:
         shutil.rmtree(rdir, ignore_errors=True)
         raise
@@ -679,6 +672,11 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     if old and old != rdir_name:
         shutil.rmtree(pdir / old, ignore_errors=True)
     row.update(_pass_row(store, cid, row["pass_key"]))
+
+
+def _take_ranked(x: np.ndarray, *, order: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """x (L, N, k, ...) reordered along the k axis by `order` (rows, k): (rows, k, ...)."""
+    return np.take_along_axis(x.reshape(rows, k, *x.shape[3:]), order.reshape(rows, k, *([1] * (x.ndim - 3))), axis=1)
 
 
 def settings_bos(row: dict):

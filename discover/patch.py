@@ -367,7 +367,7 @@ def store_result(store, view, res: PatchResult, clean: str, corrupted: str, laye
 
     import pyarrow as pa
 
-    from discover.store import _rollback, insert_arrow
+    from discover.store import insert_arrow, transaction
 
     eid = uuid.uuid4().hex[:12]
     L, N = view.n_layers, view.d_mlp
@@ -383,15 +383,9 @@ def store_result(store, view, res: PatchResult, clean: str, corrupted: str, laye
         "recovery": pa.array(rec.ravel(), mask=np.isnan(rec.ravel())),
         "attribution": pa.array(att.ravel(), mask=np.isnan(att.ravel())),
     })
-    con = store.con
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(store.con) as con:
         con.execute("INSERT INTO patch_experiments VALUES (?, ?, ?, ?, ?, ?, 'denoising', ?, ?, ?, ?, now(), ?)",
                     [eid, view.checkpoint_id, clean, corrupted, res.target[1], res.contrast[1], res.positions,
                      res.m_clean, res.m_corrupted, json.dumps(sorted(res.recovery)), res.seconds])
         insert_arrow(con, "patch_results", tbl)
-        con.execute("COMMIT")
-    except BaseException:
-        _rollback(con)
-        raise
     return eid

@@ -36,7 +36,6 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
                  prepared=None) -> RunSummary:
     """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in)."""
     from discover.activations import ActivationConfig, run_activations
-    from discover.activations import prepare as prepare_pass
     from discover.report import build_report, render_html, render_markdown
     from discover.scan import scan_model
     from discover.verify import VerifyConfig, query_verdicts, verify_model

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -523,6 +524,18 @@ def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
         "role": pa.array([r[1] for r in role_rows], type=pa.string()),
         "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
     })
+
+
+@contextmanager
+def transaction(con):
+    """BEGIN ... COMMIT, rolled back on any exception (a KeyboardInterrupt too)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
 
 
 def insert_arrow(con, table: str, tbl) -> None:

@@ -172,7 +172,7 @@ class _Ablator:
                 delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
                 hid = blocks_from(view, l, outs[l] + delta)
                 out[i] = float((logp(hid) - base).mean())
-        return out, int(len(rows))
+        return out, len(rows)
 
 
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
@@ -198,7 +198,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         ev = {"token": strings[tok], "auroc_next": _auroc(x[has_next], data.next_token[has_next] == tok),
               "auroc_top_prediction": _auroc(x, data.top_pred == tok),
               "n_next": int((data.next_token == tok).sum()), "n_top_prediction": int((data.top_pred == tok).sum()),
-              "held_out_tokens": int(len(x))}
+              "held_out_tokens": len(x)}
         ev.update(_curve_trend(curves.get((l, n, tok))))
         controls = [int(c) for c in rng.choice([i for i in range(N) if i != n], size=min(cfg.controls, N - 1),
                                                replace=False)]
@@ -343,7 +343,7 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds, k
     import pyarrow as pa
 
     from discover import __version__
-    from discover.store import _rollback, insert_arrow
+    from discover.store import insert_arrow, transaction
 
     tbl = pa.table({
         "verify_id": pa.repeat(pa.scalar(vid), len(hyps)),
@@ -357,19 +357,13 @@ def _write(store, vid, ckpt_id, described, cfg, data, shuffled, hyps, seconds, k
         "decided_by": pa.array([h.decided_by for h in hyps], pa.string()),
         "evidence": pa.array([json.dumps(_finite(h.evidence)) for h in hyps], pa.string()),
     })
-    con = store.con
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(store.con) as con:
         con.execute("INSERT INTO verify_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
                     [vid, ckpt_id, described["fingerprint"], json.dumps(described), cfg.split, data.tokens,
                      json.dumps(asdict(cfg)),
                      json.dumps({"skipped_rules": data.skipped, "shuffled_labels": shuffled, "key": key}),
                      seconds, __version__])
         insert_arrow(con, "hypotheses", tbl)
-        con.execute("COMMIT")
-    except BaseException:
-        _rollback(con)
-        raise
 
 
 def _finite(ev: dict) -> dict:
