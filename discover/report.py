@@ -244,7 +244,7 @@ const NS = "http://www.w3.org/2000/svg";
 const COLORS = {prediction:"#2e7d32",suppression:"#c62828",partition:"#6a1b9a",entropy:"#ef6c00",memory_management:"#1565c0",signal_boosting:"#00838f"};
 function el(tag, attrs, text){const e=document.createElement(tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);if(text!==undefined&&text!==null)e.textContent=String(text);return e;}
 function svg(tag, attrs){const e=document.createElementNS(NS,tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);return e;}
-function fmt(x,d){if(x===null||x===undefined)return "-";if(typeof x!=="number")return String(x);const a=Math.abs(x);return (a!==0&&(a<1e-3||a>=1e5))?x.toExponential(2):x.toPrecision(d||3);}
+function fmt(x,d){if(x===null||x===undefined)return "-";if(typeof x!=="number")return String(x);if(Number.isInteger(x))return String(x);const a=Math.abs(x);return (a!==0&&(a<1e-3||a>=1e5))?x.toExponential(2):x.toPrecision(d||3);}
 function showTok(s){return String(s).replace(/\\n/g,"\\u21b5").replace(/\\t/g,"\\u2192");}
 function axes(g,W,H,P,x0,x1,y0,y1,xl,yl){g.appendChild(svg("line",{x1:P,y1:H-P,x2:W-5,y2:H-P,stroke:"#99a"}));g.appendChild(svg("line",{x1:P,y1:5,x2:P,y2:H-P,stroke:"#99a"}));
  const t1=svg("text",{x:P,y:H-P+12});t1.textContent=fmt(x0);g.appendChild(t1);const t2=svg("text",{x:W-40,y:H-P+12});t2.textContent=fmt(x1);g.appendChild(t2);
@@ -253,7 +253,11 @@ function axes(g,W,H,P,x0,x1,y0,y1,xl,yl){g.appendChild(svg("line",{x1:P,y1:H-P,x
 function bars(counts, labels, color, W, H, xl, yl, x0, x1){const P=30,g=svg("svg",{width:W,height:H,role:"img"});const m=Math.max(1,...counts);const bw=(W-P-8)/counts.length;
  counts.forEach((c,i)=>{const h=(H-P-8)*c/m;const r=svg("rect",{x:P+i*bw+1,y:H-P-h,width:Math.max(1,bw-2),height:h,fill:color});const t=svg("title");t.textContent=(labels?labels[i]+": ":"")+c;r.appendChild(t);g.appendChild(r);});
  axes(g,W,H,P,x0===undefined?0:x0,x1===undefined?counts.length:x1,0,m,xl,yl);return g;}
-function rolesPlot(){const box=document.getElementById("roles");const t=el("table");const hr=el("tr");hr.appendChild(el("th",{},"role"));
+function rolesPlot(){const box=document.getElementById("roles");const R=D.summary.roles_per_layer,L=D.n_layers,W=340,H=150,P=30;
+ const tot=[];for(let l=0;l<L;l++){let a=0;for(const r in R)a+=R[r][l];tot.push(a);}const m=Math.max(1,...tot),bw=(W-P-8)/L;const g=svg("svg",{width:W,height:H,role:"img"});
+ for(let l=0;l<L;l++){let y=H-P;for(const r in R){const c=R[r][l];if(!c)continue;const h=(H-P-8)*c/m;y-=h;const b=svg("rect",{x:P+l*bw+1,y:y,width:Math.max(1,bw-2),height:h,fill:COLORS[r]||"#999"});
+  const t=svg("title");t.textContent="L"+l+" "+r+": "+c;b.appendChild(t);g.appendChild(b);}}
+ axes(g,W,H,P,0,L-1,0,m,"layer","neurons with a role");box.appendChild(g);const t=el("table");const hr=el("tr");hr.appendChild(el("th",{},"role"));
  for(let l=0;l<D.n_layers;l++)hr.appendChild(el("th",{},"L"+l));t.appendChild(hr);
  for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
   c.forEach(x=>tr.appendChild(el("td",{},x)));t.appendChild(tr);}box.appendChild(t);}
