@@ -585,8 +585,11 @@ def _cmd_verify(args) -> int:
         raise DiscoverError(f"{e} (see discover verify --help)") from None
     prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,
                        rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=args.split)
+    from discover.pipeline import verify_key
+
+    key = verify_key(prepared[1][1], prepared[4]["fingerprint"], cfg, prepared[2])  # lets `discover run` reuse it
     with _open_store(args, read_only=False) as store:
-        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared)
+        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key)
     if args.json:
         _print_json(asdict(res))
         return 0
@@ -641,6 +644,9 @@ def _cmd_report(args) -> int:
         print(f"discover: note: no vocabulary-effect histograms ({e})", file=sys.stderr)
     with _open_store(args, read_only=True) as store:
         rep = build_report(store, model, cards=args.cards, examples=args.examples, view=view)
+    if view is not None and view.checkpoint_id != rep["checkpoint_id"]:
+        print(f"discover: note: {model} has changed since it was scanned: no vocabulary-effect histograms "
+              "(rescan it to get them)", file=sys.stderr)
     text = {"html": render_html, "md": render_markdown,
             "json": lambda r: _json.dumps(r, indent=1, ensure_ascii=False)}[args.format](rep)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -664,7 +670,7 @@ def _add_run(sub) -> None:
                    help="documents verify reads (heldout; `all` for a corpus too small to hold some out)")
     p.add_argument("--candidates", type=int, default=20, metavar="N", help="prediction candidates verified (20)")
     p.add_argument("--rules", action="append", default=[], metavar="DIR", help="extra rule files (repeatable)")
-    p.add_argument("--out", metavar="FILE", default="report.html", help="the report (report.html)")
+    p.add_argument("--out", metavar="FILE", default=None, help="the report (default: report.html / .md / .json)")
     p.add_argument("--format", choices=("html", "md", "json"), default="html", help="report format (html)")
     p.add_argument("--cards", type=int, default=200, metavar="N", help="report cards (200)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
@@ -688,7 +694,7 @@ def _cmd_run(args) -> int:
         raise DiscoverError(f"{e} (see discover run --help)") from None
     if args.cards < 1:
         raise DiscoverError("--cards must be at least 1")
-    out = Path(args.out)
+    out = Path(args.out or f"report.{args.format}")
     if out.is_dir() or not out.parent.exists():
         raise DiscoverError(f"--out {out}: name a file in an existing directory")
     prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,

@@ -45,14 +45,19 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     act_config = act_config or ActivationConfig()
     verify_config = verify_config or VerifyConfig()
     plan, verify_prep = prepared or prepare(spec, corpus=corpus, text_field=text_field, act_config=act_config,
-                                            rules_dirs=rules_dirs, allow_pickle=allow_pickle)
+                                            rules_dirs=rules_dirs, allow_pickle=allow_pickle,
+                                            split=verify_config.split)
     view, identity = plan.view, plan.identity
     res = RunSummary(spec=view.spec, checkpoint_id=identity[1])
 
     _say("[1/4] scan: every neuron's weights against the vocabulary", quiet)
     t = time.perf_counter()
-    s = scan_model(view.spec, store, progress=progress, identity=identity, view=view)
-    res.stages["scan"] = {"status": s.status, "seconds": time.perf_counter() - t, "roles": s.role_counts}
+    if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
+        s = scan_model(view.spec, store, progress=progress, identity=identity, view=view)
+        res.stages["scan"] = {"status": s.status, "seconds": time.perf_counter() - t, "roles": s.role_counts}
+    else:
+        store.add_alias(identity[0], identity[1])
+        res.stages["scan"] = {"status": "unchanged", "seconds": time.perf_counter() - t}
 
     _say(f"[2/4] activations: {act_config.tokens:,} tokens of corpus text", quiet)
     t = time.perf_counter()
@@ -66,13 +71,16 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     reused = _find_verify(store, identity[1], key)
     if reused is None:
         v = verify_model(view.spec, store, verify_config, progress=progress, prepared=verify_prep, key=key)
-        res.stages["verify"] = {"status": "ran", "seconds": time.perf_counter() - t, "counts": v.counts}
+        vid = v.verify_id
+        res.stages["verify"] = {"status": "ran", "seconds": time.perf_counter() - t, "counts": v.counts,
+                                "verify_id": vid}
     else:
-        res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": reused}
+        vid = reused
+        res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": vid}
 
     _say("[4/4] report", quiet)
     t = time.perf_counter()
-    rep = build_report(store, view.spec, cards=cards, view=view)
+    rep = build_report(store, view.spec, cards=cards, view=view, verify_id=vid)  # this run's verdicts
     text = render_html(rep) if fmt == "html" else (render_markdown(rep) if fmt == "md" else json.dumps(rep, indent=1))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -80,7 +88,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     tmp.replace(out)
     res.stages["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": len(rep["cards"])}
     res.report = str(out.resolve())
-    top = query_verdicts(store, view.spec, verdict="confirmed", top=10)["hypotheses"]
+    top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
     strings = {c["neuron"]: c for c in rep["cards"]}
     res.top = [{"neuron": h["neuron"], "kind": h["kind"], "subject": h["subject"],
                 "description": describe(h, strings.get(h["neuron"]))} for h in top]
@@ -119,10 +127,16 @@ def prepare(spec, *, corpus=None, text_field="text", act_config=None, rules_dirs
 
 
 def verify_key(checkpoint_id: str, fingerprint: str, cfg, rules) -> str:
-    """What makes two verify runs the same: checkpoint, corpus, settings and the rules' contents."""
+    """What makes two verify runs the same: checkpoint, corpus, settings, the rules' contents,
+    whether spaCy rules can run, and the discover version."""
+    from discover import __version__
+    from discover.rules import load_spacy
+
     rules_id = [(r.name, r.kind, r.pattern, r.flags, str(r.group), r.attr, r.values, json.dumps(r.matcher),
                  r.positive) for r in rules]
-    blob = json.dumps([checkpoint_id, fingerprint, asdict(cfg), rules_id], sort_keys=True, default=str)
+    spacy_ok = load_spacy() is not None if any(r.kind == "spacy" for r in rules) else None
+    blob = json.dumps([checkpoint_id, fingerprint, asdict(cfg), rules_id, spacy_ok, __version__], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

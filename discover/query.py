@@ -331,7 +331,7 @@ def neuron_activity(store: Store, ckpt: dict, layer: int, neuron: int, *, kind: 
     if kind not in ("activation", "dla"):
         raise QueryError(f"unknown example kind {kind!r}; use activation or dla")
     if limit < 1:
-        raise QueryError("--examples-k must be at least 1")
+        raise QueryError("the number of examples (--examples-k) must be at least 1")
     p = latest_pass(store, ckpt)
     if p is None:
         raise QueryError(

@@ -44,20 +44,27 @@ def _clean(x):
 
 
 def _rank_key(c: dict) -> tuple:
-    order = {"confirmed": 0, "inconclusive": 1, "rejected": 2}
-    best = min((order[v["verdict"]] for v in c["verdicts"]), default=3)
+    """Confirmed first, then inconclusive, then candidates never tested (in the order they were
+    chosen: by role score), then neurons whose hypotheses were all rejected."""
+    order = {"confirmed": 0, "inconclusive": 1, "rejected": 3}
+    best = min((order[v["verdict"]] for v in c["verdicts"]), default=2)
     n_conf = sum(v["verdict"] == "confirmed" for v in c["verdicts"])
-    strength = max((v["strength"] for v in c["verdicts"] if v["strength"] is not None), default=0.0)
-    return (best, -n_conf, -strength, -(c["stats"].get("vocab_kurt") or 0.0))
+    strength = max((v["strength"] for v in c["verdicts"] if v["strength"] is not None and v["verdict"] != "rejected"),
+                   default=0.0)
+    return (best, -n_conf, -strength, c["_order"])
 
 
-def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view=None) -> dict:
-    """The report's data for the checkpoint of `model` (a spec or checkpoint id)."""
+def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view=None,
+                 verify_id: str | None = None) -> dict:
+    """The report's data for the checkpoint of `model` (a spec or checkpoint id), with the
+    verdicts of `verify_id` (default: the checkpoint's latest verify run)."""
     from discover.query import latest_pass, neuron_activity, query_neuron
     from discover.scan import ROLES
 
     if cards < 1:
         raise QueryError("--cards must be at least 1")
+    if examples < 1:
+        raise QueryError("--examples must be at least 1")
     ckpt = store.resolve_model(model)
     cid, N, L = ckpt["checkpoint_id"], ckpt["d_mlp"], ckpt["n_layers"]
     con = store.con
@@ -70,7 +77,8 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
     for role, layer, n in role_rows:
         per_layer[role][layer] = int(n)
     run = con.execute("SELECT verify_id, tokens, corpus FROM verify_runs WHERE checkpoint_id = ? "
-                      "ORDER BY created_at DESC LIMIT 1", [cid]).fetchone()
+                      "AND (? IS NULL OR verify_id = ?) ORDER BY created_at DESC LIMIT 1",
+                      [cid, verify_id, verify_id]).fetchone()
     hyps = []
     if run is not None:
         hyps = con.execute("SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses "
@@ -85,18 +93,20 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
                                                  "evidence": ev, "strength": strength})
     # -- candidates: every neuron with a hypothesis, then role candidates by score
     chosen = list(by_neuron)
-    if len(chosen) < cards:
-        for l, n in con.execute("SELECT layer, neuron FROM roles WHERE checkpoint_id = ? ORDER BY score DESC, layer, "
-                                "neuron", [cid]).fetchall():
-            if (l, n) not in by_neuron and (l, n) not in chosen:
+    if len(chosen) < cards:  # role candidates never tested, strongest role score first, up to the budget
+        seen = set(chosen)
+        for l, n in con.execute("SELECT layer, neuron FROM roles WHERE checkpoint_id = ? GROUP BY layer, neuron "
+                                "ORDER BY max(score) DESC, layer, neuron LIMIT ?", [cid, cards + len(seen)]).fetchall():
+            if (l, n) not in seen and len(chosen) < cards:
+                seen.add((l, n))
                 chosen.append((l, n))
     p = latest_pass(store, ckpt)
     built = []
-    for l, n in chosen:
+    for i, (l, n) in enumerate(chosen):
         q = query_neuron(store, model, f"L{l}.N{n}")
         card = {"neuron": q["neuron"], "layer": l, "index": n, "roles": q["roles"], "stats": q["stats"],
                 "top_tokens": q["top_tokens"][:10], "bottom_tokens": q["bottom_tokens"][:10],
-                "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed")}
+                "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed"), "_order": i}
         card["patching"] = [
             {"experiment_id": e, "clean": c_, "corrupted": k_, "target": t, "contrast": ct, "positions": ps,
              "recovery": r, "attribution": a}
@@ -113,7 +123,9 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         built.append(card)
     built.sort(key=_rank_key)
     built = built[:cards]
-    if view is not None:
+    for c in built:
+        del c["_order"]
+    if view is not None and view.checkpoint_id == cid:  # the very weights that were scanned
         _vocab_histograms(view, built)
     return _clean({
         "model": model, "checkpoint_id": cid, "architecture": ckpt["architecture"], "n_layers": L, "d_mlp": N,
@@ -148,9 +160,10 @@ def _vocab_histograms(view, cards: list) -> None:
 
 # ------------------------------------------------------------------------------ markdown
 def _md(s) -> str:
-    """Token / corpus text inside a Markdown table or paragraph: escaped, one line."""
+    """Token / corpus text inside a Markdown table or paragraph: escaped, one line, no autolinks."""
     s = html.escape(str(s), quote=True).replace("|", "&#124;").replace("`", "&#96;").replace("*", "&#42;")
     s = s.replace("_", "&#95;").replace("[", "&#91;").replace("]", "&#93;").replace("\\", "&#92;")
+    s = s.replace("~", "&#126;").replace(":", "&#58;").replace("www.", "www&#46;").replace("@", "&#64;")
     return s.replace("\n", "\u21b5").replace("\r", "").replace("\t", "\u2192")
 
 
@@ -190,7 +203,7 @@ def render_markdown(rep: dict) -> str:
             out.append(f"- patching {_md(x['target'])} vs {_md(x['contrast'])} ({x['positions']}): recovery "
                        f"{_num(x['recovery'])}, attribution {_num(x['attribution'])}")
         for ex in c.get("examples", []):
-            toks = "".join((f"**{_md(t[0])}**" if i == ex["max_index"] else _md(t[0]))
+            toks = "".join((f"<b>{_md(t[0])}</b>" if i == ex["max_index"] else _md(t[0]))
                            for i, t in enumerate(ex["tokens"]))
             out.append(f"- {_num(ex['value'])} ({_md(ex['doc_id'])}): {toks}")
         out.append("")
@@ -207,7 +220,7 @@ def _json_for_script(data: dict) -> str:
 
 def render_html(rep: dict) -> str:
     title = html.escape(f"discover report: {rep['model']}")
-    return (_PAGE.replace("__TITLE__", title).replace("__DATA__", _json_for_script(rep)))
+    return _PAGE.replace("__DATA__", _json_for_script(rep)).replace("__TITLE__", title, 1)
 
 
 _PAGE = """<!doctype html>
@@ -262,7 +275,7 @@ function rolesPlot(){const box=document.getElementById("roles");const R=D.summar
  for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
   c.forEach(x=>tr.appendChild(el("td",{},x)));t.appendChild(tr);}box.appendChild(t);}
 function scatterPlot(){const s=D.summary.scatter,W=360,H=240,P=30;const K=s.kurtosis.map(x=>x===null?NaN:x),S=s.skew.map(x=>x===null?NaN:x);
- const fk=K.filter(isFinite),fs=S.filter(isFinite);if(!fk.length)return;
+ const fk=K.filter(isFinite),fs=S.filter(isFinite);if(!fk.length||!fs.length)return;
  const kx=fk.reduce((a,b)=>Math.max(a,b)),kn=fk.reduce((a,b)=>Math.min(a,b)),sx=fs.reduce((a,b)=>Math.max(a,b)),sn=fs.reduce((a,b)=>Math.min(a,b));
  const X=k=>P+(W-P-8)*(k-kn)/((kx-kn)||1),Y=v=>H-P-(H-P-8)*(v-sn)/((sx-sn)||1);
  const box=el("div",{style:"position:relative;width:"+W+"px;height:"+H+"px"});

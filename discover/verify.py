@@ -372,8 +372,9 @@ def _finite(ev: dict) -> dict:
 
 
 def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str | None = None,
-                   top: int = 50) -> dict:
-    """The latest verify run's hypotheses of a model: confirmed first, strongest evidence first."""
+                   top: int = 50, verify_id: str | None = None) -> dict:
+    """A verify run's hypotheses of a model (default: the latest run), confirmed first, strongest
+    evidence first."""
     if verdict is not None and verdict not in VERDICTS:
         raise QueryError(f"unknown verdict {verdict!r}; use one of {', '.join(VERDICTS)}")
     if kind is not None and kind not in ("feature", "prediction", "suppression"):
@@ -383,7 +384,8 @@ def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str |
     ckpt = store.resolve_model(model)
     run = store.con.execute(
         "SELECT verify_id, tokens, created_at, corpus FROM verify_runs WHERE checkpoint_id = ? "
-        "ORDER BY created_at DESC LIMIT 1", [ckpt["checkpoint_id"]]).fetchone()
+        "AND (? IS NULL OR verify_id = ?) ORDER BY created_at DESC LIMIT 1",
+        [ckpt["checkpoint_id"], verify_id, verify_id]).fetchone()
     if run is None:
         raise QueryError(f"model {model} has no verdicts in this store; run `discover verify {model}` first")
     where, params = ["verify_id = ?"], [run[0]]

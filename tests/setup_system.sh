@@ -9,4 +9,4 @@ if [ "$(id -u)" != "0" ]; then
 fi
 if ! command -v apt-get >/dev/null 2>&1; then echo "setup_system: no apt-get: chromium not installed" >&2; exit 0; fi
 $SUDO apt-get update -qq || { echo "setup_system: apt-get update failed: chromium not installed" >&2; exit 0; }
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null || echo "setup_system: chromium install failed" >&2
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "setup_system: chromium install failed" >&2

@@ -181,7 +181,7 @@ def test_report_in_a_real_browser(env, capsys):
     """Headless Chromium (Debian `chromium`; tests/setup_system.sh installs it) loads the page with
     its markup-laden tokens: no injected script runs (they would retitle the page), the cards are
     drawn, the tokens show as text. A screenshot is kept in tests/artifacts/."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    browser = shutil.which("chromium")  # Debian's; Ubuntu's chromium-browser may be a snap stub
     if browser is None:
         pytest.skip("chromium is not installed: run tests/setup_system.sh (CI does)")
     d, mdir, store = env
@@ -222,3 +222,41 @@ def test_cards_show_stored_patching_results(env, capsys, tmp_path):
     got = [x for x in card["patching"] if x["experiment_id"] == res["experiment_id"]]
     assert got and got[0]["recovery"] == pytest.approx(rec) and got[0]["attribution"] == pytest.approx(att)
     assert got[0]["target"] == "an" and got[0]["positions"] == "last"
+
+
+def test_run_reuses_its_own_verify_run_and_keeps_scan_settings(env, tmp_path, capsys, monkeypatch):
+    """`discover run` after a `discover verify` with other settings reuses its own earlier verify
+    run and reports those verdicts; a scan with custom thresholds keeps them; --format md -> .md."""
+    d, mdir, _ = env
+    store = tmp_path / "store"
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "scan", mdir, "--store", store, "--kurtosis", "2.5", "--json")[0] == 0
+    thresholds = sql_rows(store, "SELECT role_thresholds FROM checkpoints")[0][0]
+    base = ["run", mdir, "--corpus", d / "corpus", "--tokens", 1500, "--verify-tokens", 1500, "--verify-split", "all",
+            "--candidates", 2, "--store", store]
+    first = json.loads(run(capsys, *base, "--json")[1])
+    assert sql_rows(store, "SELECT role_thresholds FROM checkpoints")[0][0] == thresholds
+    assert run(capsys, "verify", mdir, "--corpus", d / "corpus", "--split", "all", "--tokens", 800, "--store", store,
+               "--json")[0] == 0
+    second = json.loads(run(capsys, *base, "--format", "md", "--json")[1])
+    assert second["stages"]["verify"] == {**second["stages"]["verify"], "status": "unchanged",
+                                          "verify_id": first["stages"]["verify"]["verify_id"]}
+    assert second["report"].endswith("report.md") and Path(second["report"]).read_text().startswith("# discover")
+
+
+def test_report_of_a_scan_only_store_draws(env, tmp_path, capsys):
+    """No corpus pass, no verify run: the page still draws (role candidates only, or no cards)."""
+    d, mdir, _ = env
+    store = tmp_path / "store"
+    assert run(capsys, "scan", mdir, "--store", store, "--kurtosis", "2.5", "--json")[0] == 0
+    out = tmp_path / "r.html"
+    assert run(capsys, "report", mdir, "--store", store, "--out", out)[0] == 0
+    rep = _payload(out.read_text())
+    assert rep["verify"] is None and rep["corpus_pass"] is None and rep["cards"]
+    assert all("examples" not in c for c in rep["cards"])
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed")
+    res = subprocess.run([node, str(Path(__file__).parent / "js" / "fake_dom.js"), str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr[-2000:]
