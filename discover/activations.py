@@ -48,6 +48,7 @@ from discover import _act_kernels as K
 from discover.errors import CorpusError, QueryError
 
 KINDS = ("activation", "dla")  # the two example tables
+PASS_JSON = ("corpus", "settings")  # the JSON columns of activation_passes
 CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
 STATE_VERSION = 1
 ROWS_BUDGET_BYTES = 1.5e9  # activations held per batch (all layers) when batch_size is not given
@@ -396,14 +397,9 @@ def parse_pair(text: str, view) -> tuple[int, int, int]:
         tok = tok[1:-1]
     if not tok:
         raise QueryError(f"--pair {text!r}: the token text is empty")
-    ids = view.tokenizer.encode(tok, add_special_tokens=False)
-    unk = view.tokenizer.unk_token_id
-    if len(ids) != 1 or (unk is not None and ids[0] == unk):
-        shown = [view.tokenizer.decode([i]) for i in ids]
-        raise QueryError(
-            f"--pair {text!r}: {tok!r} is not one token of this model's vocabulary (it tokenizes to "
-            f"{shown}); name a single token, with its leading space if it has one")
-    return layer, neuron, int(ids[0])
+    from discover.patch import single_token
+
+    return layer, neuron, single_token(view, tok, f"--pair {text!r}:")
 
 
 def candidate_pairs(store, checkpoint_id: str, limit: int) -> list[tuple[int, int, int, str]]:
@@ -552,18 +548,11 @@ def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Pat
 
 # ------------------------------------------------------------------------------ catalog
 def _pass_row(store, checkpoint_id: str, pass_key: str) -> dict | None:
+    from discover.store import fetch_dict
+
     cur = store.con.execute("SELECT * FROM activation_passes WHERE checkpoint_id = ? AND pass_key = ?",
                             [checkpoint_id, pass_key])
-    r = cur.fetchone()
-    return None if r is None else _row_dict(cur, r)
-
-
-def _row_dict(cur, r) -> dict:
-    out = dict(zip([c[0] for c in cur.description], r))
-    for k in ("corpus", "settings"):
-        if isinstance(out.get(k), str):
-            out[k] = json.loads(out[k])
-    return out
+    return fetch_dict(cur, PASS_JSON)
 
 
 def _create_pass(store, checkpoint_id, pass_key, described, split, settings) -> dict:

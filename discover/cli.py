@@ -51,6 +51,14 @@ def _verb(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     )
 
 
+def _settings(verb: str, make: Callable, error=DiscoverError):
+    """Build a verb's settings object; its ValueError becomes one user-facing error line."""
+    try:
+        return make()
+    except ValueError as e:
+        raise error(f"{e} (see discover {verb} --help)") from None
+
+
 def _open_store(args, read_only: bool):
     from discover.store import Store
 
@@ -111,15 +119,12 @@ def _cmd_scan(args) -> int:
 
     from discover.scan import RoleThresholds, ScanConfig, scan_model
 
-    try:
-        cfg = ScanConfig(
-            top_k=args.top_k, token_top_k=args.token_top_k, chunk_rows=args.chunk_rows,
-            roles=RoleThresholds(kurtosis=args.kurtosis, partition_var=args.partition_var,
-                                 entropy_norm_z=args.entropy_norm_z, entropy_var=args.entropy_var,
-                                 io_cos=args.io_cos),
-        )
-    except ValueError as e:
-        raise DiscoverError(str(e)) from None
+    cfg = _settings("scan", lambda: ScanConfig(
+        top_k=args.top_k, token_top_k=args.token_top_k, chunk_rows=args.chunk_rows,
+        roles=RoleThresholds(kurtosis=args.kurtosis, partition_var=args.partition_var,
+                             entropy_norm_z=args.entropy_norm_z, entropy_var=args.entropy_var,
+                             io_cos=args.io_cos),
+    ))
     from discover.adapter import identify
 
     # check the model before the store is created or touched
@@ -325,6 +330,11 @@ def _merge_bins(bins: list[dict], rows: int = 12) -> list[dict]:
     return out
 
 
+def _num(ev: dict, key: str, spec: str) -> str:
+    v = ev.get(key)
+    return "-" if v is None else format(v, spec)
+
+
 def _cmd_query_verdicts(args) -> int:
     from discover.verify import query_verdicts
 
@@ -338,14 +348,10 @@ def _cmd_query_verdicts(args) -> int:
     rows = []
     for h in res["hypotheses"]:
         ev = h["evidence"]
-        def num(key, spec):
-            v = ev.get(key)
-            return "-" if v is None else format(v, spec)
-
         if h["kind"] == "feature":
-            nums = f"AUROC {num('auroc', '.3f')}  F1 {num('f1', '.2f')}  q {num('q', '.1e')}"
+            nums = f"AUROC {_num(ev, 'auroc', '.3f')}  F1 {_num(ev, 'f1', '.2f')}  q {_num(ev, 'q', '.1e')}"
         else:
-            nums = f"AUROC(next) {num('auroc_next', '.3f')}  ablation z {num('ablation_z', '.2f')}"
+            nums = f"AUROC(next) {_num(ev, 'auroc_next', '.3f')}  ablation z {_num(ev, 'ablation_z', '.2f')}"
         rows.append([h["neuron"], h["kind"], h["subject"], h["verdict"], nums, h["decided_by"]])
     print(_table(["neuron", "kind", "subject", "verdict", "evidence", "decided by"], rows))
     return 0
@@ -427,12 +433,9 @@ def _cmd_activations(args) -> int:
 
     from discover.activations import ActivationConfig, prepare, run_activations
 
-    try:
-        cfg = ActivationConfig(tokens=args.tokens, batch_size=args.batch_size, context=args.context,
-                               top_k=args.top_k, split=args.split, pairs=tuple(args.pair),
-                               max_candidates=args.max_candidates, save_every=args.save_every, device=args.device)
-    except ValueError as e:
-        raise DiscoverError(f"{e} (see discover activations --help)") from None
+    cfg = _settings("activations", lambda: ActivationConfig(
+        tokens=args.tokens, batch_size=args.batch_size, context=args.context, top_k=args.top_k, split=args.split,
+        pairs=tuple(args.pair), max_candidates=args.max_candidates, save_every=args.save_every, device=args.device))
     model = args.model or _default_model()
     # model, pairs and corpus are checked before the store is created or touched
     plan = prepare(model, cfg, corpus=args.corpus, text_field=args.text_field, allow_pickle=args.allow_pickle)
@@ -496,11 +499,9 @@ def _cmd_patch(args) -> int:
 
     if args.top < 1:
         raise DiscoverError("--top must be at least 1")
-    try:
-        cfg = PatchConfig(layers=tuple(args.layers) if args.layers else None, positions=args.positions,
-                          batch_size=args.batch_size, bos=not args.no_bos)
-    except ValueError as e:
-        raise DiscoverError(str(e)) from None
+    cfg = _settings("patch", lambda: PatchConfig(layers=tuple(args.layers) if args.layers else None,
+                                                 positions=args.positions, batch_size=args.batch_size,
+                                                 bos=not args.no_bos))
     view = load_model(args.model or _default_model(), allow_pickle=args.allow_pickle)
     res = patch_neurons(view, args.clean, args.corrupted, args.target, args.contrast, cfg, progress=not args.json)
     experiment = None
@@ -577,12 +578,9 @@ def _cmd_verify(args) -> int:
 
     from discover.verify import VerifyConfig, prepare, verify_model
 
-    try:
-        cfg = VerifyConfig(candidates=args.candidates, per_rule=args.per_rule, tokens=args.tokens,
-                           controls=args.controls, alpha=args.alpha, min_auroc=args.min_auroc, min_f1=args.min_f1,
-                           split=args.split)
-    except ValueError as e:
-        raise DiscoverError(f"{e} (see discover verify --help)") from None
+    cfg = _settings("verify", lambda: VerifyConfig(
+        candidates=args.candidates, per_rule=args.per_rule, tokens=args.tokens, controls=args.controls,
+        alpha=args.alpha, min_auroc=args.min_auroc, min_f1=args.min_f1, split=args.split))
     prepared = prepare(args.model or _default_model(), corpus=args.corpus, text_field=args.text_field,
                        rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=args.split)
     from discover.pipeline import verify_key
@@ -687,11 +685,9 @@ def _cmd_run(args) -> int:
     from discover.pipeline import prepare, run_pipeline
     from discover.verify import VerifyConfig
 
-    try:
-        act = ActivationConfig(tokens=args.tokens)
-        ver = VerifyConfig(tokens=args.verify_tokens, candidates=args.candidates, split=args.verify_split)
-    except ValueError as e:
-        raise DiscoverError(f"{e} (see discover run --help)") from None
+    act = _settings("run", lambda: ActivationConfig(tokens=args.tokens))
+    ver = _settings("run", lambda: VerifyConfig(tokens=args.verify_tokens, candidates=args.candidates,
+                                                split=args.verify_split))
     if args.cards < 1:
         raise DiscoverError("--cards must be at least 1")
     out = Path(args.out or f"report.{args.format}")
@@ -772,10 +768,7 @@ def _add_train(sub) -> None:
         from discover.train import TrainConfig, train
 
         given = {f: getattr(args, a) for a, f in fields.items() if getattr(args, a) is not None}
-        try:
-            cfg = TrainConfig(out=args.out, **given)
-        except ValueError as e:
-            raise TrainError(f"{e} (see discover train --help)") from None
+        cfg = _settings("train", lambda: TrainConfig(out=args.out, **given), TrainError)
         try:
             res = train(cfg, progress=not args.quiet)
         except KeyboardInterrupt:

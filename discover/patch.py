@@ -84,9 +84,11 @@ def single_token(view, text: str, what: str) -> int:
 def encode_prompt(view, text: str, bos: bool) -> list[int]:
     if not text:
         raise QueryError("a prompt is empty; give --clean and --corrupted text")
+    from discover.activations import _bos_id
+
     ids = view.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is checked below
-    b = view.tokenizer.bos_token_id if view.tokenizer.bos_token_id is not None else view.tokenizer.eos_token_id
-    return ([int(b)] if bos and b is not None else []) + [int(i) for i in ids]
+    b = _bos_id(view.tokenizer)  # as the corpus pass: BOS, else EOS
+    return ([b] if bos and b is not None else []) + [int(i) for i in ids]
 
 
 # -------------------------------------------------------------------------- internals
@@ -101,7 +103,6 @@ class _Runner:
         self.model = view.model
         self.base = view.model.base_model
         self.blocks = view.blocks
-        self.norm = view.model.get_submodule(view.final_norm_site())
         head = view.model.get_output_embeddings()
         self.dir = (head.weight[target] - head.weight[contrast]).detach().float()  # (d_model,)
         b = getattr(head, "bias", None)
@@ -136,13 +137,6 @@ class _Runner:
         L = self.view.n_layers
         return [acts[l] for l in range(L)], [outs[l] for l in range(L)], float(self.metric(h))
 
-    def _kwargs(self, hidden, position_ids):
-        kw = {"position_ids": position_ids}
-        rot = getattr(self.base, "rotary_emb", None)
-        if rot is not None:
-            kw["position_embeddings"] = rot(hidden, position_ids=position_ids)
-        return kw
-
     def run_from(self, layer: int, hidden):
         """Blocks layer+1.. on residual `hidden` (B, T, d) = the output of block `layer`, whole
         prompt; the final norm's output at the last position (B, d)."""
@@ -161,27 +155,15 @@ class _Runner:
         """Blocks layer+1.. on positions start.. only, (B, T - start, d), attending to the
         corrupted prompt's cached keys and values before `start` (unchanged by the patch:
         attention is causal). The final norm's output at the last position (B, d)."""
-        torch = self.torch
-        from transformers.masking_utils import create_causal_mask
-
-        B, S, _ = hidden.shape
+        cache = None
         if layer + 1 < len(self.blocks):
+            B = hidden.shape[0]
             cache = copy.copy(self.prefix_cache(start))
             cache.layers = [copy.copy(c) for c in cache.layers]
             for c in cache.layers[layer + 1:]:
                 c.keys = c.keys.expand(B, -1, -1, -1)
                 c.values = c.values.expand(B, -1, -1, -1)
-            pid = torch.arange(start, start + S).unsqueeze(0)
-            mask = None
-            if S > 1:  # one query position attends to every cached key: no mask needed
-                mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
-                                          past_key_values=cache, position_ids=pid)
-            kw = self._kwargs(hidden, pid)
-            kw["layer_past" if self.view.family == "gpt_neox" else "past_key_values"] = cache
-            for blk in self.blocks[layer + 1:]:
-                out = blk(hidden, attention_mask=mask, use_cache=True, **kw)
-                hidden = out[0] if isinstance(out, tuple) else out
-        return self.norm(hidden[:, -1])
+        return blocks_from(self.view, layer, hidden, start=start, cache=cache)[:, -1]
 
     def first_difference(self) -> int:
         """The first position where the prompts differ (positions before it have equal
@@ -192,22 +174,28 @@ class _Runner:
         return min(len(self.clean_ids), len(self.corr_ids))
 
 
-def blocks_from(view, layer: int, hidden):
-    """Run blocks layer+1.. of `view` on `hidden` (B, T, d), the residual stream after block
-    `layer` at positions 0..T-1 (causal mask, positions from 0), then the final norm: (B, T, d)."""
+def blocks_from(view, layer: int, hidden, *, start: int = 0, cache=None):
+    """Run blocks layer+1.. of `view` on `hidden` (B, S, d), the residual stream after block
+    `layer` at positions start..start+S-1, then the final norm: (B, S, d). With `cache` (keys
+    and values of positions 0..start-1, expanded to the batch) the positions attend to them too."""
     import torch
     from transformers.masking_utils import create_causal_mask
 
     blocks = view.blocks
-    B, T, _ = hidden.shape
+    S = hidden.shape[1]
     if layer + 1 < len(blocks):
-        pid = torch.arange(T).unsqueeze(0)
-        mask = create_causal_mask(config=view.model.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None, position_ids=pid)
+        pid = torch.arange(start, start + S).unsqueeze(0)
+        mask = None
+        if cache is None or S > 1:  # one query position attends to every cached key: no mask needed
+            mask = create_causal_mask(config=view.model.config, inputs_embeds=hidden, attention_mask=None,
+                                      past_key_values=cache, position_ids=pid)
         kw = {"position_ids": pid}
         rot = getattr(view.model.base_model, "rotary_emb", None)
         if rot is not None:
             kw["position_embeddings"] = rot(hidden, position_ids=pid)
+        if cache is not None:
+            kw["layer_past" if view.family == "gpt_neox" else "past_key_values"] = cache
+            kw["use_cache"] = True
         for blk in blocks[layer + 1:]:
             out = blk(hidden, attention_mask=mask, **kw)
             hidden = out[0] if isinstance(out, tuple) else out

@@ -302,14 +302,10 @@ def latest_pass(store: Store, ckpt: dict) -> dict | None:
     cur = store.con.execute(
         "SELECT * FROM activation_passes WHERE checkpoint_id = ? AND results_dir IS NOT NULL "
         "ORDER BY updated_at DESC, tokens DESC LIMIT 1", [ckpt["checkpoint_id"]])
-    r = cur.fetchone()
-    if r is None:
-        return None
-    out = dict(zip([c[0] for c in cur.description], r))
-    for k in ("corpus", "settings"):
-        if isinstance(out.get(k), str):
-            out[k] = json.loads(out[k])
-    return out
+    from discover.activations import PASS_JSON
+    from discover.store import fetch_dict
+
+    return fetch_dict(cur, PASS_JSON)
 
 
 @lru_cache(maxsize=4)

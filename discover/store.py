@@ -336,14 +336,7 @@ class Store:
     # ---------------------------------------------------------------- lookups
     def checkpoint(self, checkpoint_id: str) -> dict | None:
         cur = self.con.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
-        row = cur.fetchone()
-        if row is None:
-            return None
-        out = dict(zip([c[0] for c in cur.description], row))
-        for k in ("config", "scan_settings", "role_thresholds"):
-            if isinstance(out.get(k), str):
-                out[k] = json.loads(out[k])
-        return out
+        return fetch_dict(cur, ("config", "scan_settings", "role_thresholds"))
 
     def resolve_model(self, model: str) -> dict:
         """The checkpoint row for a model spec (latest scan of that spec), or a checkpoint id."""
@@ -433,9 +426,7 @@ class Store:
                 float(result.seconds), __version__,
             ]
             old = self.checkpoint(ckpt)
-            con = self.con
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(self.con) as con:
                 for t in CHECKPOINT_TABLES:
                     con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ?", [ckpt])
                 con.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", [ckpt])
@@ -446,10 +437,6 @@ class Store:
                                   ("token_neurons", tn), ("tokens", toks)):
                     insert_arrow(con, name, tbl)
                 self.add_alias(spec, ckpt)
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
         except BaseException:
             shutil.rmtree(fdir, ignore_errors=True)
             raise
@@ -474,9 +461,7 @@ class Store:
         prim = pa.table({"layer": (gid // n).astype(np.int16), "neuron": (gid % n).astype(np.int32),
                          "role": pa.array(primary.tolist(), type=pa.string())})
         roles = _roles_table(ckpt, role_rows, gid, n)
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(self.con) as con:
             con.execute("DELETE FROM roles WHERE checkpoint_id = ?", [ckpt])
             insert_arrow(con, "roles", roles)
             con.register("_prim", prim)
@@ -487,10 +472,6 @@ class Store:
             con.unregister("_prim")
             con.execute("UPDATE checkpoints SET role_thresholds = ? WHERE checkpoint_id = ?",
                         [json.dumps(asdict(thresholds)), ckpt])
-            con.execute("COMMIT")
-        except BaseException:
-            _rollback(con)
-            raise
 
 
 #: per-neuron statistics kept in arrays/neuron_stats.npy, in this column order
@@ -524,6 +505,18 @@ def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
         "role": pa.array([r[1] for r in role_rows], type=pa.string()),
         "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
     })
+
+
+def fetch_dict(cur, json_columns=()) -> dict | None:
+    """The cursor's next row as {column: value} with the JSON columns parsed (None: no row)."""
+    row = cur.fetchone()
+    if row is None:
+        return None
+    out = dict(zip([c[0] for c in cur.description], row))
+    for k in json_columns:
+        if isinstance(out.get(k), str):
+            out[k] = json.loads(out[k])
+    return out
 
 
 @contextmanager
