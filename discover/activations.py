@@ -430,8 +430,9 @@ class Plan:
 
 
 def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus: str | None = None,
-            text_field: str = "text", allow_pickle: bool = False) -> Plan:
-    """Load the model and check every input (pairs, context, corpus) before any store is touched."""
+            text_field: str = "text", allow_pickle: bool = False, identity=None) -> Plan:
+    """Load the model and check every input (pairs, context, corpus) before any store is touched.
+    `identity`: what `adapter.identify` already returned for `spec` (the weights are hashed once)."""
     from discover.adapter import identify, load_model
     from discover.corpus import open_corpus
     from discover.errors import ModelLoadError
@@ -439,7 +440,7 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
 
     cfg = config or ActivationConfig()
     spec = spec or default_model_spec()
-    identity = identify(spec, allow_pickle=allow_pickle)
+    identity = identity or identify(spec, allow_pickle=allow_pickle)
     view = load_model(spec, allow_pickle=allow_pickle, device=cfg.device, identity=identity)
     if view.tokenizer is None:
         raise ModelLoadError(f"model {spec} has no tokenizer files; the corpus pass needs one")

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from discover.errors import DiscoverError, first_line
@@ -173,8 +174,18 @@ def _add_query(sub) -> None:
     n.add_argument("--examples-k", type=int, default=10, help="examples to show (10)")
     n.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="shade tokens by activation with terminal colours (auto: when stdout is a terminal)")
+    n.add_argument("--history", action="store_true",
+                   help="follow the neuron through the checkpoints of a watched run (--model RUN_DIR)")
+    n.add_argument("--at", type=int, default=None, metavar="STEP",
+                   help="with --history: the neuron is named at this step (default: the newest checkpoint)")
     _add_model_opt(n)
     n.set_defaults(func=_cmd_query_neuron)
+
+    c = _verb(qs, "changes", "What changed between consecutive checkpoints of a watched training run.",
+              "discover query changes --model runs/tiny")
+    c.add_argument("--top", type=int, default=10, help="neurons whose statistics moved most, per checkpoint (10)")
+    _add_model_opt(c)
+    c.set_defaults(func=_cmd_query_changes)
 
     v = _verb(qs, "verdicts", "The verdicts of the latest `discover verify` run, confirmed first.",
               "discover query verdicts --model gpt2-large --verdict confirmed")
@@ -235,6 +246,8 @@ def _cmd_query_token(args) -> int:
 def _cmd_query_neuron(args) -> int:
     from discover.query import query_neuron
 
+    if args.history:
+        return _neuron_history(args)
     with _open_store(args, read_only=True) as store:
         res = query_neuron(store, _model(args), args.neuron, similar=args.similar, k_similar=args.k,
                            examples=args.examples or args.dla, kind="dla" if args.dla else "activation",
@@ -257,6 +270,63 @@ def _cmd_query_neuron(args) -> int:
                        r["model"]] for r in res["similar"]]))
     if "activity" in res:
         _print_activity(res["activity"], _use_color(args.color))
+    return 0
+
+
+def _neuron_history(args) -> int:
+    from discover.query import parse_neuron
+    from discover.track import neuron_history
+
+    if not args.model:
+        raise DiscoverError("--history needs --model RUN_DIR: the directory `discover watch` processed")
+    layer, neuron = parse_neuron(args.neuron)
+    with _open_store(args, read_only=True) as store:
+        res = neuron_history(store, args.model, layer, neuron, at=args.at)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"{res['start']['neuron']} at step {res['start']['step']} of {res['series']}, followed through "
+          f"{len(res['history'])} checkpoint(s) by weight matching:")
+    print(_table(["step", "neuron", "sim. to prev", "role", "kurtosis", "skew", "act freq", "act max", "confirmed"],
+                 [[p["step"], p["neuron"], p["similarity_to_previous"], p["role"], p["vocab_kurt"], p["vocab_skew"],
+                   p["act_freq"], p["act_max"], "; ".join(p["confirmed"]) or "-"] for p in res["history"]]))
+    if not res["complete"]:
+        print("(the chain stops where a checkpoint has no tracking rows)")
+    return 0
+
+
+def _cmd_query_changes(args) -> int:
+    from discover.track import query_changes
+
+    if not args.model:
+        raise DiscoverError("give --model RUN_DIR: the directory `discover watch` processed")
+    with _open_store(args, read_only=True) as store:
+        res = query_changes(store, args.model, top=args.top)
+    if args.json:
+        _print_json(res)
+        return 0
+    rows = []
+    for c in res["checkpoints"]:
+        k = c["counts"]
+        rows.append([c["step"], c["checkpoint_id"][:12], Path(c["path"]).name,
+                     "-" if not c["prev_checkpoint_id"] else f"{k.get('role_gained', 0)}/{k.get('role_lost', 0)}",
+                     "-" if not c["prev_checkpoint_id"] else
+                     f"{k.get('verdict_confirmed', 0)}/{k.get('verdict_lost', 0)}",
+                     c["match"]["similarity_median"] if c["match"] else None])
+    print(_table(["step", "checkpoint", "directory", "roles +/-", "verdicts +/-", "median match sim."], rows))
+    for c in res["checkpoints"]:
+        if not c["prev_checkpoint_id"]:
+            continue
+        print(f"\nstep {c['step']} ({Path(c['path']).name}) against the previous checkpoint:")
+        if c["roles"]:
+            print("  roles: " + ", ".join(f"{r} +{v['gained']}/-{v['lost']}" for r, v in c["roles"].items()))
+        for v in c["verdicts"]:
+            who = v["neuron_name"] or f"(was {v['prev_name']})"
+            print(f"  {v['change'].replace('_', ' ')}: {who} {v['subject']} ({v['detail']})")
+        if c["moved"]:
+            print(_table(["neuron", "was", "statistic", "before", "after", "change / spread"],
+                         [[m["neuron_name"], m["prev_name"], m["subject"], m["old_value"], m["new_value"], m["score"]]
+                          for m in c["moved"]]))
     return 0
 
 
@@ -711,6 +781,69 @@ def _cmd_run(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ watch ----
+def _add_watch(sub) -> None:
+    p = _verb(sub, "watch",
+              "Process every new checkpoint under DIR: scan -> activations -> verify -> tracking -> report. "
+              "Exit codes: 0 all processed or nothing new; 2 bad input; 3 some checkpoint failed (recorded, "
+              "the others processed); 4 another watch holds the store's lock; 130 interrupted.",
+              "discover watch runs/tiny --once --tokens 200000")
+    p.add_argument("dir", metavar="DIR", help="directory the training run writes checkpoints into (searched recursively)")
+    p.add_argument("--once", action="store_true", help="one look, then exit (for cron / systemd timers)")
+    p.add_argument("--interval", type=float, default=600.0, metavar="SECONDS",
+                   help="without --once: seconds between looks (600)")
+    p.add_argument("--tokens", type=int, default=200_000, metavar="N", help="corpus-pass tokens per checkpoint (200000)")
+    p.add_argument("--verify-tokens", type=int, default=20_000, metavar="N", help="held-out tokens for verify (20000)")
+    p.add_argument("--verify-split", choices=("heldout", "all", "train"), default="heldout",
+                   help="documents verify reads (heldout)")
+    p.add_argument("--candidates", type=int, default=20, metavar="N", help="prediction candidates verified (20)")
+    p.add_argument("--corpus", metavar="SPEC", default=None, help="the text (default: the built-in corpus)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
+    p.add_argument("--reports", metavar="DIR", default=None, help="where reports go (default: STORE/reports)")
+    p.add_argument("--format", choices=("html", "md", "json"), default="html", help="report format (html)")
+    p.add_argument("--cards", type=int, default=100, metavar="N", help="report cards per checkpoint (100)")
+    p.add_argument("--retry-failed", action="store_true", help="retry checkpoints that failed before")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print each look's summary as JSON")
+    p.set_defaults(func=_cmd_watch)
+
+
+def _cmd_watch(args) -> int:
+    from dataclasses import asdict
+
+    from discover.watch import WatchConfig, watch_loop, watch_once
+
+    if args.interval <= 0:
+        raise DiscoverError("--interval must be a positive number of seconds")
+    cfg = _settings("watch", lambda: WatchConfig(
+        tokens=args.tokens, verify_tokens=args.verify_tokens, candidates=args.candidates,
+        verify_split=args.verify_split, corpus=args.corpus, text_field=args.text_field, reports=args.reports,
+        fmt=args.format, cards=args.cards, retry_failed=args.retry_failed, allow_pickle=args.allow_pickle))
+
+    def show(s) -> None:
+        if args.json:
+            _print_json({**asdict(s), "exit_code": s.exit_code})
+            return
+        print(f"{s.watch_dir}: {s.found} checkpoint(s), {s.new} new or changed: {s.processed} processed, "
+              f"{s.unchanged} unchanged, {s.failed} failed ({s.seconds:.1f} s, run {s.run_id})")
+        for r in s.results:
+            if r["status"] == "failed":
+                print(f"  failed: {r['path']}: {r['error']}")
+            elif r["status"] == "done":
+                tr = r["stages"].get("track", {})
+                what = (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tr["counts"].items())
+                        if tr.get("status") == "matched" else "first of its run" if not tr else tr.get("why", ""))
+                print(f"  {r['path']}: {what}; report {r['report']}")
+
+    if args.once:
+        s = watch_once(args.dir, args.store, cfg, progress=not args.json)
+        show(s)
+        return s.exit_code
+    watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show)
+    return 0
+
+
 # ---------------------------------------------------------------- train (issue 3) ----
 def _add_train(sub) -> None:
     """The `train` verb: train a small GPT-2 from scratch on a corpus (resumable)."""
@@ -784,6 +917,84 @@ def _add_train(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------ universality ----
+def _add_universality(sub) -> None:
+    p = _verb(sub, "universality",
+              "Universal neurons: correlate the MLP neurons of two or more models (e.g. seeds) over the same "
+              "tokens; per neuron the max correlation with each other model, its partner, the baseline after a "
+              "random rotation of the other model's neurons, and universal = mean excess > --threshold.",
+              "discover universality runs/seed0/checkpoint-5000 runs/seed1/checkpoint-5000 --corpus pile-10k.jsonl "
+              "--tokens 100000")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="two or more hub ids or model directories sharing one vocabulary (`default`: the embedded model)")
+    p.add_argument("--corpus", metavar="SPEC", default=None,
+                   help="the text (default: the built-in corpus; see `discover train --help` for the forms)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="JSONL field / column holding text (text)")
+    p.add_argument("--tokens", type=int, default=100_000, metavar="N",
+                   help="document-token positions correlated, BOS and padding excluded (100000)")
+    p.add_argument("--split", choices=("all", "train", "heldout"), default="all", help="documents to read (all)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the baseline's random rotations (0)")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="X",
+                   help="universal: mean excess correlation (max - rotated baseline) above this (0.5)")
+    p.add_argument("--memory-gb", type=float, default=2.0, metavar="GB",
+                   help="bound on the float64 accumulators of one pass + finalising one block (two d_mlp^2 "
+                        "rotations, one block) + one batch's activations; the models' weights come on top. "
+                        "Blocks that do not fit are accumulated in further passes over the same tokens: GPT-2 "
+                        "medium x 2 (48 within-layer + 576 cross blocks of 128 MiB) takes 78 passes at 2 GB, "
+                        "4 at 32 GB (2)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="sequences per forward pass (default: from a quarter of --memory-gb, at most 32)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="tokens per sequence including the BOS (default: the models', at most 256)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="universal neurons listed (10)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_universality)
+
+
+def _cmd_universality(args) -> int:
+    from dataclasses import asdict
+
+    from discover.universality import UniversalityConfig, prepare, universality
+
+    cfg = _settings("universality", lambda: UniversalityConfig(
+        tokens=args.tokens, split=args.split, seed=args.seed, threshold=args.threshold, memory_gb=args.memory_gb,
+        batch_size=args.batch_size, context=args.context, device=args.device))
+    if args.top < 0:
+        raise DiscoverError("--top must be >= 0")
+    # models, vocabularies, budget and corpus are checked before the store is created or touched
+    plan = prepare(args.models, cfg, corpus=args.corpus, text_field=args.text_field, allow_pickle=args.allow_pickle)
+    with _open_store(args, read_only=False) as store:
+        res = universality(None, store, plan=plan, progress=not args.json, top=args.top)
+    if args.json:
+        _print_json(asdict(res))
+        return 0
+    c = res.corpus
+    print(f"universality {res.universality_id}: {len(res.models)} models, {res.tokens:,} tokens of {c['kind']} "
+          f"corpus {c['path']}, {res.passes} pass{'es' if res.passes > 1 else ''}, {res.seconds:.0f} s"
+          + ("  (the corpus ended before --tokens)" if res.exhausted else ""))
+    print(_table(["model", "checkpoint", "universal", "neurons", "%", "dead"],
+                 [[m["spec"], m["checkpoint_id"][:12], m["universal"], m["neurons"], f"{100 * m['fraction']:.2f}%",
+                   m["dead"]] for m in res.models]))
+    layers = max(m["n_layers"] for m in res.models)
+    print(f"\nuniversal neurons per layer (mean excess > {res.threshold:g}):")
+    print(_table(["model"] + [f"L{i}" for i in range(layers)],
+                 [[m["spec"]] + m["per_layer"] + [""] * (layers - m["n_layers"]) for m in res.models]))
+    if res.top:
+        print("\nstrongest universal neurons (correlation: max / rotated baseline):")
+        print(_table(["model", "neuron", "mean max", "mean baseline", "mean excess", "partners"],
+                     [[t["spec"], t["neuron"], t["mean_max_corr"], t["mean_baseline"], t["mean_excess"],
+                       "; ".join(f"{q['checkpoint_id'][:8]} {q['neuron']} {_fmt(q['max_corr'])}/"
+                                 f"{_fmt(q['baseline_corr'])}" for q in t["partners"])] for t in res.top]))
+    else:
+        print("\nno universal neurons")
+    print(f"see: discover sql \"SELECT * FROM universal_neurons WHERE universality_id = '{res.universality_id}' "
+          "AND universal\"")
+    return 0
+
+
 # ------------------------------------------------------------------------ main ----
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -801,6 +1012,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_sql(sub)
     _add_train(sub)
+    _add_watch(sub)
+    _add_universality(sub)
     return parser
 
 

@@ -31,12 +31,11 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_field: str = "text",
-                 act_config=None, verify_config=None, rules_dirs=None, out: str | Path = "report.html",
+                 act_config=None, verify_config=None, rules_dirs=None, out: str | Path | None = "report.html",
                  fmt: str = "html", cards: int = 200, allow_pickle: bool = False, progress: bool = True,
                  prepared=None) -> RunSummary:
     """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in)."""
     from discover.activations import ActivationConfig, run_activations
-    from discover.report import build_report, render_html, render_markdown
     from discover.scan import scan_model
     from discover.verify import VerifyConfig, query_verdicts, verify_model
 
@@ -63,7 +62,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     t = time.perf_counter()
     p = run_activations(view.spec, store, act_config, progress=progress, plan=plan)
     res.stages["activations"] = {"status": p.status, "seconds": time.perf_counter() - t, "tokens": p.tokens,
-                                 "tokens_per_second": p.tokens_per_second}
+                                 "tokens_per_second": p.tokens_per_second, "pass_id": p.pass_id}
 
     _say(f"[3/4] verify: hypotheses on {verify_config.tokens:,} held-out tokens", quiet)
     t = time.perf_counter()
@@ -78,22 +77,37 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         vid = reused
         res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": vid}
 
-    _say("[4/4] report", quiet)
-    t = time.perf_counter()
-    rep = build_report(store, view.spec, cards=cards, view=view, verify_id=vid)  # this run's verdicts
+    if out is not None:  # `discover watch` writes the report itself, after recording what changed
+        _say("[4/4] report", quiet)
+        t = time.perf_counter()
+        n_cards = write_report(store, view, vid, out, fmt=fmt, cards=cards)
+        res.stages["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": n_cards}
+        res.report = str(Path(out).resolve())
+    top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
+    strings = {}
+    for h in top:  # the strongest tokens each confirmed neuron writes, from the scan
+        layer, neuron = (int(x) for x in h["neuron"][1:].split(".N"))
+        strings[h["neuron"]] = {"top_tokens": [{"token": t} for (t,) in store.con.execute(
+            "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? AND side = 'top' "
+            "ORDER BY rank LIMIT 3", [identity[1], layer, neuron]).fetchall()]}
+    res.top = [{"neuron": h["neuron"], "kind": h["kind"], "subject": h["subject"],
+                "description": describe(h, strings.get(h["neuron"]))} for h in top]
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def write_report(store, view, verify_id: str, out, *, fmt: str = "html", cards: int = 200) -> int:
+    """Build the report of `view`'s checkpoint with `verify_id`'s verdicts; write it atomically.
+    Returns the number of cards."""
+    from discover.report import build_report, render_html, render_markdown
+
+    rep = build_report(store, view.spec, cards=cards, view=view, verify_id=verify_id)
     text = render_html(rep) if fmt == "html" else (render_markdown(rep) if fmt == "md" else json.dumps(rep, indent=1))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
-    res.stages["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": len(rep["cards"])}
-    res.report = str(out.resolve())
-    top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
-    strings = {c["neuron"]: c for c in rep["cards"]}
-    res.top = [{"neuron": h["neuron"], "kind": h["kind"], "subject": h["subject"],
-                "description": describe(h, strings.get(h["neuron"]))} for h in top]
-    res.seconds = time.perf_counter() - t0
-    return res
+    return len(rep["cards"])
 
 
 def describe(h: dict, card: dict | None) -> str:
@@ -111,14 +125,14 @@ def describe(h: dict, card: dict | None) -> str:
 
 
 def prepare(spec, *, corpus=None, text_field="text", act_config=None, rules_dirs=None, allow_pickle=False,
-            split: str = "heldout"):
+            split: str = "heldout", identity=None):
     """Check the model, corpus and rules once, before the store is touched."""
     from discover.activations import ActivationConfig
     from discover.activations import prepare as prepare_pass
     from discover.rules import load_rules
 
     plan = prepare_pass(spec, act_config or ActivationConfig(), corpus=corpus, text_field=text_field,
-                        allow_pickle=allow_pickle)
+                        allow_pickle=allow_pickle, identity=identity)
     from discover.verify import check_split
 
     rules = load_rules(rules_dirs)

@@ -96,6 +96,7 @@ class LayerResult:
     bottom_ids: np.ndarray
     bottom_vals: np.ndarray
     w_out_unit: np.ndarray  # (neuron, d_model) float32, unit-norm processed w_out (FAISS)
+    w_in_unit: np.ndarray | None = None  # (neuron, d_model) float16, unit-norm processed w_in (tracking)
 
 
 @dataclass
@@ -355,6 +356,7 @@ def _scan_layer(view, layer, U, inv_u, k_tok, pos_top, neg_top, config, progress
         bottom_ids=np.ascontiguousarray(bot_i, dtype=np.int32),
         bottom_vals=np.ascontiguousarray(bot_v),
         w_out_unit=unit,
+        w_in_unit=(W_in / in_norm.clamp_min(1e-30)[:, None]).cpu().numpy().astype(np.float16),
     )
 
 

@@ -4,6 +4,7 @@ Layout of a store directory (default `./indexes`, else `--store DIR` or `$DISCOV
 
     catalog.duckdb                   the catalog (schema: SCHEMA below, documented in README)
     checkpoints/<id>-<scan>/w_out.faiss  IndexFlatIP over unit-norm processed w_out, id = layer*d_mlp+neuron
+    checkpoints/<id>-<scan>/w_in.npy     unit-norm processed w_in (float16, row = layer*d_mlp+neuron): tracking
     checkpoints/<id>-<scan>/tokenizer/   the tokenizer, so queries need not load the model
     checkpoints/<id>-<scan>/arrays/      memory-mapped copies of what `query token` reads
                                          (the catalog stays the reference; these make it ms-fast)
@@ -213,6 +214,70 @@ CREATE TABLE IF NOT EXISTS patch_results (
     recovery        DOUBLE,               -- exact; NULL where the layer was not patched exactly
     attribution     DOUBLE                -- the first-order screen, every layer
 );
+CREATE TABLE IF NOT EXISTS watch_runs (
+    run_id          VARCHAR PRIMARY KEY,
+    watch_dir       VARCHAR,              -- the directory watched (absolute)
+    started_at      TIMESTAMP,
+    ended_at        TIMESTAMP,            -- NULL while running (or if the process was killed)
+    status          VARCHAR,              -- running | ok | failed (some checkpoint failed) | interrupted
+    pid             INTEGER,
+    found           INTEGER,              -- checkpoints found under watch_dir
+    processed       INTEGER,              -- ... run through every stage by this run
+    failed          INTEGER,
+    settings        JSON
+);
+CREATE TABLE IF NOT EXISTS watch_checkpoints (
+    path            VARCHAR PRIMARY KEY,  -- a checkpoint directory (absolute)
+    watch_dir       VARCHAR,
+    series          VARCHAR,              -- its parent directory: one training run
+    step            BIGINT,               -- from checkpoint-STEP / step-STEP / trainer_state.json (NULL: none)
+    signature       VARCHAR,              -- sha256 of the names, sizes and mtimes of config + weight files
+    checkpoint_id   VARCHAR,              -- content hash (NULL if it failed before hashing)
+    status          VARCHAR,              -- done | failed
+    error           VARCHAR,              -- why it failed (one line)
+    prev_checkpoint_id VARCHAR,           -- the series' previous processed checkpoint (tracking)
+    pass_id         VARCHAR,              -- the corpus pass, verify run and report it got
+    verify_id       VARCHAR,
+    report          VARCHAR,
+    run_id          VARCHAR,              -- the watch run that processed it
+    processed_at    TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS watch_results (
+    run_id          VARCHAR,
+    path            VARCHAR,
+    step            BIGINT,
+    checkpoint_id   VARCHAR,
+    status          VARCHAR,              -- done | failed | unchanged (same content hash, new file times)
+    error           VARCHAR,
+    stages          JSON,                 -- per stage: status and seconds; tracking counts
+    seconds         DOUBLE,
+    finished_at     TIMESTAMP,
+    PRIMARY KEY (run_id, path)
+);
+CREATE TABLE IF NOT EXISTS neuron_matches (
+    checkpoint_id   VARCHAR,              -- the newer checkpoint
+    prev_checkpoint_id VARCHAR,           -- the previous checkpoint of the same run
+    layer           SMALLINT,
+    neuron          INTEGER,
+    prev_neuron     INTEGER,              -- its match in the same layer of prev_checkpoint_id
+    similarity      DOUBLE,               -- (cos_out + cos_in) / 2 (cos_out alone if cos_in is NULL)
+    cos_out         DOUBLE,               -- cos(w_out, w_out') of the processed weights
+    cos_in          DOUBLE,               -- cos(w_in, w_in')
+    mutual          BOOLEAN               -- the partner's best match is this neuron too
+);
+CREATE TABLE IF NOT EXISTS neuron_changes (
+    checkpoint_id   VARCHAR,
+    prev_checkpoint_id VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,              -- NULL for a lost verdict whose neuron no longer matches
+    prev_neuron     INTEGER,
+    change          VARCHAR,              -- role_gained | role_lost | verdict_confirmed | verdict_lost | moved
+    subject         VARCHAR,              -- the role; "kind: subject" of a verdict; the statistic that moved
+    old_value       DOUBLE,               -- role score before / statistic before
+    new_value       DOUBLE,
+    score           DOUBLE,               -- role score; match similarity (verdicts); standardised change (moved)
+    detail          VARCHAR
+);
 CREATE TABLE IF NOT EXISTS prediction_curves (
     pass_id         VARCHAR,
     checkpoint_id   VARCHAR,
@@ -228,6 +293,40 @@ CREATE TABLE IF NOT EXISTS prediction_curves (
     top_prediction  BIGINT,               -- ... where the token is the model's top prediction
     with_next       BIGINT,               -- ... where the next token is known
     is_next         BIGINT                -- ... where the token is the true next token
+);
+CREATE TABLE IF NOT EXISTS universality_runs (
+    universality_id VARCHAR PRIMARY KEY,
+    models          JSON,                 -- [{spec, checkpoint_id, n_layers, d_mlp}], in the order given
+    corpus_fingerprint VARCHAR,
+    corpus          JSON,
+    split           VARCHAR,
+    tokens          BIGINT,               -- positions correlated: document tokens (BOS and padding excluded)
+    settings        JSON,                 -- seed, threshold, context, batch_size, memory_gb, passes, bos excluded
+    created_at      TIMESTAMP,
+    seconds         DOUBLE,
+    discover_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS neuron_correlations (
+    universality_id VARCHAR,
+    checkpoint_id   VARCHAR,              -- the neuron's model
+    layer           SMALLINT,
+    neuron          INTEGER,
+    other_checkpoint_id VARCHAR,          -- one other model of the run (one row per other model)
+    max_corr        DOUBLE,               -- max Pearson correlation over the other model's neurons, all layers
+    partner_layer   SMALLINT,             -- the other model's neuron reaching max_corr
+    partner_neuron  INTEGER,
+    baseline_corr   DOUBLE,               -- the same max after a Haar-random rotation of each of its layers
+    excess          DOUBLE                -- max_corr - baseline_corr (all NULL for a dead neuron)
+);
+CREATE TABLE IF NOT EXISTS universal_neurons (
+    universality_id VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    mean_max_corr   DOUBLE,               -- means over the run's other models
+    mean_baseline   DOUBLE,
+    mean_excess     DOUBLE,
+    universal       BOOLEAN               -- mean_excess > settings.threshold (false for a dead neuron)
 );
 """
 
@@ -389,6 +488,8 @@ class Store:
             for lr in result.layers:
                 index.add_with_ids(lr.w_out_unit, np.arange(lr.layer * n, (lr.layer + 1) * n, dtype=np.int64))
             faiss.write_index(index, str(fdir / "w_out.faiss"))
+            if all(lr.w_in_unit is not None for lr in result.layers):  # neuron tracking (discover watch)
+                np.save(fdir / "w_in.npy", np.concatenate([lr.w_in_unit for lr in result.layers]))
             if view.tokenizer is not None:
                 view.tokenizer.save_pretrained(str(fdir / "tokenizer"))
             _write_arrays(fdir / "arrays", result, view)

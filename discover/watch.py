@@ -1,0 +1,421 @@
+"""`discover watch DIR`: nightly discovery over the checkpoints of training runs.
+
+Every directory under DIR that holds a `config.json` and weights (`*.safetensors`, or
+`pytorch_model*.bin` with --allow-pickle) is a checkpoint: HF Trainer `checkpoint-STEP/` layouts,
+`discover train` runs, or plain model directories. Its step comes from the name (`checkpoint-STEP`,
+`step-STEP`, `stepSTEP`...) or from `trainer_state.json`; checkpoints are processed in step order
+within each training run (a run = the checkpoints' parent directory). Hidden directories (names
+starting with a dot, such as a trainer's half-written `.tmp-checkpoint-N`) are skipped.
+
+What is new: a checkpoint whose files' signature (names, sizes and modification times of the
+config and weights) has no record in the catalog. A changed signature is rehashed; if the content
+hash is unchanged only the signature is updated. Each new checkpoint goes through scan ->
+activations (`--tokens`) -> verify (`--candidates` strongest prediction candidates + the feature
+rules) -> tracking against the run's previous checkpoint (`discover.track`) -> report; one
+transaction then records it as done with its results. A checkpoint that fails (corrupt weights,
+an unsupported model...) is recorded as failed with its reason and the run goes on; it is retried
+when its files change, or with --retry-failed.
+
+Safety: a lock file (`STORE/watch.lock`, an advisory `flock`, released by the kernel when the
+process dies) keeps two watches off one store. After `kill -9` at any point the next run marks
+the dead run `interrupted` and redoes the checkpoint it was on: every stage commits whole or not at
+all (the corpus pass resumes from its saved state), and a checkpoint's tracking rows, its status
+and its per-run result are written in one transaction, so nothing is duplicated or half-written.
+
+Exit codes: 0 every checkpoint found is processed (or nothing was new); 2 bad input (no such
+directory, bad settings); 3 some checkpoint failed (recorded; the others were processed); 4 another
+`discover watch` holds the store's lock; 130 interrupted.
+
+A run with nothing new imports neither torch nor transformers: it lists directories, compares
+file signatures with the catalog and records the run (well under the 2 s budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from discover.errors import DiscoverError, first_line
+
+EXIT_FAILED = 3
+EXIT_BUSY = 4
+LOCK_NAME = "watch.lock"
+_STEP_RE = re.compile(r"(?:checkpoint|global_step|step|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
+
+
+class WatchBusy(DiscoverError):
+    """Another `discover watch` holds the store's lock."""
+
+    exit_code = EXIT_BUSY
+
+
+@dataclass
+class WatchConfig:
+    tokens: int = 200_000  # corpus-pass tokens per checkpoint
+    verify_tokens: int = 20_000
+    candidates: int = 20
+    verify_split: str = "heldout"
+    corpus: str | None = None
+    text_field: str = "text"
+    reports: str | None = None  # directory of the reports (default: STORE/reports)
+    fmt: str = "html"
+    cards: int = 100
+    retry_failed: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        self.act_config()
+        self.verify_config()
+        if self.cards < 1:
+            raise ValueError("cards must be at least 1")
+        if self.fmt not in ("html", "md", "json"):
+            raise ValueError(f"format must be html, md or json, got {self.fmt!r}")
+
+    def act_config(self):
+        from discover.activations import ActivationConfig
+
+        return ActivationConfig(tokens=self.tokens)
+
+    def verify_config(self):
+        from discover.verify import VerifyConfig
+
+        return VerifyConfig(tokens=self.verify_tokens, candidates=self.candidates, split=self.verify_split)
+
+
+@dataclass
+class Found:
+    path: Path
+    series: str
+    step: int | None
+    signature: str
+
+
+@dataclass
+class WatchSummary:
+    run_id: str
+    watch_dir: str
+    status: str = "running"
+    found: int = 0
+    new: int = 0
+    processed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    results: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if self.failed else 0
+
+
+# -------------------------------------------------------------------------- discovery
+def _is_weight(name: str, allow_pickle: bool) -> bool:
+    return name.endswith(".safetensors") or (allow_pickle and name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def _step(path: Path, entries: dict) -> int | None:
+    m = None
+    for m in _STEP_RE.finditer(path.name):
+        pass
+    if m is not None:
+        return int(m.group(1))
+    if "trainer_state.json" in entries:
+        try:
+            return int(json.loads(Path(entries["trainer_state.json"].path).read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:
+    """Every checkpoint directory under `root` (itself included), in (run, step, path) order."""
+    out: list[Found] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = {e.name: e for e in os.scandir(d)}
+        except OSError:
+            continue  # unreadable or vanished while we looked
+        weights = sorted(n for n, e in entries.items() if _is_weight(n, allow_pickle) and e.is_file())
+        if "config.json" in entries and weights:
+            h = hashlib.sha256()
+            for name in ["config.json", *weights]:
+                try:
+                    st = entries[name].stat()
+                except OSError:
+                    continue
+                h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            out.append(Found(d, str(d.parent), _step(d, entries), h.hexdigest()))
+            continue  # a checkpoint's subdirectories are not checkpoints of the run
+        for name, e in entries.items():
+            if not name.startswith(".") and e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+    out.sort(key=lambda f: (f.series, f.step is None, f.step or 0, str(f.path)))
+    return out
+
+
+# ------------------------------------------------------------------------------- lock
+@contextmanager
+def store_lock(store_root: Path):
+    """An exclusive advisory lock on STORE/watch.lock for as long as the block runs."""
+    import fcntl
+
+    path = store_root / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise WatchBusy(f"another `discover watch` (pid {holder}) is running on store {store_root}; "
+                            "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# --------------------------------------------------------------------- test hook (kill)
+_KILL_COUNTS: dict = {}
+
+
+def _kill_point(name: str) -> None:
+    """Tests: DISCOVER_WATCH_KILL_AT=name[:n] sends SIGKILL to this process the n-th time it
+    reaches `name` (hash, scan, pipeline, commit, report, done)."""
+    spec = os.environ.get("DISCOVER_WATCH_KILL_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -------------------------------------------------------------------------------- run
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def check_dir(watch_dir) -> Path:
+    root = Path(watch_dir).expanduser()
+    if not root.exists():
+        raise DiscoverError(f"watch directory {watch_dir} does not exist; pass the directory your training "
+                            "run writes checkpoints into")
+    if not root.is_dir():
+        raise DiscoverError(f"{watch_dir} is a file; pass the directory your training run writes checkpoints into")
+    return root.resolve()
+
+
+def watch_once(watch_dir, store_root=None, config: WatchConfig | None = None, *, progress: bool = True) -> WatchSummary:
+    """One pass over `watch_dir`: process every new or changed checkpoint, under the store's lock."""
+    from discover.store import resolve_root
+
+    root = check_dir(watch_dir)
+    sroot = resolve_root(store_root)
+    if sroot.exists() and not sroot.is_dir():
+        raise DiscoverError(f"store path {sroot} is a file; --store must name a directory")
+    sroot.mkdir(parents=True, exist_ok=True)
+    with store_lock(sroot):
+        return _watch(root, sroot, config or WatchConfig(), progress)
+
+
+def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *, interval: float = 600.0,
+               progress: bool = True, on_pass=None) -> None:
+    """Poll forever: one pass, then sleep `interval` seconds. The lock is held throughout; the
+    catalog is closed between passes so that queries can read it."""
+    from discover.store import resolve_root
+
+    root = check_dir(watch_dir)
+    sroot = resolve_root(store_root)
+    sroot.mkdir(parents=True, exist_ok=True)
+    cfg = config or WatchConfig()
+    with store_lock(sroot):
+        while True:
+            s = _watch(root, sroot, cfg, progress)
+            if on_pass is not None and on_pass(s) is False:
+                return
+            _say(f"next look at {root} in {interval:g} s", progress)
+            time.sleep(interval)
+
+
+def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool) -> WatchSummary:
+    from discover.store import Store
+
+    t0 = time.perf_counter()
+    with Store(sroot) as store:
+        con = store.con
+        # we hold the lock: a run still marked running died without finishing
+        con.execute("UPDATE watch_runs SET status = 'interrupted' WHERE status = 'running'")
+        found = find_checkpoints(root, allow_pickle=cfg.allow_pickle)
+        known = {}
+        if found:
+            cur = con.execute("SELECT path, signature, status, checkpoint_id FROM watch_checkpoints "
+                              "WHERE path IN (SELECT unnest(?))", [[str(f.path) for f in found]])
+            known = {r[0]: {"signature": r[1], "status": r[2], "checkpoint_id": r[3]} for r in cur.fetchall()}
+        todo = [f for f in found if str(f.path) not in known or known[str(f.path)]["signature"] != f.signature
+                or (cfg.retry_failed and known[str(f.path)]["status"] == "failed")]
+        s = WatchSummary(run_id=uuid.uuid4().hex[:12], watch_dir=str(root), found=len(found), new=len(todo))
+        con.execute("INSERT INTO watch_runs VALUES (?, ?, now(), NULL, 'running', ?, ?, 0, 0, ?)",
+                    [s.run_id, str(root), os.getpid(), len(found), json.dumps(asdict(cfg))])
+        if not todo:
+            _say(f"{root}: {len(found)} checkpoint(s), nothing new", progress)
+        try:
+            _each(store, root, sroot, todo, known, cfg, s, progress)
+        except KeyboardInterrupt:
+            con.execute("UPDATE watch_runs SET status = 'interrupted', processed = ?, failed = ? WHERE run_id = ?",
+                        [s.processed, s.failed, s.run_id])
+            raise
+        s.status = "failed" if s.failed else "ok"
+        s.seconds = time.perf_counter() - t0
+        con.execute("UPDATE watch_runs SET ended_at = now(), status = ?, processed = ?, failed = ? WHERE run_id = ?",
+                    [s.status, s.processed, s.failed, s.run_id])
+    return s
+
+
+def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress) -> None:
+    for i, f in enumerate(todo):
+        _say(f"[{i + 1}/{len(todo)}] {f.path}" + (f" (step {f.step})" if f.step is not None else ""), progress)
+        r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress)
+        s.results.append(r)
+        if r["status"] == "failed":
+            s.failed += 1
+            _say(f"    failed: {r['error']}", progress)
+        elif r["status"] == "unchanged":
+            s.unchanged += 1
+            _say("    same content as before (only file times changed)", progress)
+        else:
+            s.processed += 1
+
+
+def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: WatchConfig, run_id: str,
+             progress: bool) -> dict:
+    from discover.store import transaction
+
+    t0 = time.perf_counter()
+    res = {"path": str(f.path), "step": f.step, "checkpoint_id": None, "status": "done", "error": None,
+           "stages": {}, "report": None}
+    try:
+        from discover.adapter import identify
+
+        _kill_point("hash")
+        identity = identify(str(f.path), allow_pickle=cfg.allow_pickle)
+        res["checkpoint_id"] = identity[1]
+        if known and known["status"] == "done" and known["checkpoint_id"] == identity[1]:
+            res["status"] = "unchanged"
+            with transaction(store.con) as con:
+                con.execute("UPDATE watch_checkpoints SET signature = ? WHERE path = ?", [f.signature, str(f.path)])
+                _result_row(con, run_id, res, time.perf_counter() - t0)
+            return res
+        _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
+    except Exception as e:  # recorded with its reason; the run goes on with the other checkpoints
+        res["status"] = "failed"
+        res["error"] = first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
+        with transaction(store.con) as con:
+            con.execute(
+                "INSERT OR REPLACE INTO watch_checkpoints (path, watch_dir, series, step, signature, checkpoint_id, "
+                "status, error, run_id, processed_at) VALUES (?, ?, ?, ?, ?, ?, 'failed', ?, ?, now())",
+                [str(f.path), str(root), f.series, f.step, f.signature, res["checkpoint_id"], res["error"], run_id])
+            _result_row(con, run_id, res, time.perf_counter() - t0)
+    return res
+
+
+def _previous(store, f: Found, checkpoint_id: str) -> dict | None:
+    """The run's latest processed checkpoint before `f` (by step, else by path)."""
+    if f.step is not None:
+        cond, arg = "step < ?", f.step
+    else:
+        cond, arg = "(step IS NOT NULL OR path < ?)", str(f.path)
+    row = store.con.execute(
+        f"SELECT checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? AND status = 'done' "
+        f"AND checkpoint_id <> ? AND {cond} ORDER BY step DESC NULLS LAST, path DESC LIMIT 1",
+        [f.series, checkpoint_id, arg]).fetchone()
+    return None if row is None else {"checkpoint_id": row[0], "verify_id": row[1], "pass_id": row[2]}
+
+
+def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0) -> None:
+    from discover import track
+    from discover.pipeline import prepare, run_pipeline, write_report
+    from discover.store import transaction
+
+    act, ver = cfg.act_config(), cfg.verify_config()
+    prepared = prepare(str(f.path), corpus=cfg.corpus, text_field=cfg.text_field, act_config=act,
+                       allow_pickle=cfg.allow_pickle, split=ver.split, identity=identity)
+    _kill_point("scan")
+    run = run_pipeline(None, store, act_config=act, verify_config=ver, out=None, progress=progress,
+                       prepared=prepared)
+    res["stages"] = {k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
+                     for k, v in run.stages.items()}
+    _kill_point("pipeline")
+    ckpt_id = identity[1]
+    new = store.checkpoint(ckpt_id)
+    prev = _previous(store, f, ckpt_id)
+    tracked = None
+    t = time.perf_counter()
+    if prev is not None:
+        old = store.checkpoint(prev["checkpoint_id"])
+        why = track.comparable(new, old) if old is not None else "its scan is no longer in the store"
+        if why is None:
+            m = track.match(store, new, old)
+            tracked = track.changes(store, new, old, m, new_verify=run.stages["verify"]["verify_id"],
+                                    prev_verify=prev["verify_id"], new_pass=run.stages["activations"]["pass_id"],
+                                    prev_pass=prev["pass_id"])
+            res["stages"]["track"] = {"status": "matched", "seconds": time.perf_counter() - t,
+                                      "against": prev["checkpoint_id"], "counts": tracked[2]}
+            _say("    tracked against the previous checkpoint: " + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in tracked[2].items()), progress)
+        else:
+            res["stages"]["track"] = {"status": "skipped", "why": why}
+    reports = Path(cfg.reports).expanduser() if cfg.reports else sroot / "reports"
+    try:
+        rel = f.path.relative_to(root)
+    except ValueError:
+        rel = Path(f.path.name)
+    name = "-".join(rel.parts) if rel.parts else root.name
+    out = reports / f"{name}.{cfg.fmt}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res["report"] = str(out.resolve())
+    with transaction(store.con) as con:
+        if tracked is not None:
+            track.write(con, tracked[0], tracked[1], ckpt_id, prev["checkpoint_id"])
+        con.execute(
+            "INSERT OR REPLACE INTO watch_checkpoints VALUES (?, ?, ?, ?, ?, ?, 'done', NULL, ?, ?, ?, ?, ?, now())",
+            [str(f.path), str(root), f.series, f.step, f.signature, ckpt_id,
+             prev["checkpoint_id"] if tracked is not None else None, run.stages["activations"]["pass_id"],
+             run.stages["verify"]["verify_id"], res["report"], run_id])
+        _kill_point("commit")
+        t = time.perf_counter()
+        # the report reads the rows above (same connection, same transaction) and is in place before
+        # they commit: a kill before the commit leaves a report that the next run rewrites
+        cards = write_report(store, prepared[0].view, run.stages["verify"]["verify_id"], out, fmt=cfg.fmt,
+                             cards=cfg.cards)
+        res["stages"]["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": cards}
+        _result_row(con, run_id, res, time.perf_counter() - t0)
+    _say(f"    done in {time.perf_counter() - t0:.1f} s; report {out}", progress)
+    _kill_point("done")
+
+
+def _result_row(con, run_id: str, res: dict, seconds: float) -> None:
+    con.execute("INSERT OR REPLACE INTO watch_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
+                [run_id, res["path"], res["step"], res["checkpoint_id"], res["status"], res["error"],
+                 json.dumps(res["stages"], default=str), seconds])
+
+
+def runs(store, limit: int = 20) -> list[dict]:
+    cur = store.con.execute("SELECT * FROM watch_runs ORDER BY started_at DESC LIMIT ?", [limit])
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
