@@ -142,7 +142,22 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
                         "role": [r if isinstance(r, str) else None for r in stats["role"]]},
         },
         "cards": built,
+        "changes": _changes(store, cid),
     })
+
+
+def _changes(store, cid: str) -> dict | None:
+    """What changed since the previous checkpoint of the run, when `discover watch` processed it."""
+    from discover.track import report_changes
+
+    try:
+        return report_changes(store, cid)
+    except Exception as e:  # a catalog from before `watch` (no such tables in a read-only store)
+        import duckdb
+
+        if isinstance(e, duckdb.CatalogException):
+            return None
+        raise
 
 
 def _vocab_histograms(view, cards: list) -> None:
@@ -185,6 +200,25 @@ def render_markdown(rep: dict) -> str:
     out += [f"| {r} | " + " | ".join(str(c) for c in counts) + " |" for r, counts in s["roles_per_layer"].items()]
     out += ["", "## Verdicts", "", "| kind | confirmed | inconclusive | rejected |", "|---|---|---|---|"]
     out += [f"| {k} | {c['confirmed']} | {c['inconclusive']} | {c['rejected']} |" for k, c in s["verdict_counts"].items()]
+    ch = rep.get("changes")
+    if ch and ch.get("prev_checkpoint_id"):
+        out += ["", f"## Changes since the previous checkpoint (step {ch.get('prev_step')} -> {ch['step']})", ""]
+        m = ch["match"] or {}
+        out += [f"neurons matched by weights: median similarity {_num(m.get('similarity_median'))}, "
+                f"mutual {_num(m.get('mutual_fraction'))}, same index {_num(m.get('same_index'))}", ""]
+        if ch["roles"]:
+            out += ["| role | gained | lost |", "|---|---|---|"]
+            out += [f"| {r} | {v['gained']} | {v['lost']} |" for r, v in ch["roles"].items()]
+        else:
+            out.append("no scanner role gained or lost")
+        if ch["verdicts"]:
+            out += ["", "| change | neuron | hypothesis | detail |", "|---|---|---|---|"]
+            out += [f"| {v['change']} | {v['neuron_name'] or '(was ' + v['prev_name'] + ')'} | {_md(v['subject'])} | "
+                    f"{_md(v['detail'])} |" for v in ch["verdicts"]]
+        if ch["moved"]:
+            out += ["", "| neuron | was | statistic | before | after | change / spread |", "|---|---|---|---|---|---|"]
+            out += [f"| {v['neuron_name']} | {v['prev_name']} | {v['subject']} | {_num(v['old_value'])} | "
+                    f"{_num(v['new_value'])} | {_num(v['score'])} |" for v in ch["moved"]]
     out += ["", f"## Candidates ({len(rep['cards'])})", ""]
     for c in rep["cards"]:
         out += [f"### {c['neuron']}", ""]
@@ -247,6 +281,8 @@ table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bot
 <div class="row"><div class="panel"><h2>Roles per layer</h2><div id="roles"></div></div>
 <div class="panel"><h2>Vocabulary kurtosis vs skew, every neuron</h2><div id="scatter"></div></div>
 <div class="panel"><h2>Verdicts</h2><div id="verdicts"></div></div></div>
+<div class="row" id="changes-row" hidden><div class="panel"><h2 id="changes-title"></h2><div id="changes"></div></div>
+<div class="panel"><h2>Roles along the run</h2><div id="along"></div></div></div>
 <h2 id="cards-title"></h2><div class="pager" id="pager"></div><div id="cards"></div><div class="pager" id="pager2"></div>
 </main>
 <script type="application/json" id="data">__DATA__</script>
@@ -314,6 +350,23 @@ function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neu
   c.patching.forEach(x=>{const tr=el("tr");[showTok(x.target)+" / "+showTok(x.contrast),x.positions,fmt(x.recovery),fmt(x.attribution),x.clean].forEach(v=>tr.appendChild(el("td",{},v)));t.appendChild(tr);});d.appendChild(t);}
  if(c.examples&&c.examples.length){d.appendChild(el("b",{},"max-activating examples"));c.examples.forEach(ex=>d.appendChild(example(ex)));}
  return d;}
+function changesPanel(){const ch=D.changes;if(!ch||!ch.prev_checkpoint_id)return;document.getElementById("changes-row").hidden=false;
+ document.getElementById("changes-title").textContent="Changes since the previous checkpoint (step "+fmt(ch.prev_step)+" \u2192 "+fmt(ch.step)+")";
+ const box=document.getElementById("changes");const m=ch.match||{};
+ box.appendChild(el("small",{},"neurons matched by weights (FAISS, w_in and w_out cosines): median similarity "+fmt(m.similarity_median)+", mutual "+fmt(m.mutual_fraction)+", same index "+fmt(m.same_index)));
+ const t=el("table");const hr=el("tr");["role","gained","lost"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
+ for(const r in ch.roles){const tr=el("tr");const td=el("td");td.appendChild(el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r));tr.appendChild(td);tr.appendChild(el("td",{},"+"+ch.roles[r].gained));tr.appendChild(el("td",{},"\u2212"+ch.roles[r].lost));t.appendChild(tr);}
+ if(Object.keys(ch.roles).length)box.appendChild(t);
+ if(ch.verdicts.length){const v=el("table");const h=el("tr");["change","neuron","hypothesis","detail"].forEach(x=>h.appendChild(el("th",{},x)));v.appendChild(h);
+  ch.verdicts.forEach(x=>{const tr=el("tr");const td=el("td");td.appendChild(el("span",{class:"tag "+(x.change==="verdict_confirmed"?"confirmed":"rejected")},x.change==="verdict_confirmed"?"newly confirmed":"lost"));tr.appendChild(td);
+   [x.neuron_name||("(was "+x.prev_name+")"),x.subject,x.detail].forEach(y=>tr.appendChild(el("td",{},y)));v.appendChild(tr);});box.appendChild(v);}
+ if(ch.moved.length){box.appendChild(el("b",{},"statistics that moved most (change minus the common drift, in units of the statistic's spread)"));const v=el("table");const h=el("tr");["neuron","was","statistic","before","after","score"].forEach(x=>h.appendChild(el("th",{},x)));v.appendChild(h);
+  ch.moved.forEach(x=>{const tr=el("tr");[x.neuron_name,x.prev_name,x.subject,fmt(x.old_value),fmt(x.new_value),fmt(x.score)].forEach(y=>tr.appendChild(el("td",{},y)));v.appendChild(tr);});box.appendChild(v);}
+ const A=ch.along_run,W=360,H=200,P=30,n=A.steps.length;const g=svg("svg",{width:W,height:H,role:"img"});let mx=1;for(const r in A.roles)mx=Math.max(mx,...A.roles[r]);
+ const X=i=>P+(W-P-10)*(n<2?0.5:i/(n-1)),Y=c=>H-P-(H-P-8)*c/mx;
+ for(const r in A.roles){const c=A.roles[r];if(!c.some(x=>x>0))continue;const pts=c.map((x,i)=>X(i)+","+Y(x)).join(" ");g.appendChild(svg("polyline",{points:pts,fill:"none",stroke:COLORS[r]||"#999","stroke-width":2}));
+  c.forEach((x,i)=>{const d=svg("circle",{cx:X(i),cy:Y(x),r:A.steps[i]===ch.step?4:2.5,fill:COLORS[r]||"#999"});const tt=svg("title");tt.textContent=r+" at "+A.labels[i]+": "+x;d.appendChild(tt);g.appendChild(d);});}
+ axes(g,W,H,P,A.steps[0],A.steps[n-1],0,mx,"step","neurons with the role");document.getElementById("along").appendChild(g);}
 const PER=25;let page=0;
 function pager(id){const p=document.getElementById(id);p.textContent="";const n=Math.ceil(D.cards.length/PER);if(n<2)return;
  for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}
@@ -322,6 +375,6 @@ document.getElementById("title").textContent="discover report: "+D.model;
 document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
  (D.corpus_pass?" \\u00b7 corpus pass: "+D.corpus_pass.tokens+" tokens":"")+(D.verify?" \\u00b7 verified on "+D.verify.tokens+" held-out tokens":"")+" \\u00b7 "+D.generated;
 document.getElementById("cards-title").textContent="Candidates, strongest evidence first ("+D.cards.length+")";
-rolesPlot();scatterPlot();verdictPlot();draw();
+rolesPlot();scatterPlot();verdictPlot();changesPanel();draw();
 </script></body></html>
 """

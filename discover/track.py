@@ -22,6 +22,7 @@ Changes recorded for each matched pair (table `neuron_changes`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,7 @@ MOVED_STATS = (
     ("neuron_activations", "act_kurt", True),
 )
 TOP_MOVED = 50
+MOVED_MIN = 0.5  # "moved" rows need a change of at least half the statistic's spread
 CHANGE_KINDS = ("role_gained", "role_lost", "verdict_confirmed", "verdict_lost", "moved")
 
 
@@ -61,7 +63,11 @@ def unit_vectors(store, ckpt: dict) -> tuple[np.ndarray, np.ndarray | None]:
     out = np.empty_like(w_out)
     out[ids] = w_out
     w_in_path = fdir / "w_in.npy"
-    w_in = np.load(w_in_path).astype(np.float32) if w_in_path.exists() else None
+    w_in = None
+    if w_in_path.exists():  # stored as float16: renormalise the rounded rows
+        w_in = np.load(w_in_path).astype(np.float32)
+        norms = np.linalg.norm(w_in, axis=1, keepdims=True)
+        w_in /= np.where(norms > 0, norms, 1.0)
     return out, w_in
 
 
@@ -192,7 +198,8 @@ def changes(store, new: dict, prev: dict, m: Matches, *, new_verify: str | None,
         if now != "confirmed":
             rows.append((g, p, "verdict_lost", f"{kind}: {subject}", None, None,
                          float(m.similarity[g]) if g is not None else None,
-                         f"now {now or 'not tested'}" if g is not None else "no neuron matches it now"))
+                         (f"now {now}" if now else "not among this checkpoint's verified candidates")
+                         if g is not None else "no neuron matches it now"))
 
     # the statistics that moved most
     s_new, s_old = _stats(store, ids[0], new_pass), _stats(store, ids[1], prev_pass)
@@ -212,7 +219,7 @@ def changes(store, new: dict, prev: dict, m: Matches, *, new_verify: str | None,
         upd = score > best
         best[upd], which[upd] = score[upd], j
     for g in np.argsort(-best, kind="stable")[:TOP_MOVED]:
-        if best[g] <= 0:
+        if best[g] < MOVED_MIN:
             break
         col = MOVED_STATS[which[g]][1]
         rows.append((int(g), int(gp[g]), "moved", col, float(s_old[col][gp[g]]), float(s_new[col][g]),
@@ -250,8 +257,6 @@ def write(con, matches, ch, new_id: str, prev_id: str) -> None:
 # ------------------------------------------------------------------------------ queries
 def series_rows(store, run_dir: str) -> list[dict]:
     """The processed checkpoints under `run_dir` (a watched directory, or one series in it), in step order."""
-    from pathlib import Path
-
     from discover.errors import QueryError
 
     root = str(Path(run_dir).expanduser().resolve())
@@ -268,31 +273,52 @@ def series_rows(store, run_dir: str) -> list[dict]:
 
 def query_changes(store, run_dir: str, *, top: int = 10) -> dict:
     """Per processed checkpoint under `run_dir`: what changed against the previous one."""
-    out = []
-    for r in series_rows(store, run_dir):
-        entry = {"path": r["path"], "series": r["series"], "step": r["step"], "checkpoint_id": r["checkpoint_id"],
-                 "prev_checkpoint_id": r["prev_checkpoint_id"], "report": r["report"], "counts": {}, "roles": {},
-                 "verdicts": [], "moved": [], "match": None}
-        if r["prev_checkpoint_id"]:
-            key = [r["checkpoint_id"], r["prev_checkpoint_id"]]
-            q = "FROM neuron_changes WHERE checkpoint_id = ? AND prev_checkpoint_id = ?"
-            entry["counts"] = dict(store.con.execute(f"SELECT change, count(*) {q} GROUP BY change", key).fetchall())
-            for change, subject, c in store.con.execute(
-                    f"SELECT change, subject, count(*) {q} AND change LIKE 'role_%' GROUP BY ALL ORDER BY ALL",
-                    key).fetchall():
-                entry["roles"].setdefault(subject, {"gained": 0, "lost": 0})[change[5:]] = c
-            cur = store.con.execute(f"SELECT * {q} AND change LIKE 'verdict_%' ORDER BY change, layer, neuron", key)
-            cols = [c[0] for c in cur.description]
-            entry["verdicts"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
-            cur = store.con.execute(f"SELECT * {q} AND change = 'moved' ORDER BY score DESC LIMIT ?", [*key, top])
-            cols = [c[0] for c in cur.description]
-            entry["moved"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
-            entry["match"] = dict(zip(("similarity_median", "similarity_min", "mutual_fraction", "same_index"),
-                                      store.con.execute(
-                "SELECT median(similarity), min(similarity), avg(mutual::INT), avg((neuron = prev_neuron)::INT) "
-                "FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ?", key).fetchone()))
-        out.append(entry)
-    return {"run_dir": run_dir, "checkpoints": out}
+    return {"run_dir": run_dir, "checkpoints": [checkpoint_changes(store, r, top=top)
+                                                for r in series_rows(store, run_dir)]}
+
+
+def checkpoint_changes(store, r: dict, *, top: int = 10) -> dict:
+    """What changed at one processed checkpoint (`r`: its watch_checkpoints row) against the previous one."""
+    entry = {"path": r["path"], "series": r["series"], "step": r["step"], "checkpoint_id": r["checkpoint_id"],
+             "prev_checkpoint_id": r["prev_checkpoint_id"], "report": r["report"], "counts": {}, "roles": {},
+             "verdicts": [], "moved": [], "match": None}
+    if not r["prev_checkpoint_id"]:
+        return entry
+    key = [r["checkpoint_id"], r["prev_checkpoint_id"]]
+    entry["prev_step"] = (store.con.execute("SELECT step FROM watch_checkpoints WHERE checkpoint_id = ? AND "
+                                            "series = ?", [key[1], r["series"]]).fetchone() or [None])[0]
+    q = "FROM neuron_changes WHERE checkpoint_id = ? AND prev_checkpoint_id = ?"
+    entry["counts"] = {k: 0 for k in CHANGE_KINDS} | dict(
+        store.con.execute(f"SELECT change, count(*) {q} GROUP BY change", key).fetchall())
+    for change, subject, c in store.con.execute(
+            f"SELECT change, subject, count(*) {q} AND change LIKE 'role_%' GROUP BY ALL ORDER BY ALL", key).fetchall():
+        entry["roles"].setdefault(subject, {"gained": 0, "lost": 0})[change[5:]] = c
+    cur = store.con.execute(f"SELECT * {q} AND change LIKE 'verdict_%' ORDER BY change, layer, neuron", key)
+    cols = [c[0] for c in cur.description]
+    entry["verdicts"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
+    cur = store.con.execute(f"SELECT * {q} AND change = 'moved' ORDER BY score DESC LIMIT ?", [*key, top])
+    cols = [c[0] for c in cur.description]
+    entry["moved"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
+    entry["match"] = dict(zip(("similarity_median", "similarity_min", "mutual_fraction", "same_index"),
+                              store.con.execute(
+        "SELECT median(similarity), min(similarity), avg(mutual::INT), avg((neuron = prev_neuron)::INT) "
+        "FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ?", key).fetchone()))
+    return entry
+
+
+def report_changes(store, checkpoint_id: str, *, top: int = 10) -> dict | None:
+    """The report's "changes" section: this checkpoint's changes and role counts along its run."""
+    cur = store.con.execute("SELECT * FROM watch_checkpoints WHERE checkpoint_id = ? AND status = 'done' "
+                            "ORDER BY processed_at DESC LIMIT 1", [checkpoint_id])
+    row = cur.fetchone()
+    if row is None:
+        return None
+    r = dict(zip([c[0] for c in cur.description], row))
+    cur = store.con.execute("SELECT * FROM watch_checkpoints WHERE series = ? AND status = 'done' "
+                            "ORDER BY step NULLS LAST, path", [r["series"]])
+    cols = [c[0] for c in cur.description]
+    series = [dict(zip(cols, x)) for x in cur.fetchall()]
+    return {**checkpoint_changes(store, r, top=top), "along_run": role_counts_by_step(store, series)}
 
 
 def _change_row(r: dict) -> dict:
@@ -376,13 +402,13 @@ def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | No
 
 def role_counts_by_step(store, series_rows_: list[dict]) -> dict:
     """{role: [count per checkpoint]} and the steps, for the report's plot across a run."""
-    steps, per = [], {}
+    from discover.scan import ROLES
+
+    per = {role: [0] * len(series_rows_) for role in ROLES}
     for i, r in enumerate(series_rows_):
-        steps.append(r["step"])
         for role, c in store.con.execute("SELECT role, count(*) FROM roles WHERE checkpoint_id = ? GROUP BY role",
                                          [r["checkpoint_id"]]).fetchall():
-            per.setdefault(role, [0] * len(series_rows_))[i] = c
-    for v in per.values():
-        v.extend([0] * (len(steps) - len(v)))
-    return {"steps": steps, "roles": per}
+            per.setdefault(role, [0] * len(series_rows_))[i] = int(c)
+    return {"steps": [r["step"] for r in series_rows_], "labels": [Path(r["path"]).name for r in series_rows_],
+            "roles": per}
 
