@@ -940,8 +940,8 @@ def _add_universality(sub) -> None:
                    help="bound on the float64 accumulators of one pass + finalising one block (two d_mlp^2 "
                         "rotations, one block) + one batch's activations; the models' weights come on top. "
                         "Blocks that do not fit are accumulated in further passes over the same tokens: GPT-2 "
-                        "medium x 2 (48 within-layer + 576 cross blocks of 128 MiB) takes 78 passes at 2 GB, "
-                        "4 at 32 GB (2)")
+                        "medium x 2 (48 within-layer + 576 cross blocks of 128 MiB) takes 70 passes at 2 GB, "
+                        "7 at 16 GB, 4 at 32 GB (2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="sequences per forward pass (default: from a quarter of --memory-gb, at most 32)")
     p.add_argument("--context", type=int, default=None, metavar="N",
