@@ -100,6 +100,17 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
             if (l, n) not in seen and len(chosen) < cards:
                 seen.add((l, n))
                 chosen.append((l, n))
+    from discover.universality import latest_universality
+
+    uni = latest_universality(store, cid)
+    if uni is not None and len(chosen) < cards:  # universal neurons, largest excess first
+        seen = set(chosen)
+        for key, u in sorted(uni["neurons"].items(), key=lambda kv: -(kv[1]["mean_excess"] or -1e9)):
+            if len(chosen) >= cards or not u["universal"]:
+                break
+            if key not in seen:
+                seen.add(key)
+                chosen.append(key)
     p = latest_pass(store, ckpt)
     built = []
     for i, (l, n) in enumerate(chosen):
@@ -115,6 +126,8 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
                 "r.attribution FROM patch_results r JOIN patch_experiments x USING (experiment_id) WHERE "
                 "r.checkpoint_id = ? AND r.layer = ? AND r.neuron = ? ORDER BY x.created_at DESC LIMIT 5",
                 [cid, l, n]).fetchall()]
+        if uni is not None and (l, n) in uni["neurons"]:
+            card["universality"] = uni["neurons"][(l, n)]
         if p is not None:
             act = neuron_activity(store, ckpt, l, n, limit=examples)
             for ex in act["examples"]:  # compact: [token, value] pairs (the page holds thousands of them)
@@ -143,6 +156,13 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         },
         "cards": built,
         "changes": _changes(store, cid),
+        "universality": None if uni is None else {
+            "universality_id": uni["universality_id"], "models": uni["models"], "tokens": uni["tokens"],
+            "threshold": uni["threshold"],
+            "per_layer": [sum(1 for (l, _), u in uni["neurons"].items() if l == layer and u["universal"])
+                          for layer in range(L)],
+            "neurons": len(uni["neurons"]),
+            "universal": sum(1 for u in uni["neurons"].values() if u["universal"])},
     })
 
 
@@ -200,6 +220,12 @@ def render_markdown(rep: dict) -> str:
     out += [f"| {r} | " + " | ".join(str(c) for c in counts) + " |" for r, counts in s["roles_per_layer"].items()]
     out += ["", "## Verdicts", "", "| kind | confirmed | inconclusive | rejected |", "|---|---|---|---|"]
     out += [f"| {k} | {c['confirmed']} | {c['inconclusive']} | {c['rejected']} |" for k, c in s["verdict_counts"].items()]
+    un = rep.get("universality")
+    if un:
+        out += ["", "## Universality", "",
+                f"{un['universal']} of {un['neurons']} neurons universal (mean excess correlation over "
+                f"{len(un['models']) - 1} other model(s) > {un['threshold']}; {un['tokens']:,} tokens; run "
+                f"{un['universality_id']}); per layer: " + ", ".join(f"L{i} {c}" for i, c in enumerate(un["per_layer"]))]
     ch = rep.get("changes")
     if ch and ch.get("prev_checkpoint_id"):
         out += ["", f"## Changes since the previous checkpoint (step {ch.get('prev_step')} -> {ch['step']})", ""]
@@ -231,6 +257,13 @@ def render_markdown(rep: dict) -> str:
                 ev = ", ".join(f"{k} {_num(x)}" for k, x in v["evidence"].items() if isinstance(x, (int, float)))
                 out.append(f"| {v['kind']}: {_md(v['subject'])} | **{v['verdict']}** | {_md(ev)} | {_md(v['decided_by'])} |")
             out.append("")
+        u = c.get("universality")
+        if u:
+            out += [f"universality: {'**universal**' if u['universal'] else 'not universal'}, mean max correlation "
+                    f"{_num(u['mean_max_corr'])}, rotated baseline {_num(u['mean_baseline'])}, excess "
+                    f"{_num(u['mean_excess'])}; partners " + ", ".join(
+                        f"{p['checkpoint_id'][:8]} L{p['layer']}.N{p['neuron']} ({_num(p['max_corr'])})"
+                        for p in u["partners"] if p["layer"] is not None), ""]
         out += ["top tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["top_tokens"]), "",
                 "bottom tokens: " + " ".join(f"<code>{_md(t['token'])}</code>" for t in c["bottom_tokens"]), ""]
         for x in c.get("patching", []):
@@ -280,7 +313,8 @@ table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bot
 <main>
 <div class="row"><div class="panel"><h2>Roles per layer</h2><div id="roles"></div></div>
 <div class="panel"><h2>Vocabulary kurtosis vs skew, every neuron</h2><div id="scatter"></div></div>
-<div class="panel"><h2>Verdicts</h2><div id="verdicts"></div></div></div>
+<div class="panel"><h2>Verdicts</h2><div id="verdicts"></div></div>
+<div class="panel" id="uni-panel" hidden><h2>Universality</h2><div id="uni"></div></div></div>
 <div class="row" id="changes-row" hidden><div class="panel"><h2 id="changes-title"></h2><div id="changes"></div></div>
 <div class="panel"><h2>Roles along the run</h2><div id="along"></div></div></div>
 <h2 id="cards-title"></h2><div class="pager" id="pager"></div><div id="cards"></div><div class="pager" id="pager2"></div>
@@ -334,7 +368,8 @@ function curvePlot(c){const W=330,H=170,P=30,g=svg("svg",{width:W,height:H,role:
  axes(g,W,H,P,b[0].lo,b[b.length-1].hi,0,m,"activation (bins; opacity = log n)","P(top prediction)");return g;}
 function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neuron));const tags=el("div");
  c.roles.forEach(r=>tags.appendChild(el("span",{class:"tag",style:"background:"+(COLORS[r.role]||"#999")+";color:#fff"},r.role)));
- c.verdicts.forEach(v=>tags.appendChild(el("span",{class:"tag "+v.verdict},v.kind+": "+v.subject+" \\u2014 "+v.verdict)));d.appendChild(tags);
+ c.verdicts.forEach(v=>tags.appendChild(el("span",{class:"tag "+v.verdict},v.kind+": "+v.subject+" \\u2014 "+v.verdict)));
+ if(c.universality&&c.universality.universal)tags.appendChild(el("span",{class:"tag",style:"background:#00838f;color:#fff"},"universal (excess "+fmt(c.universality.mean_excess)+")"));d.appendChild(tags);
  if(c.verdicts.length){const t=el("table");const hr=el("tr");["hypothesis","verdict","evidence","decided by"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
   c.verdicts.forEach(v=>{const tr=el("tr");tr.appendChild(el("td",{},v.kind+": "+v.subject));tr.appendChild(el("td",{},v.verdict));
    tr.appendChild(el("td",{},Object.entries(v.evidence).filter(e=>typeof e[1]==="number").map(e=>e[0]+" "+fmt(e[1])).join(", ")));tr.appendChild(el("td",{},v.decided_by));t.appendChild(tr);});d.appendChild(t);}
@@ -348,8 +383,16 @@ function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neu
  if(c.patching&&c.patching.length){d.appendChild(el("b",{},"activation patching (denoising; recovery of logit(target) \u2212 logit(contrast))"));const t=el("table");const hr=el("tr");
   ["target / contrast","positions","recovery (exact)","attribution","clean prompt"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
   c.patching.forEach(x=>{const tr=el("tr");[showTok(x.target)+" / "+showTok(x.contrast),x.positions,fmt(x.recovery),fmt(x.attribution),x.clean].forEach(v=>tr.appendChild(el("td",{},v)));t.appendChild(tr);});d.appendChild(t);}
+ if(c.universality)d.appendChild(uniBlock(c.universality));
  if(c.examples&&c.examples.length){d.appendChild(el("b",{},"max-activating examples"));c.examples.forEach(ex=>d.appendChild(example(ex)));}
  return d;}
+function uniPanel(){const u=D.universality;if(!u)return;document.getElementById("uni-panel").hidden=false;const box=document.getElementById("uni");
+ box.appendChild(el("p",{},u.universal+" of "+u.neurons+" neurons universal: mean excess correlation over "+(u.models.length-1)+" other model(s) > "+u.threshold+" ("+u.tokens+" tokens)"));
+ box.appendChild(bars(u.per_layer,u.per_layer.map((x,i)=>"L"+i),"#00838f",320,130,"layer","universal neurons",0,u.per_layer.length-1));}
+function uniBlock(u){const d=el("div");d.appendChild(el("b",{},"universality: "+(u.universal?"universal":"not universal")));
+ d.appendChild(el("small",{}," mean max correlation "+fmt(u.mean_max_corr)+", rotated baseline "+fmt(u.mean_baseline)+", excess "+fmt(u.mean_excess)));
+ const t=el("table");const hr=el("tr");["other model","partner","max corr","baseline"].forEach(h=>hr.appendChild(el("th",{},h)));t.appendChild(hr);
+ u.partners.forEach(p=>{const tr=el("tr");[p.checkpoint_id.slice(0,12),p.layer===null?"-":"L"+p.layer+".N"+p.neuron,fmt(p.max_corr),fmt(p.baseline_corr)].forEach(v=>tr.appendChild(el("td",{},v)));t.appendChild(tr);});d.appendChild(t);return d;}
 function changesPanel(){const ch=D.changes;if(!ch||!ch.prev_checkpoint_id)return;document.getElementById("changes-row").hidden=false;
  document.getElementById("changes-title").textContent="Changes since the previous checkpoint (step "+fmt(ch.prev_step)+" \u2192 "+fmt(ch.step)+")";
  const box=document.getElementById("changes");const m=ch.match||{};
@@ -375,6 +418,6 @@ document.getElementById("title").textContent="discover report: "+D.model;
 document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
  (D.corpus_pass?" \\u00b7 corpus pass: "+D.corpus_pass.tokens+" tokens":"")+(D.verify?" \\u00b7 verified on "+D.verify.tokens+" held-out tokens":"")+" \\u00b7 "+D.generated;
 document.getElementById("cards-title").textContent="Candidates, strongest evidence first ("+D.cards.length+")";
-rolesPlot();scatterPlot();verdictPlot();changesPanel();draw();
+rolesPlot();scatterPlot();verdictPlot();uniPanel();changesPanel();draw();
 </script></body></html>
 """

@@ -461,3 +461,29 @@ def test_a_fresh_store_is_not_created_by_bad_input(env, tmp_path, capsys):
     rc, _, err = run(capsys, *_u(env, env.a, env.small, store=tmp_path / "fresh"))
     assert_one_error_line(rc, err, "different vocabularies")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_report_shows_universality(env, tmp_path):
+    """The report of a scanned model carries the latest universality run: per-layer counts and,
+    on each card, the neuron's excess and partners (the same numbers as the catalog)."""
+    from discover.report import build_report, render_html, render_markdown
+    from discover.scan import scan_model
+
+    store = tmp_path / "store"
+    s, rows, uni = _run(env, [env.a, env.b], store)
+    with Store(store) as st:
+        scan_model(str(env.a), st, progress=False)
+        rep = build_report(st, str(env.a), cards=30)
+    ca = s.models[0]["checkpoint_id"]
+    mine = np.asarray(uni["checkpoint_id"]) == ca
+    u = rep["universality"]
+    assert u["universal"] == int(np.asarray(uni["universal"])[mine].sum()) and u["neurons"] == int(mine.sum())
+    assert sum(u["per_layer"]) == u["universal"]
+    carded = [c for c in rep["cards"] if c.get("universality")]
+    assert carded, "universal neurons become candidates when there is room"
+    for c in carded:
+        i = np.flatnonzero(mine & (np.asarray(uni["layer"]) == c["layer"]) & (np.asarray(uni["neuron"]) == c["index"]))[0]
+        assert c["universality"]["mean_excess"] == pytest.approx(float(uni["mean_excess"][i]))
+        assert c["universality"]["partners"][0]["checkpoint_id"] == s.models[1]["checkpoint_id"]
+    assert "## Universality" in render_markdown(rep)
+    assert '"universality"' in render_html(rep)
