@@ -70,7 +70,7 @@ def main() -> None:
         tmp = Path(tmp)
         run = make_run(tmp)
         store = tmp / "store"
-        cfg = WatchConfig(tokens=a.tokens, verify_tokens=a.verify_tokens)
+        cfg = WatchConfig(tokens=a.tokens, verify_tokens=a.verify_tokens, settle=0)
         # checkpoint-1 alone first (warms numba, spaCy, the corpus reader), then checkpoint-2 arrives
         aside = tmp / "aside"
         shutil.move(str(run / "checkpoint-2"), aside)

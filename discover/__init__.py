@@ -31,6 +31,9 @@ _LAZY = {
     "run_sql": "discover.query",
     "open_corpus": "discover.corpus",
     "TrainConfig": "discover.train",
+    "WatchConfig": "discover.watch",
+    "watch_once": "discover.watch",
+    "latest_universality": "discover.universality",
 }
 
 

@@ -803,6 +803,8 @@ def _add_watch(sub) -> None:
     p.add_argument("--format", choices=("html", "md", "json"), default="html", help="report format (html)")
     p.add_argument("--cards", type=int, default=100, metavar="N", help="report cards per checkpoint (100)")
     p.add_argument("--retry-failed", action="store_true", help="retry checkpoints that failed before")
+    p.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
+                   help="leave checkpoints whose files changed less than this long ago for the next look (60)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
     _add_store(p)
     p.add_argument("--json", action="store_true", help="print each look's summary as JSON")
@@ -819,14 +821,17 @@ def _cmd_watch(args) -> int:
     cfg = _settings("watch", lambda: WatchConfig(
         tokens=args.tokens, verify_tokens=args.verify_tokens, candidates=args.candidates,
         verify_split=args.verify_split, corpus=args.corpus, text_field=args.text_field, reports=args.reports,
-        fmt=args.format, cards=args.cards, retry_failed=args.retry_failed, allow_pickle=args.allow_pickle))
+        fmt=args.format, cards=args.cards, retry_failed=args.retry_failed, allow_pickle=args.allow_pickle,
+        settle=args.settle))
 
     def show(s) -> None:
         if args.json:
             _print_json({**asdict(s), "exit_code": s.exit_code})
             return
         print(f"{s.watch_dir}: {s.found} checkpoint(s), {s.new} new or changed: {s.processed} processed, "
-              f"{s.unchanged} unchanged, {s.failed} failed ({s.seconds:.1f} s, run {s.run_id})")
+              f"{s.unchanged} unchanged, {s.failed} failed" + (f", {s.settling} still being written"
+                                                              if s.settling else "")
+              + f" ({s.seconds:.1f} s, run {s.run_id})")
         for r in s.results:
             if r["status"] == "failed":
                 print(f"  failed: {r['path']}: {r['error']}")

@@ -406,10 +406,11 @@ function changesPanel(){const ch=D.changes;if(!ch||!ch.prev_checkpoint_id)return
  if(ch.moved.length){box.appendChild(el("b",{},"statistics that moved most (change minus the common drift, in units of the statistic's spread)"));const v=el("table");const h=el("tr");["neuron","was","statistic","before","after","score"].forEach(x=>h.appendChild(el("th",{},x)));v.appendChild(h);
   ch.moved.forEach(x=>{const tr=el("tr");[x.neuron_name,x.prev_name,x.subject,fmt(x.old_value),fmt(x.new_value),fmt(x.score)].forEach(y=>tr.appendChild(el("td",{},y)));v.appendChild(tr);});box.appendChild(v);}
  const A=ch.along_run,W=360,H=200,P=30,n=A.steps.length;const g=svg("svg",{width:W,height:H,role:"img"});let mx=1;for(const r in A.roles)mx=Math.max(mx,...A.roles[r]);
- const X=i=>P+(W-P-10)*(n<2?0.5:i/(n-1)),Y=c=>H-P-(H-P-8)*c/mx;
+ const byStep=A.steps.every(x=>x!==null)&&n>1&&A.steps[n-1]>A.steps[0];const s0=byStep?A.steps[0]:0,s1=byStep?A.steps[n-1]:n-1;
+ const X=i=>P+(W-P-10)*(n<2?0.5:((byStep?A.steps[i]:i)-s0)/(s1-s0)),Y=c=>H-P-(H-P-8)*c/mx;
  for(const r in A.roles){const c=A.roles[r];if(!c.some(x=>x>0))continue;const pts=c.map((x,i)=>X(i)+","+Y(x)).join(" ");g.appendChild(svg("polyline",{points:pts,fill:"none",stroke:COLORS[r]||"#999","stroke-width":2}));
   c.forEach((x,i)=>{const d=svg("circle",{cx:X(i),cy:Y(x),r:A.steps[i]===ch.step?4:2.5,fill:COLORS[r]||"#999"});const tt=svg("title");tt.textContent=r+" at "+A.labels[i]+": "+x;d.appendChild(tt);g.appendChild(d);});}
- axes(g,W,H,P,A.steps[0],A.steps[n-1],0,mx,"step","neurons with the role");document.getElementById("along").appendChild(g);}
+ axes(g,W,H,P,s0,s1,0,mx,byStep?"step":"checkpoint (in order)","neurons with the role");document.getElementById("along").appendChild(g);}
 const PER=25;let page=0;
 function pager(id){const p=document.getElementById(id);p.textContent="";const n=Math.ceil(D.cards.length/PER);if(n<2)return;
  for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}

@@ -14,7 +14,7 @@ Changes recorded for each matched pair (table `neuron_changes`):
                                a hypothesis (kind + subject) confirmed now and not for the partner,
                                or confirmed for the partner and not now (`detail` says what it was);
   moved                        the neurons whose statistics moved most: per statistic, the change
-                               minus the median change of all neurons (the common drift), divided
+                               minus the median change of the layer's neurons (the common drift), divided
                                by that statistic's spread over the new checkpoint's neurons
                                (kurtosis on a log scale); the `TOP_MOVED` largest, with old and new.
 """
@@ -205,16 +205,24 @@ def changes(store, new: dict, prev: dict, m: Matches, *, new_verify: str | None,
     s_new, s_old = _stats(store, ids[0], new_pass), _stats(store, ids[1], prev_pass)
     best = np.full(N, -1.0)
     which = np.full(N, -1)
+    layer_of = np.repeat(np.arange(m.n_layers), n)
     for j, (_t, col, log) in enumerate(MOVED_STATS):
         a, b = s_new[col], s_old[col][gp]
         if log:
             with np.errstate(divide="ignore", invalid="ignore"):
                 a, b = np.log(a), np.log(b)
+        a = np.where(np.isfinite(a), a, np.nan)  # a zero kurtosis (w_out = 0) has no log: left out
+        b = np.where(np.isfinite(b), b, np.nan)
         spread = np.nanstd(a) if np.isfinite(a).sum() > 1 else np.nan
         if not np.isfinite(spread) or spread == 0:
             continue
         d = a - b
-        score = np.abs(d - np.nanmedian(d)) / spread  # relative to the common drift of all neurons
+        drift = np.zeros(N)
+        for layer in range(m.n_layers):  # the common drift of each layer's neurons
+            sel = layer_of == layer
+            if np.isfinite(d[sel]).any():
+                drift[sel] = np.nanmedian(d[sel])
+        score = np.abs(d - drift) / spread
         score = np.where(np.isfinite(score), score, -1.0)
         upd = score > best
         best[upd], which[upd] = score[upd], j
@@ -349,27 +357,33 @@ def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | No
         s = hits[0]
     start = store.checkpoint(rows[s]["checkpoint_id"])
     _check_neuron(start, layer, neuron)
+    by_id = {r["checkpoint_id"]: j for j, r in enumerate(rows)}
     chain: dict[int, tuple[int, float | None]] = {s: (neuron, None)}
-    cur = neuron
-    for j in range(s, 0, -1):  # backwards: this checkpoint's match in the previous one
+    j, cur = s, neuron
+    while rows[j]["prev_checkpoint_id"] in by_id:  # backwards: along each checkpoint's tracked predecessor
+        p = by_id[rows[j]["prev_checkpoint_id"]]
         hit = store.con.execute(
             "SELECT prev_neuron, similarity FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ? "
-            "AND layer = ? AND neuron = ?", [rows[j]["checkpoint_id"], rows[j - 1]["checkpoint_id"], layer, cur]
+            "AND layer = ? AND neuron = ?", [rows[j]["checkpoint_id"], rows[p]["checkpoint_id"], layer, cur]
         ).fetchone()
-        if hit is None:
+        if hit is None or p in chain:
             break
-        chain[j] = (chain[j][0], hit[1])
-        cur = hit[0]
-        chain[j - 1] = (cur, None)
-    cur = neuron
-    for j in range(s + 1, len(rows)):  # forwards: the new neuron that matches it best
+        chain[j] = (cur, hit[1])
+        j, cur = p, hit[0]
+        chain[j] = (cur, None)
+    j, cur = s, neuron
+    while True:  # forwards: the checkpoint tracked against this one, and the neuron matching it best
+        nxt = [k for k, r in enumerate(rows) if r["prev_checkpoint_id"] == rows[j]["checkpoint_id"] and k not in chain]
+        if not nxt:
+            break
+        k = nxt[0]
         hit = store.con.execute(
             "SELECT neuron, similarity FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ? "
-            "AND layer = ? AND prev_neuron = ? ORDER BY similarity DESC LIMIT 1",
-            [rows[j]["checkpoint_id"], rows[j - 1]["checkpoint_id"], layer, cur]).fetchone()
+            "AND layer = ? AND prev_neuron = ? ORDER BY similarity DESC, neuron LIMIT 1",
+            [rows[k]["checkpoint_id"], rows[j]["checkpoint_id"], layer, cur]).fetchone()
         if hit is None:
             break
-        cur = hit[0]
+        j, cur = k, hit[0]
         chain[j] = (cur, hit[1])
     points = []
     for j in sorted(chain):

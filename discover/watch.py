@@ -66,6 +66,7 @@ class WatchConfig:
     corpus: str | None = None
     text_field: str = "text"
     reports: str | None = None  # directory of the reports (default: STORE/reports)
+    settle: float = 60.0  # seconds a checkpoint's files must be unchanged before it is processed
     fmt: str = "html"
     cards: int = 100
     retry_failed: bool = False
@@ -76,6 +77,8 @@ class WatchConfig:
         self.verify_config()
         if self.cards < 1:
             raise ValueError("cards must be at least 1")
+        if self.settle < 0:
+            raise ValueError(f"settle must be >= 0 seconds, got {self.settle}")
         if self.fmt not in ("html", "md", "json"):
             raise ValueError(f"format must be html, md or json, got {self.fmt!r}")
 
@@ -96,6 +99,7 @@ class Found:
     series: str
     step: int | None
     signature: str
+    newest: float = 0.0  # newest modification time of its config and weight files (seconds)
 
 
 @dataclass
@@ -105,6 +109,7 @@ class WatchSummary:
     status: str = "running"
     found: int = 0
     new: int = 0
+    settling: int = 0  # new, but written less than `settle` seconds ago: left for the next look
     processed: int = 0
     failed: int = 0
     unchanged: int = 0
@@ -135,8 +140,17 @@ def _step(path: Path, entries: dict) -> int | None:
     return None
 
 
+def _skipped(name: str) -> bool:
+    """Hidden directories and trainers' staging directories (`.tmp-checkpoint-N`, `tmp-checkpoint-N`)."""
+    return name.startswith(".") or name.startswith(("tmp-", "tmp_"))
+
+
 def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:
-    """Every checkpoint directory under `root` (itself included), in (run, step, path) order."""
+    """Every checkpoint directory under `root` (itself included), in (run, step, path) order.
+
+    A run (series) is a checkpoint's parent directory; a checkpoint directory that also holds
+    checkpoints (a trainer's output directory after it saved the final model) belongs to the run
+    of its own checkpoints and comes after them."""
     out: list[Found] = []
     stack = [root]
     while stack:
@@ -148,17 +162,22 @@ def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:
         weights = sorted(n for n, e in entries.items() if _is_weight(n, allow_pickle) and e.is_file())
         if "config.json" in entries and weights:
             h = hashlib.sha256()
+            newest = 0
             for name in ["config.json", *weights]:
                 try:
                     st = entries[name].stat()
                 except OSError:
                     continue
+                newest = max(newest, st.st_mtime_ns)
                 h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            out.append(Found(d, str(d.parent), _step(d, entries), h.hexdigest()))
-            continue  # a checkpoint's subdirectories are not checkpoints of the run
+            out.append(Found(d, str(d.parent), _step(d, entries), h.hexdigest(), newest / 1e9))
         for name, e in entries.items():
-            if not name.startswith(".") and e.is_dir(follow_symlinks=False):
+            if not _skipped(name) and e.is_dir(follow_symlinks=False):
                 stack.append(Path(e.path))
+    parents = {f.series for f in out}
+    for f in out:
+        if str(f.path) in parents:  # the final model saved in the run's own output directory
+            f.series, f.step = str(f.path), None
     out.sort(key=lambda f: (f.series, f.step is None, f.step or 0, str(f.path)))
     return out
 
@@ -221,15 +240,20 @@ def check_dir(watch_dir) -> Path:
     return root.resolve()
 
 
-def watch_once(watch_dir, store_root=None, config: WatchConfig | None = None, *, progress: bool = True) -> WatchSummary:
-    """One pass over `watch_dir`: process every new or changed checkpoint, under the store's lock."""
+def _store_root(store_root) -> Path:
     from discover.store import resolve_root
 
-    root = check_dir(watch_dir)
     sroot = resolve_root(store_root)
     if sroot.exists() and not sroot.is_dir():
         raise DiscoverError(f"store path {sroot} is a file; --store must name a directory")
     sroot.mkdir(parents=True, exist_ok=True)
+    return sroot
+
+
+def watch_once(watch_dir, store_root=None, config: WatchConfig | None = None, *, progress: bool = True) -> WatchSummary:
+    """One pass over `watch_dir`: process every new or changed checkpoint, under the store's lock."""
+    root = check_dir(watch_dir)
+    sroot = _store_root(store_root)
     with store_lock(sroot):
         return _watch(root, sroot, config or WatchConfig(), progress)
 
@@ -238,11 +262,8 @@ def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *,
                progress: bool = True, on_pass=None) -> None:
     """Poll forever: one pass, then sleep `interval` seconds. The lock is held throughout; the
     catalog is closed between passes so that queries can read it."""
-    from discover.store import resolve_root
-
     root = check_dir(watch_dir)
-    sroot = resolve_root(store_root)
-    sroot.mkdir(parents=True, exist_ok=True)
+    sroot = _store_root(store_root)
     cfg = config or WatchConfig()
     with store_lock(sroot):
         while True:
@@ -269,7 +290,15 @@ def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool) -> WatchSu
             known = {r[0]: {"signature": r[1], "status": r[2], "checkpoint_id": r[3]} for r in cur.fetchall()}
         todo = [f for f in found if str(f.path) not in known or known[str(f.path)]["signature"] != f.signature
                 or (cfg.retry_failed and known[str(f.path)]["status"] == "failed")]
-        s = WatchSummary(run_id=uuid.uuid4().hex[:12], watch_dir=str(root), found=len(found), new=len(todo))
+        now = time.time()
+        fresh = [f for f in todo if now - f.newest < cfg.settle]  # perhaps still being written
+        todo = [f for f in todo if now - f.newest >= cfg.settle]
+        if todo:
+            _check_settings(cfg)  # a mistake in the settings is not a failure of every checkpoint
+        s = WatchSummary(run_id=uuid.uuid4().hex[:12], watch_dir=str(root), found=len(found), new=len(todo),
+                         settling=len(fresh))
+        for f in fresh:
+            _say(f"{f.path}: written less than {cfg.settle:g} s ago; left for the next look", progress)
         con.execute("INSERT INTO watch_runs VALUES (?, ?, now(), NULL, 'running', ?, ?, 0, 0, ?)",
                     [s.run_id, str(root), os.getpid(), len(found), json.dumps(asdict(cfg))])
         if not todo:
@@ -285,6 +314,16 @@ def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool) -> WatchSu
         con.execute("UPDATE watch_runs SET ended_at = now(), status = ?, processed = ?, failed = ? WHERE run_id = ?",
                     [s.status, s.processed, s.failed, s.run_id])
     return s
+
+
+def _check_settings(cfg: WatchConfig) -> None:
+    """The corpus, its split and the rules, checked once before any checkpoint is touched."""
+    from discover.corpus import open_corpus
+    from discover.rules import load_rules
+    from discover.verify import check_split
+
+    check_split(open_corpus(cfg.corpus, text_field=cfg.text_field), cfg.verify_split)
+    load_rules(None)
 
 
 def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress) -> None:
@@ -323,6 +362,10 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
             return res
         _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
     except Exception as e:  # recorded with its reason; the run goes on with the other checkpoints
+        import duckdb
+
+        if isinstance(e, duckdb.InterruptException):  # Ctrl-C inside a catalog query
+            raise KeyboardInterrupt from None
         res["status"] = "failed"
         res["error"] = first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
         with transaction(store.con) as con:
@@ -342,7 +385,7 @@ def _previous(store, f: Found, checkpoint_id: str) -> dict | None:
         cond, arg = "(step IS NOT NULL OR path < ?)", str(f.path)
     row = store.con.execute(
         f"SELECT checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? AND status = 'done' "
-        f"AND checkpoint_id <> ? AND {cond} ORDER BY step DESC NULLS LAST, path DESC LIMIT 1",
+        f"AND checkpoint_id <> ? AND {cond} ORDER BY (step IS NULL) DESC, step DESC, path DESC LIMIT 1",
         [f.series, checkpoint_id, arg]).fetchone()
     return None if row is None else {"checkpoint_id": row[0], "verify_id": row[1], "pass_id": row[2]}
 
@@ -380,18 +423,28 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
                 f"{k.replace('_', ' ')} {v}" for k, v in tracked[2].items()), progress)
         else:
             res["stages"]["track"] = {"status": "skipped", "why": why}
+    # processed after a later step of its run (repaired, retried, late): that step is tracked against it now
+    retrack = _retrack_next(store, f, new, ckpt_id, run.stages["verify"]["verify_id"], run.stages["activations"]["pass_id"])
     reports = Path(cfg.reports).expanduser() if cfg.reports else sroot / "reports"
     try:
         rel = f.path.relative_to(root)
     except ValueError:
         rel = Path(f.path.name)
-    name = "-".join(rel.parts) if rel.parts else root.name
+    name = "-".join((root.name, *rel.parts))  # the watched directory's name keeps two runs' reports apart
     out = reports / f"{name}.{cfg.fmt}"
     out.parent.mkdir(parents=True, exist_ok=True)
     res["report"] = str(out.resolve())
     with transaction(store.con) as con:
         if tracked is not None:
             track.write(con, tracked[0], tracked[1], ckpt_id, prev["checkpoint_id"])
+        if retrack is not None:
+            nxt, (matches, ch, _counts) = retrack
+            con.execute("DELETE FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ?",
+                        [nxt["checkpoint_id"], nxt["prev_checkpoint_id"]])
+            con.execute("DELETE FROM neuron_changes WHERE checkpoint_id = ? AND prev_checkpoint_id = ?",
+                        [nxt["checkpoint_id"], nxt["prev_checkpoint_id"]])
+            track.write(con, matches, ch, nxt["checkpoint_id"], ckpt_id)
+            con.execute("UPDATE watch_checkpoints SET prev_checkpoint_id = ? WHERE path = ?", [ckpt_id, nxt["path"]])
         con.execute(
             "INSERT OR REPLACE INTO watch_checkpoints VALUES (?, ?, ?, ?, ?, ?, 'done', NULL, ?, ?, ?, ?, ?, now())",
             [str(f.path), str(root), f.series, f.step, f.signature, ckpt_id,
@@ -409,7 +462,36 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
     _kill_point("done")
 
 
+def _retrack_next(store, f: Found, new: dict, ckpt_id: str, verify_id: str, pass_id: str):
+    """(the run's next processed checkpoint after `f`, its tracking tables against `f`), if that
+    checkpoint was tracked against something else; None otherwise."""
+    from discover import track
+
+    if f.step is not None:
+        cond, arg = "step > ?", f.step
+    else:
+        cond, arg = "step IS NULL AND path > ?", str(f.path)
+    cur = store.con.execute(
+        f"SELECT path, checkpoint_id, prev_checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? "
+        f"AND status = 'done' AND checkpoint_id <> ? AND {cond} ORDER BY step NULLS LAST, path LIMIT 1",
+        [f.series, ckpt_id, arg])
+    row = cur.fetchone()
+    if row is None or row[2] == ckpt_id:
+        return None
+    nxt = dict(zip([c[0] for c in cur.description], row))
+    later = store.checkpoint(nxt["checkpoint_id"])
+    if later is None or track.comparable(later, new) is not None:
+        return None
+    m = track.match(store, later, new)
+    return nxt, track.changes(store, later, new, m, new_verify=nxt["verify_id"], prev_verify=verify_id,
+                              new_pass=nxt["pass_id"], prev_pass=pass_id)
+
+
 def _result_row(con, run_id: str, res: dict, seconds: float) -> None:
+    """The checkpoint's result in this run, and the run's running counts (inside its transaction)."""
+    column = {"done": "processed", "failed": "failed"}.get(res["status"])
+    if column:
+        con.execute(f"UPDATE watch_runs SET {column} = {column} + 1 WHERE run_id = ?", [run_id])
     con.execute("INSERT OR REPLACE INTO watch_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
                 [run_id, res["path"], res["step"], res["checkpoint_id"], res["status"], res["error"],
                  json.dumps(res["stages"], default=str), seconds])

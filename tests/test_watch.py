@@ -37,7 +37,7 @@ def series(tmp_path_factory):
 
 def args_for(corpus) -> list[str]:
     return ["--tokens", "3000", "--verify-tokens", "3000", "--verify-split", "all", "--corpus", str(corpus),
-            "--candidates", "5"]
+            "--candidates", "5", "--settle", "0"]
 
 
 def watch_json(capsys, run, store, corpus, *extra) -> tuple[int, dict]:
@@ -61,7 +61,7 @@ def watched(series, tmp_path_factory):
     store = tmp_path_factory.mktemp("watched") / "store"
     from discover.watch import watch_once
 
-    cfg = WatchConfig(tokens=3000, verify_tokens=3000, verify_split="all", corpus=str(corpus), candidates=5)
+    cfg = WatchConfig(tokens=3000, verify_tokens=3000, verify_split="all", corpus=str(corpus), candidates=5, settle=0)
     first = watch_once(run, store, cfg, progress=False)
     second = watch_once(run, store, cfg, progress=False)
     return store, first, second
@@ -87,7 +87,7 @@ def test_each_checkpoint_processed_once_then_nothing_new(series, watched):
     assert all(same > 0.95 for _, same, _ in sims)
     assert [s for _, _, s in sims] == sorted(s for _, _, s in sims)
     for step in (10, 20, 30, 40):
-        assert (Path(store) / "reports" / f"checkpoint-{step}.html").is_file()
+        assert (Path(store) / "reports" / f"run-checkpoint-{step}.html").is_file()
 
 
 def test_no_new_look_imports_no_torch(series, watched):
@@ -156,12 +156,16 @@ def test_corrupt_checkpoint_is_recorded_and_the_run_goes_on(series, tmp_path, ca
     good = bad.read_bytes()
     bad.write_bytes(good[: len(good) // 2])
     store = tmp_path / "store"
+    # just written: left for a later look, nothing recorded
+    rc, s = watch_json(capsys, run2, store, corpus, "--settle", "3600")
+    assert rc == 0 and (s["new"], s["settling"]) == (0, 2)
+    assert q(store, "SELECT count(*) FROM watch_checkpoints") == [(0,)]
     rc, s = watch_json(capsys, run2, store, corpus)
     assert rc == 3 and (s["processed"], s["failed"]) == (1, 1)
     [(status, error)] = q(store, "SELECT status, error FROM watch_checkpoints WHERE step = 10")
     assert status == "failed" and "corrupt" in error
     assert q(store, "SELECT status FROM watch_checkpoints WHERE step = 20") == [("done",)]
-    assert q(store, "SELECT status FROM watch_runs") == [("failed",)]
+    assert q(store, "SELECT status FROM watch_runs ORDER BY started_at") == [("ok",), ("failed",)]
     # not retried while its files are unchanged
     rc, s = watch_json(capsys, run2, store, corpus)
     assert rc == 0 and s["new"] == 0
@@ -170,6 +174,13 @@ def test_corrupt_checkpoint_is_recorded_and_the_run_goes_on(series, tmp_path, ca
     rc, s = watch_json(capsys, run2, store, corpus)
     assert rc == 0 and (s["new"], s["processed"]) == (1, 1)
     assert q(store, "SELECT status, error FROM watch_checkpoints WHERE step = 10") == [("done", None)]
+    # processed after step 20: step 20 is now tracked against it, and a neuron's history spans both
+    [(id10,)] = q(store, "SELECT checkpoint_id FROM watch_checkpoints WHERE step = 10")
+    assert q(store, "SELECT prev_checkpoint_id FROM watch_checkpoints WHERE step = 20") == [(id10,)]
+    assert q(store, "SELECT count(*) FROM neuron_matches WHERE prev_checkpoint_id = ?", [id10]) == [(64,)]
+    assert main(["query", "neuron", "L0.N3", "--history", "--model", str(run2), "--store", str(store), "--json"]) == 0
+    h = json.loads(capsys.readouterr().out)
+    assert [p["step"] for p in h["history"]] == [10, 20] and h["complete"]
     # new file times, same content: not processed again
     os.utime(run2 / "checkpoint-20" / "model.safetensors", ns=(1, 1))
     rc, s = watch_json(capsys, run2, store, corpus)
@@ -238,11 +249,11 @@ def test_query_changes_and_the_report_section(series, watched, capsys):
     assert main(["query", "changes", "--model", str(run), "--store", str(store)]) == 0
     out = capsys.readouterr().out
     assert "roles +/-" in out and "checkpoint-40" in out
-    html = (Path(store) / "reports" / "checkpoint-40.html").read_text()
+    html = (Path(store) / "reports" / "run-checkpoint-40.html").read_text()
     data = json.loads(html.split('id="data">', 1)[1].split("</script>", 1)[0])
     assert data["changes"]["step"] == 40 and data["changes"]["prev_step"] == 30
     assert data["changes"]["along_run"]["steps"] == [10, 20, 30, 40]
-    first_html = (Path(store) / "reports" / "checkpoint-10.html").read_text()
+    first_html = (Path(store) / "reports" / "run-checkpoint-10.html").read_text()
     assert '"prev_checkpoint_id": null' in first_html or '"prev_checkpoint_id":null' in first_html
 
 
@@ -264,6 +275,18 @@ def test_bad_inputs_one_line_and_store_untouched(series, tmp_path, capsys):
         assert not store.exists() or not (store / "catalog.duckdb").exists()
 
 
+def test_bad_corpus_is_a_settings_error_not_a_failed_checkpoint(series, tmp_path, capsys):
+    run, corpus = series
+    store = tmp_path / "store"
+    argv = ["watch", str(run), "--once", *args_for(corpus), "--store", str(store)]
+    argv[argv.index("--corpus") + 1] = str(tmp_path / "no-such-corpus")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-corpus" in err[0]
+    assert q(store, "SELECT count(*) FROM watch_checkpoints") == [(0,)]
+    assert q(store, "SELECT count(*) FROM watch_runs") == [(0,)]
+
+
 def test_find_checkpoints_layouts(tmp_path):
     def ckpt(d: Path, weights="model.safetensors", state=None):
         d.mkdir(parents=True)
@@ -276,17 +299,20 @@ def test_find_checkpoints_layouts(tmp_path):
     ckpt(tmp_path / "a" / "checkpoint-10")
     ckpt(tmp_path / "a" / "checkpoint-2")
     ckpt(tmp_path / "a" / ".tmp-checkpoint-20")  # a trainer's half-written save
+    ckpt(tmp_path / "a" / "tmp-checkpoint-30")  # transformers 4.36-4.38 staging directory
     ckpt(tmp_path / "a" / "no-weights", weights=None)
     ckpt(tmp_path / "a" / "final", state=50)
     ckpt(tmp_path / "a" / "exported")
     ckpt(tmp_path / "b" / "seed1" / "step-7")
-    ckpt(tmp_path / "b" / "seed1" / "step-7" / "nested-inside")  # a checkpoint's subdirectory is not one
+    ckpt(tmp_path / "hf" / "out", state=1000)  # HF Trainer: the final model saved beside its checkpoints
+    ckpt(tmp_path / "hf" / "out" / "checkpoint-1000")
+    ckpt(tmp_path / "hf" / "out" / "checkpoint-500")
     ckpt(tmp_path / "c" / "pickled", weights="pytorch_model.bin")
     found = find_checkpoints(tmp_path)
     assert [(f.path.relative_to(tmp_path).as_posix(), f.step) for f in found] == [
         ("a/checkpoint-2", 2), ("a/checkpoint-10", 10), ("a/final", 50), ("a/exported", None),
-        ("b/seed1/step-7", 7)]
-    assert {f.series for f in found} == {str(tmp_path / "a"), str(tmp_path / "b" / "seed1")}
+        ("b/seed1/step-7", 7), ("hf/out/checkpoint-500", 500), ("hf/out/checkpoint-1000", 1000), ("hf/out", None)]
+    assert {f.series for f in found} == {str(tmp_path / "a"), str(tmp_path / "b" / "seed1"), str(tmp_path / "hf" / "out")}
     assert "c/pickled" in [f.path.relative_to(tmp_path).as_posix() for f in find_checkpoints(tmp_path, allow_pickle=True)]
     # the signature follows the weight files' size and time
     before = {f.path: f.signature for f in found}
