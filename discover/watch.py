@@ -142,7 +142,7 @@ def _step(path: Path, entries: dict) -> int | None:
 
 def _skipped(name: str) -> bool:
     """Hidden directories and trainers' staging directories (`.tmp-checkpoint-N`, `tmp-checkpoint-N`)."""
-    return name.startswith(".") or name.startswith(("tmp-", "tmp_"))
+    return name.startswith((".", "tmp-", "tmp_"))
 
 
 def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:

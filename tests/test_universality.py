@@ -8,7 +8,10 @@ rows a run leaves in the catalog."""
 from __future__ import annotations
 
 import copy
+import json
 import random
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -486,4 +489,12 @@ def test_report_shows_universality(env, tmp_path):
         assert c["universality"]["mean_excess"] == pytest.approx(float(uni["mean_excess"][i]))
         assert c["universality"]["partners"][0]["checkpoint_id"] == s.models[1]["checkpoint_id"]
     assert "## Universality" in render_markdown(rep)
-    assert '"universality"' in render_html(rep)
+    page = tmp_path / "report.html"
+    page.write_text(render_html(rep))
+    node = shutil.which("node")
+    if node is not None:  # the page's script draws the panel and each card's universality table
+        res = subprocess.run([node, str(Path(__file__).parent / "js" / "fake_dom.js"), str(page)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        dom = json.loads(res.stdout)
+        assert dom["ok"] and dom["universality"] >= 2 and "universality:" in dom["cardsText"]

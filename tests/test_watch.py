@@ -19,7 +19,7 @@ import torch
 from test_train import TINY, write_corpus
 
 from discover.cli import main
-from discover.watch import find_checkpoints, store_lock, watch_loop, WatchConfig
+from discover.watch import WatchConfig, find_checkpoints, store_lock, watch_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,6 +253,14 @@ def test_query_changes_and_the_report_section(series, watched, capsys):
     data = json.loads(html.split('id="data">', 1)[1].split("</script>", 1)[0])
     assert data["changes"]["step"] == 40 and data["changes"]["prev_step"] == 30
     assert data["changes"]["along_run"]["steps"] == [10, 20, 30, 40]
+    node = shutil.which("node")
+    if node is not None:  # the page's script draws the changes panel and the plot along the run
+        res = subprocess.run([node, str(ROOT / "tests" / "js" / "fake_dom.js"),
+                              str(Path(store) / "reports" / "run-checkpoint-40.html")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        dom = json.loads(res.stdout)
+        assert dom["ok"] and dom["changesShown"] and dom["changes"] >= 2 and dom["along"] == 1
+        assert dom["counts"].get("polyline", 0) >= 1
     first_html = (Path(store) / "reports" / "run-checkpoint-10.html").read_text()
     assert '"prev_checkpoint_id": null' in first_html or '"prev_checkpoint_id":null' in first_html
 

@@ -20,7 +20,7 @@ class Node_ {
   getContext() { const n = () => { counts.draw = (counts.draw || 0) + 1; }; return {beginPath() {}, arc: n, fill() {}, set fillStyle(v) {}}; }
 }
 const byId = {};
-for (const id of ["title", "sub", "roles", "scatter", "verdicts", "cards-title", "pager", "cards", "pager2"]) byId[id] = new Node_("div");
+for (const m of htmlText.matchAll(/ id="([^"]+)"/g)) if (m[1] !== "data") byId[m[1]] = new Node_("div");
 byId["data"] = { textContent: dataMatch[1] }; // as a browser gives it: the raw text; JSON.parse decodes the escapes
 const document = {
   getElementById: id => byId[id],
@@ -33,5 +33,8 @@ const cards = byId["cards"].children.length;
 // click to page 2 when there is one
 const b = byId["pager"].children[1];
 if (b) b.listeners.click();
+const kids = id => (byId[id] ? byId[id].children.length : null);
 console.log(JSON.stringify({ok: true, cards, cardsAfterClick: byId["cards"].children.length, counts,
+  changes: kids("changes"), along: kids("along"), universality: kids("uni"),
+  changesShown: byId["changes-row"] ? byId["changes-row"].hidden === false : null,
   title: byId["title"].textContent, cardsText: byId["cards"].textContent.slice(0, 20000)}));
