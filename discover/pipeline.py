@@ -36,6 +36,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
                  prepared=None) -> RunSummary:
     """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in)."""
     from discover.activations import ActivationConfig, run_activations
+    from discover.query import parse_neuron
     from discover.scan import scan_model
     from discover.verify import VerifyConfig, query_verdicts, verify_model
 
@@ -86,7 +87,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
     strings = {}
     for h in top:  # the strongest tokens each confirmed neuron writes, from the scan
-        layer, neuron = (int(x) for x in h["neuron"][1:].split(".N"))
+        layer, neuron = parse_neuron(h["neuron"])
         strings[h["neuron"]] = {"top_tokens": [{"token": t} for (t,) in store.con.execute(
             "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? AND side = 'top' "
             "ORDER BY rank LIMIT 3", [identity[1], layer, neuron]).fetchall()]}

@@ -256,10 +256,15 @@ def write(con, matches, ch, new_id: str, prev_id: str) -> None:
     """Replace the tracking rows of (new, prev) inside the caller's transaction."""
     from discover.store import insert_arrow
 
-    for t in ("neuron_matches", "neuron_changes"):
-        con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ? AND prev_checkpoint_id = ?", [new_id, prev_id])
+    forget(con, new_id, prev_id)
     insert_arrow(con, "neuron_matches", matches)
     insert_arrow(con, "neuron_changes", ch)
+
+
+def forget(con, new_id: str, prev_id: str) -> None:
+    """Delete the tracking rows of (new, prev) inside the caller's transaction."""
+    for t in ("neuron_matches", "neuron_changes"):
+        con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ? AND prev_checkpoint_id = ?", [new_id, prev_id])
 
 
 # ------------------------------------------------------------------------------ queries

@@ -377,17 +377,36 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
     return res
 
 
-def _previous(store, f: Found, checkpoint_id: str) -> dict | None:
-    """The run's latest processed checkpoint before `f` (by step, else by path)."""
-    if f.step is not None:
-        cond, arg = "step < ?", f.step
+def _neighbour(store, f: Found, checkpoint_id: str, *, after: bool) -> dict | None:
+    """The run's processed checkpoint just before (after=False) or just after `f`, in the run's order:
+    by step, then the checkpoints without a step, by path."""
+    from discover.store import fetch_dict
+
+    if after:
+        cond, arg = ("step > ?", f.step) if f.step is not None else ("step IS NULL AND path > ?", str(f.path))
+        order = "step NULLS LAST, path"
     else:
-        cond, arg = "(step IS NOT NULL OR path < ?)", str(f.path)
-    row = store.con.execute(
-        f"SELECT checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? AND status = 'done' "
-        f"AND checkpoint_id <> ? AND {cond} ORDER BY (step IS NULL) DESC, step DESC, path DESC LIMIT 1",
-        [f.series, checkpoint_id, arg]).fetchone()
-    return None if row is None else {"checkpoint_id": row[0], "verify_id": row[1], "pass_id": row[2]}
+        cond, arg = ("step < ?", f.step) if f.step is not None else ("(step IS NOT NULL OR path < ?)", str(f.path))
+        order = "(step IS NULL) DESC, step DESC, path DESC"
+    return fetch_dict(store.con.execute(
+        f"SELECT path, checkpoint_id, prev_checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? "
+        f"AND status = 'done' AND checkpoint_id <> ? AND {cond} ORDER BY {order} LIMIT 1",
+        [f.series, checkpoint_id, arg]))
+
+
+def _track(store, new: dict, old_id: str, *, new_verify, new_pass, old_verify, old_pass):
+    """track.changes' (matches, changes, counts) of checkpoint `new` against `old_id`, or why they
+    cannot be matched (a string)."""
+    from discover import track
+
+    old = store.checkpoint(old_id)
+    if old is None:
+        return "its scan is no longer in the store"
+    why = track.comparable(new, old)
+    if why is not None:
+        return why
+    return track.changes(store, new, old, track.match(store, new, old), new_verify=new_verify,
+                         prev_verify=old_verify, new_pass=new_pass, prev_pass=old_pass)
 
 
 def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0) -> None:
@@ -406,25 +425,29 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
     _kill_point("pipeline")
     ckpt_id = identity[1]
     new = store.checkpoint(ckpt_id)
-    prev = _previous(store, f, ckpt_id)
+    vid, pid = run.stages["verify"]["verify_id"], run.stages["activations"]["pass_id"]
+    prev = _neighbour(store, f, ckpt_id, after=False)
     tracked = None
     t = time.perf_counter()
     if prev is not None:
-        old = store.checkpoint(prev["checkpoint_id"])
-        why = track.comparable(new, old) if old is not None else "its scan is no longer in the store"
-        if why is None:
-            m = track.match(store, new, old)
-            tracked = track.changes(store, new, old, m, new_verify=run.stages["verify"]["verify_id"],
-                                    prev_verify=prev["verify_id"], new_pass=run.stages["activations"]["pass_id"],
-                                    prev_pass=prev["pass_id"])
+        tracked = _track(store, new, prev["checkpoint_id"], new_verify=vid, new_pass=pid,
+                         old_verify=prev["verify_id"], old_pass=prev["pass_id"])
+        if isinstance(tracked, str):
+            res["stages"]["track"] = {"status": "skipped", "why": tracked}
+            tracked = None
+        else:
             res["stages"]["track"] = {"status": "matched", "seconds": time.perf_counter() - t,
                                       "against": prev["checkpoint_id"], "counts": tracked[2]}
             _say("    tracked against the previous checkpoint: " + ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in tracked[2].items()), progress)
-        else:
-            res["stages"]["track"] = {"status": "skipped", "why": why}
     # processed after a later step of its run (repaired, retried, late): that step is tracked against it now
-    retrack = _retrack_next(store, f, new, ckpt_id, run.stages["verify"]["verify_id"], run.stages["activations"]["pass_id"])
+    retrack = None
+    nxt = _neighbour(store, f, ckpt_id, after=True)
+    later = store.checkpoint(nxt["checkpoint_id"]) if nxt and nxt["prev_checkpoint_id"] != ckpt_id else None
+    if later is not None:
+        again = _track(store, later, ckpt_id, new_verify=nxt["verify_id"], new_pass=nxt["pass_id"],
+                       old_verify=vid, old_pass=pid)
+        retrack = None if isinstance(again, str) else (nxt, again)
     reports = Path(cfg.reports).expanduser() if cfg.reports else sroot / "reports"
     try:
         rel = f.path.relative_to(root)
@@ -439,52 +462,22 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
             track.write(con, tracked[0], tracked[1], ckpt_id, prev["checkpoint_id"])
         if retrack is not None:
             nxt, (matches, ch, _counts) = retrack
-            con.execute("DELETE FROM neuron_matches WHERE checkpoint_id = ? AND prev_checkpoint_id = ?",
-                        [nxt["checkpoint_id"], nxt["prev_checkpoint_id"]])
-            con.execute("DELETE FROM neuron_changes WHERE checkpoint_id = ? AND prev_checkpoint_id = ?",
-                        [nxt["checkpoint_id"], nxt["prev_checkpoint_id"]])
+            track.forget(con, nxt["checkpoint_id"], nxt["prev_checkpoint_id"])  # its old predecessor's rows
             track.write(con, matches, ch, nxt["checkpoint_id"], ckpt_id)
             con.execute("UPDATE watch_checkpoints SET prev_checkpoint_id = ? WHERE path = ?", [ckpt_id, nxt["path"]])
         con.execute(
             "INSERT OR REPLACE INTO watch_checkpoints VALUES (?, ?, ?, ?, ?, ?, 'done', NULL, ?, ?, ?, ?, ?, now())",
             [str(f.path), str(root), f.series, f.step, f.signature, ckpt_id,
-             prev["checkpoint_id"] if tracked is not None else None, run.stages["activations"]["pass_id"],
-             run.stages["verify"]["verify_id"], res["report"], run_id])
+             prev["checkpoint_id"] if tracked is not None else None, pid, vid, res["report"], run_id])
         _kill_point("commit")
         t = time.perf_counter()
         # the report reads the rows above (same connection, same transaction) and is in place before
         # they commit: a kill before the commit leaves a report that the next run rewrites
-        cards = write_report(store, prepared[0].view, run.stages["verify"]["verify_id"], out, fmt=cfg.fmt,
-                             cards=cfg.cards)
+        cards = write_report(store, prepared[0].view, vid, out, fmt=cfg.fmt, cards=cfg.cards)
         res["stages"]["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": cards}
         _result_row(con, run_id, res, time.perf_counter() - t0)
     _say(f"    done in {time.perf_counter() - t0:.1f} s; report {out}", progress)
     _kill_point("done")
-
-
-def _retrack_next(store, f: Found, new: dict, ckpt_id: str, verify_id: str, pass_id: str):
-    """(the run's next processed checkpoint after `f`, its tracking tables against `f`), if that
-    checkpoint was tracked against something else; None otherwise."""
-    from discover import track
-
-    if f.step is not None:
-        cond, arg = "step > ?", f.step
-    else:
-        cond, arg = "step IS NULL AND path > ?", str(f.path)
-    cur = store.con.execute(
-        f"SELECT path, checkpoint_id, prev_checkpoint_id, verify_id, pass_id FROM watch_checkpoints WHERE series = ? "
-        f"AND status = 'done' AND checkpoint_id <> ? AND {cond} ORDER BY step NULLS LAST, path LIMIT 1",
-        [f.series, ckpt_id, arg])
-    row = cur.fetchone()
-    if row is None or row[2] == ckpt_id:
-        return None
-    nxt = dict(zip([c[0] for c in cur.description], row))
-    later = store.checkpoint(nxt["checkpoint_id"])
-    if later is None or track.comparable(later, new) is not None:
-        return None
-    m = track.match(store, later, new)
-    return nxt, track.changes(store, later, new, m, new_verify=nxt["verify_id"], prev_verify=verify_id,
-                              new_pass=nxt["pass_id"], prev_pass=pass_id)
 
 
 def _result_row(con, run_id: str, res: dict, seconds: float) -> None:
