@@ -21,7 +21,7 @@ def test_scan_with_no_arguments_scans_the_default(tmp_path, monkeypatch, capsys)
     assert main(["scan", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "scanned" and summary["spec"] == str(default_model_dir())
-    assert (summary["n_layers"], summary["d_mlp"], summary["d_vocab"]) == (2, 1024, 4096)
+    assert (summary["n_layers"], summary["d_mlp"], summary["d_vocab"]) == (2, 2048, 2048)
     # model-less queries use the default too
     assert main(["query", "token", " import", "--top", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
