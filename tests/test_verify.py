@@ -128,40 +128,52 @@ def test_verdicts_are_stored_with_evidence(env, capsys):
 
 
 # ---------------------------------------------------------------- prediction neuron
-def _prediction_model(out: Path) -> Path:
-    """Tiny word-level GPT-2 with L1.N7 planted: reads "apple", writes the unembedding of "tree"."""
+def _prediction_model(out: Path, targets=("tree",)) -> Path:
+    """Tiny word-level GPT-2 with L1.N7 planted: reads "apple", writes the sum of the unit
+    unembeddings of `targets` (one token, or a class of them)."""
     torch.manual_seed(0)
     m = make_model("gpt2", n_layer=2, d_model=D_MODEL, d_mlp=D_MLP)
-    apple, tree = VOCAB.index("apple"), VOCAB.index("tree")
+    apple = VOCAB.index("apple")
     with torch.no_grad():
-        t = m.lm_head.weight[tree] / m.lm_head.weight[tree].norm()
+        ts = [m.lm_head.weight[VOCAB.index(w)] / m.lm_head.weight[VOCAB.index(w)].norm() for w in targets]
+        q, _ = torch.linalg.qr(torch.stack(ts, 1))  # (d, k): the targets' span
         u = torch.randn(D_MODEL)
-        u -= (u @ t) * t  # tied embeddings: keep "apple"'s new direction out of "tree"'s unembedding
+        u -= q @ (q.T @ u)  # tied embeddings: keep "apple"'s new direction out of the targets' unembeddings
         u /= u.norm()
         m.transformer.wte.weight[apple] += 1.5 * u
         ln = m.transformer.h[1].ln_2.weight
         m.transformer.h[1].mlp.c_fc.weight[:, 7] = 6.0 * u / ln
         m.transformer.h[1].mlp.c_fc.bias[7] = -3.0
-        m.transformer.h[1].mlp.c_proj.weight[7] = 3.0 * m.lm_head.weight[tree] / m.lm_head.weight[tree].norm()
+        w = sum(ts)
+        m.transformer.h[1].mlp.c_proj.weight[7] = 3.0 * w / w.norm()
     return save(m, out)
 
 
-def test_planted_prediction_neuron_is_confirmed(tmp_path):
+def _apple_corpus(root: Path, targets) -> Path:
     rng = random.Random(0)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    others = [w for w in VOCAB[1:] if w not in ("apple", "tree")]
+    root.mkdir()
+    others = [w for w in VOCAB[1:] if w not in ("apple", *targets)]
     for i in range(40):
         words = []
         for _ in range(60):
-            words += ["apple", "tree"] if rng.random() < 0.15 else [rng.choice(others)]
-        (corpus / f"d{i}.txt").write_text(" ".join(words))
-    model = _prediction_model(tmp_path / "pred")
+            words += ["apple", rng.choice(targets)] if rng.random() < 0.15 else [rng.choice(others)]
+        (root / f"d{i}.txt").write_text(" ".join(words))
+    return root
+
+
+@pytest.mark.parametrize("targets", [("tree",), ("tree", "pear")], ids=["one-token", "two-token-class"])
+def test_planted_prediction_neuron_is_confirmed(tmp_path, targets):
+    """The hypothesis tests the neuron's tail X: the one token it writes, or the class of tokens it
+    writes equally (both standing out of the vocabulary distribution), and nothing else."""
+    corpus = _apple_corpus(tmp_path / "corpus", targets)
+    model = _prediction_model(tmp_path / "pred", targets)
     from discover.scan import RoleThresholds, ScanConfig, scan_model
 
     with Store(tmp_path / "store") as st:
-        # 97 tokens in 64 dimensions: one token's direction stands out less than in a real vocabulary
-        scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=8.0)), progress=False)
+        # 97 tokens in 64 dimensions: one token's direction stands out less than in a real vocabulary (the
+        # planted neuron's kurtosis is 9.2 for one token and 6.3 for two; the next neuron's is 4.4)
+        kurt = 8.0 if len(targets) == 1 else 6.0
+        scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=kurt)), progress=False)
         from discover.activations import ActivationConfig, run_activations
 
         run_activations(str(model), st, ActivationConfig(tokens=2000, batch_size=8), corpus=str(corpus), progress=False)
@@ -169,12 +181,69 @@ def test_planted_prediction_neuron_is_confirmed(tmp_path):
                      corpus=str(corpus), progress=False)
         hyps = query_verdicts(st, str(model), kind="prediction")["hypotheses"]
     h = {x["neuron"]: x for x in hyps}["L1.N7"]
-    assert h["subject"] == "tree" and h["verdict"] == "confirmed", h
     ev = h["evidence"]
+    assert sorted(ev["tokens"]) == sorted(targets), ev
+    assert min(ev["tokens_z"]) > 3.28  # Phi^-1(1 - 0.05 / 97)
+    assert h["subject"] == (ev["tokens"][0] if len(targets) == 1 else f"{ev['tokens'][0]} +1")
+    assert h["verdict"] == "confirmed", h
     assert ev["auroc_next"] > 0.9 and ev["ablation_delta_logp"] < 0 and ev["ablation_z"] < -3
-    assert len(ev["controls"]) == 12
+    assert ev["n_next"] >= 100 and len(ev["controls"]) == 12
     # the corpus pass recorded this candidate's curve: the top-prediction fraction rises with activation
     assert ev["curve_bins"] >= 3 and ev["curve_spearman"] > 0.5
+
+
+def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
+    """The batched ablation (residual stream cached after the layer, only later blocks rerun) against
+    one full forward pass per sequence with a hook that sets the neuron to its mean, and log p(X) as
+    the log of the summed probabilities of X's tokens."""
+    from discover.adapter import load_model
+    from discover.corpus import open_corpus
+    from discover.features import collect
+    from discover.verify import _Ablator
+
+    targets = ("tree", "pear")
+    corpus = _apple_corpus(tmp_path / "corpus", targets)
+    view = load_model(str(_prediction_model(tmp_path / "pred", targets)))
+    data = collect(view, open_corpus(str(corpus)), [], tokens=1500, context=32, split="all")
+    ids = np.array([VOCAB.index(w) for w in targets])
+    means = np.asarray(data.acts, np.float64).mean(1).reshape(view.n_layers, view.d_mlp)
+    neurons = [(1, 7), (1, 3), (0, 7)]
+    got, n_pos = _Ablator(view, data).effects(ids, neurons, means, max_seqs=4)
+
+    assert all(len(seq) == m + 1 for seq, _, m in data.seqs)  # each sequence starts with BOS
+    rows = np.flatnonzero(np.isin(data.next_token, ids))
+    row0 = np.array([s[1] for s in data.seqs])
+    seq_of = np.searchsorted(row0, rows, side="right") - 1
+    chosen = list(dict.fromkeys(seq_of.tolist()))[:4]
+    assert n_pos == int(np.isin(seq_of, chosen).sum()) > 4
+
+    def logp(layer=None, neuron=None):
+        vals = []
+        for s in chosen:
+            seq, first, _ = data.seqs[s]
+            hook = None
+            if layer is not None:
+                def pre(mod, args):
+                    a = args[0].clone()
+                    a[:, 1:, neuron] = float(means[layer, neuron])  # every position but BOS
+                    return (a,)
+                hook = view.model.get_submodule(view.act_site(layer)).register_forward_pre_hook(pre)
+            try:
+                with torch.no_grad():
+                    lp = torch.log_softmax(view.model(torch.tensor([seq])).logits[0].double(), -1)
+            finally:
+                if hook:
+                    hook.remove()
+            for r in rows[seq_of == s]:
+                vals.append(float(torch.logsumexp(lp[r - first + 1, torch.tensor(ids)], -1)))
+        return np.array(vals)
+
+    base = logp()
+    want = [float((logp(l, n) - base).mean()) for l, n in neurons]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
+    # the planted neuron matters (p(X) is near 1 after "apple", so log p(X) moves little) and the
+    # random ones do not: the comparison is not one of zeros
+    assert abs(want[0]) > 1e-3 and abs(want[0]) > 1000 * max(abs(want[1]), abs(want[2]))
 
 
 # ---------------------------------------------------------------------- bad input

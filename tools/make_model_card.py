@@ -1,9 +1,12 @@
 """Copy a training run's last checkpoint into discover/default_model and write its model card.
 
-    python tools/make_model_card.py runs/d384 [--wall-note "..."]
+    python tools/make_model_card.py RUN_DIR ["wall-time note"] [RUN_STORE [NOTES.md]]
 
 Scans the copied model into a scratch store and pastes what `discover sql` / `discover query`
-print into the card, so the card shows the scanner's real output.
+print into the card, so the card shows the scanner's real output. RUN_STORE: a store where
+`discover run` (no arguments) ran on the copied model; its verdicts on the prediction and
+suppression candidates and the strongest prediction neuron's max-activating examples go into the
+card too. NOTES.md: hand-written reading of that evidence, appended as its own section.
 """
 import glob, json, os, shutil, subprocess, sys, time, platform
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,5 +181,35 @@ tokens for negative skew):
 
 {limits}
 """
+if len(sys.argv) > 3:
+    env_run = dict(os.environ, DISCOVER_STORE=os.path.abspath(sys.argv[3]))
+    def sr(*a):
+        return subprocess.run(["discover", *a], env=env_run, capture_output=True, text=True, cwd="/tmp").stdout
+    top_pred = json.loads(sr("query", "roles", "--role", "prediction", "--top", "1", "--json"))
+    top_pred = top_pred[0]["neuron"] if top_pred else None
+    card += f"""
+## What the verifier says
+
+`discover run` (no arguments: the default corpus's held-out split, documents this model never
+trained on), then `discover query verdicts --kind prediction` and `--kind suppression`:
+
+```
+{sr("query", "verdicts", "--kind", "prediction").strip()}
+```
+
+```
+{sr("query", "verdicts", "--kind", "suppression").strip()}
+```
+"""
+    if top_pred:
+        card += f"""
+`discover query neuron {top_pred} --examples --examples-k 6 --color never`, the corpus-pass part:
+
+```
+{sr("query", "neuron", top_pred, "--examples", "--examples-k", "6", "--color", "never").split("activations over", 1)[-1].strip()}
+```
+"""
+    if len(sys.argv) > 4:
+        card += "\n" + open(sys.argv[4]).read()
 open(f"{dst}/README.md", "w").write(card)
 print(card)
