@@ -206,7 +206,7 @@ trained on), then `discover query verdicts --kind prediction` and `--kind suppre
 `discover query neuron {top_pred} --examples --examples-k 6 --color never`, the corpus-pass part:
 
 ```
-{sr("query", "neuron", top_pred, "--examples", "--examples-k", "6", "--color", "never").split("activations over", 1)[-1].strip()}
+activations over {sr("query", "neuron", top_pred, "--examples", "--examples-k", "6", "--color", "never").split("activations over", 1)[-1].strip()}
 ```
 """
     if len(sys.argv) > 4:
