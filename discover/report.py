@@ -299,7 +299,7 @@ _PAGE = """<!doctype html>
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 header{background:#1d2330;color:#fff;padding:14px 24px}header h1{font-size:18px;margin:0}
 header p{margin:4px 0 0;color:#c9cfda;font-size:13px}main{max-width:1180px;margin:0 auto;padding:16px}
-.row{display:flex;flex-wrap:wrap;gap:16px}.panel{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:12px;flex:1 1 340px}
+[hidden]{display:none!important}.row{display:flex;flex-wrap:wrap;gap:16px}.panel{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:12px;flex:1 1 340px}
 .panel h2{font-size:14px;margin:0 0 8px}.card{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:12px;margin:12px 0}
 .card h3{margin:0 0 6px;font-size:16px}.tag{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;margin-right:4px;background:#e8ebf0}
 .confirmed{background:#d4f2dc;color:#12632b}.rejected{background:#f7d9d9;color:#8a1c1c}.inconclusive{background:#f3ecd0;color:#6b5a12}

@@ -117,6 +117,10 @@ def test_markup_in_tokens_and_text_stays_text(env, capsys):
     dom = json.loads(res.stdout)
     assert dom["ok"] and dom["cards"] == min(25, len(rep["cards"]))
     assert any(t in dom["cardsText"] for t in EVIL), "the markup tokens are not shown as text"
+    # no watch or universality data: their panels stay hidden, and the stylesheet lets `hidden` win
+    # over the rows' and panels' own `display` (else an empty row of panels shows)
+    assert dom["changesShown"] is False and dom["universality"] == 0
+    assert "[hidden]{display:none!important}" in page
 
 
 def test_markdown_and_json(env, capsys):
