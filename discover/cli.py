@@ -406,7 +406,7 @@ def _num(ev: dict, key: str, spec: str) -> str:
 
 
 def _cmd_query_verdicts(args) -> int:
-    from discover.verify import query_verdicts
+    from discover.verify import query_verdicts, subject_label
 
     with _open_store(args, read_only=True) as store:
         res = query_verdicts(store, _model(args), verdict=args.verdict, kind=args.kind, top=args.top)
@@ -422,7 +422,7 @@ def _cmd_query_verdicts(args) -> int:
             nums = f"AUROC {_num(ev, 'auroc', '.3f')}  F1 {_num(ev, 'f1', '.2f')}  q {_num(ev, 'q', '.1e')}"
         else:
             nums = f"AUROC(next) {_num(ev, 'auroc_next', '.3f')}  ablation z {_num(ev, 'ablation_z', '.2f')}"
-        rows.append([h["neuron"], h["kind"], h["subject"], h["verdict"], nums, h["decided_by"]])
+        rows.append([h["neuron"], h["kind"], subject_label(h["subject"], ev), h["verdict"], nums, h["decided_by"]])
     print(_table(["neuron", "kind", "subject", "verdict", "evidence", "decided by"], rows))
     return 0
 

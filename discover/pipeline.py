@@ -120,10 +120,14 @@ def describe(h: dict, card: dict | None) -> str:
         verb = "predicts" if h["kind"] == "prediction" else "suppresses"
         toks = ev.get("tokens") or [h["subject"]]
         shown = " ".join(repr(t) for t in toks[:4]) + (f" (+{len(toks) - 4} more)" if len(toks) > 4 else "")
-        line = (f"{verb} {shown} (AUROC next {ev.get('auroc_next') or float('nan'):.3f}, "
-                f"ablation z {ev.get('ablation_z') or float('nan'):.1f})")
-    if card and card.get("top_tokens"):
-        line += "; writes " + " ".join(repr(t["token"]) for t in card["top_tokens"][:3])
+        def num(k):
+            return float("nan") if ev.get(k) is None else ev[k]
+
+        line = f"{verb} {shown} (AUROC next {num('auroc_next'):.3f}, ablation z {num('ablation_z'):.1f})"
+    side = "bottom_tokens" if h["kind"] == "suppression" else "top_tokens"
+    if card and card.get(side):
+        line += ("; writes against " if side == "bottom_tokens" else "; writes ") + " ".join(
+            repr(t["token"]) for t in card[side][:3])
     return line
 
 

@@ -60,6 +60,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
     verdicts of `verify_id` (default: the checkpoint's latest verify run)."""
     from discover.query import latest_pass, neuron_activity, query_neuron
     from discover.scan import ROLES
+    from discover.verify import subject_label
 
     if cards < 1:
         raise QueryError("--cards must be at least 1")
@@ -89,7 +90,8 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         ev = json.loads(ev)
         verdict_counts.setdefault(kind, {"confirmed": 0, "inconclusive": 0, "rejected": 0})[v] += 1
         strength = ev.get("auroc") if kind == "feature" else ev.get("auroc_next")
-        by_neuron.setdefault((l, n), []).append({"kind": kind, "subject": subj, "verdict": v, "decided_by": why,
+        by_neuron.setdefault((l, n), []).append({"kind": kind, "subject": subject_label(subj, ev), "verdict": v,
+                                                 "decided_by": why,
                                                  "evidence": ev, "strength": strength})
     # -- candidates: every neuron with a hypothesis, then role candidates by score
     chosen = list(by_neuron)

@@ -8,11 +8,12 @@
   AUROC >= min_auroc and held-out F1 >= min_f1; `rejected` if q > alpha or AUROC < 0.6;
   otherwise `inconclusive` (significant but weak).
 - **prediction / suppression hypotheses**: the scan's `candidates` strongest candidates, each
-  with its tail X: the top (prediction) or bottom (suppression) tokens, among the scan's stored
-  top-k, whose standardised cosine `z = (cos(w_out, U[:, t]) - mean) / sd` is beyond
+  with its tail X: the top (prediction) or bottom (suppression) tokens of the whole vocabulary
+  whose standardised cosine `z = (cos(w_out, U[:, t]) - mean) / sd` is beyond
   `Phi^-1(1 - tail_alpha / d_vocab)` (the tokens a direction with a Gaussian vocabulary
   distribution singles out with probability < tail_alpha; 4.1 sd for a 2,048-token vocabulary,
-  4.8 for GPT-2's), and always the strongest token. A neuron aimed at one token gets X = {that
+  4.8 for GPT-2's), and always the scan's strongest token, which names the hypothesis (at most
+  256 tokens, strongest first; `tail_size` says how many passed). A neuron aimed at one token gets X = {that
   token}; one aimed at a class (every newline-plus-indentation token, every digit) gets the class,
   so the test asks what the weights say. Evidence: the AUROC of the activation for "the true next
   token is in X" and for "the model's top prediction is in X" over the held-out positions (plus,
@@ -187,26 +188,46 @@ class _Ablator:
         return out, len(rows)
 
 
-def tail_tokens(store, ckpt_id: str, layer: int, neuron: int, role: str, d_vocab: int, tail_alpha: float) -> list:
-    """The tail X of a prediction (top side) or suppression (bottom side) candidate: its stored
-    strongest token, then every other stored token of that side with a standardised cosine beyond
-    Phi^-1(1 - tail_alpha / d_vocab), strongest first. [(token id, z), ...]"""
-    from scipy.stats import norm
-
-    cut = float(norm.isf(tail_alpha / d_vocab))
-    side, sign = ("top", 1.0) if role == "prediction" else ("bottom", -1.0)
-    rows = store.con.execute(
-        "SELECT t.rank, t.token_id, (t.cosine - n.vocab_mean) / sqrt(n.vocab_var) FROM neuron_tokens t JOIN neurons n "
-        "USING (checkpoint_id, layer, neuron) WHERE t.checkpoint_id = ? AND t.layer = ? AND t.neuron = ? AND t.side = ? "
-        "ORDER BY t.rank", [ckpt_id, layer, neuron, side]).fetchall()
-    out = [(int(tok), float(z) if z is not None else float("nan")) for r, tok, z in rows
-           if r == 0 or (z is not None and np.isfinite(z) and sign * z > cut)]
-    return out
+MAX_TAIL = 256  # tokens of X kept (strongest first); evidence says how many passed the cut
 
 
-def _tail_subject(strings, tail) -> str:
-    first = strings[tail[0][0]]
-    return first if len(tail) == 1 else f"{first} +{len(tail) - 1}"
+class _Tails:
+    """Tails X of prediction / suppression candidates, from the processed weights: the cosine of
+    the neuron's w_out with every column of U, standardised over the whole vocabulary (the scan's
+    `c_t`), and the tokens beyond Phi^-1(1 - tail_alpha / d_vocab) on the candidate's side."""
+
+    def __init__(self, view, tail_alpha: float):
+        import torch
+        from scipy.stats import norm
+
+        U = view.processed_unembed().float()
+        n = U.norm(dim=0)
+        self.U = U / torch.where(n > 0, n, torch.ones_like(n))
+        self.cut = float(norm.isf(tail_alpha / U.shape[1]))
+        self.view, self.W = view, {}
+
+    def __call__(self, layer: int, neuron: int, role: str, strongest: int) -> tuple[list, list, int]:
+        """(token ids, their z, how many passed the cut); `strongest` (the scan's top / bottom
+        token by congruence) comes first, then the others by |z|."""
+        import torch
+
+        if layer not in self.W:
+            self.W[layer] = self.view.processed_W_out(layer)
+        w = self.W[layer][neuron].float()
+        c = ((w / w.norm().clamp_min(1e-30)) @ self.U).double()
+        sd = float(c.std(unbiased=False))
+        z = ((c - c.mean()) / sd).numpy() if sd > 0 else np.zeros(c.shape[0])
+        signed = z if role == "prediction" else -z
+        passed = np.flatnonzero(signed > self.cut)
+        order = passed[np.argsort(-signed[passed], kind="stable")]
+        ids = [int(strongest)] + [int(t) for t in order if t != strongest][:MAX_TAIL - 1]
+        return ids, [float(z[t]) for t in ids], int(len(passed) + (strongest not in set(passed.tolist())))
+
+
+def subject_label(subject: str, evidence: dict) -> str:
+    """How a verdict's subject is shown: the strongest token, and how many more X holds."""
+    more = len(evidence.get("token_ids") or [0]) - 1
+    return f"{subject} +{more}" if more > 0 else subject
 
 
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
@@ -226,15 +247,15 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     abl = _Ablator(view, data)
     strings = view.token_strings()
     curves = _pass_curves(store, ckpt_id)
+    tails = _Tails(view, cfg.tail_alpha)
     out = []
     for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
-        tail = tail_tokens(store, ckpt_id, l, n, role, len(strings), cfg.tail_alpha) or [(tok, float("nan"))]
-        ids = np.array([t for t, _ in tail], np.int64)
-        subject = _tail_subject(strings, tail)
+        tail, tail_z, n_tail = tails(l, n, role, tok)
+        ids = np.array(tail, np.int64)
         x = np.asarray(acts[l * N + n], dtype=np.float64)
         is_next, is_top = np.isin(data.next_token, ids), np.isin(data.top_pred, ids)
         ev = {"token": strings[tok], "tokens": [strings[t] for t in ids], "token_ids": ids.tolist(),
-              "tokens_z": [round(z, 3) if np.isfinite(z) else None for _, z in tail],
+              "tokens_z": [round(z, 3) for z in tail_z], "tail_cut_z": round(tails.cut, 3), "tail_size": n_tail,
               "auroc_next": _auroc(x[has_next], is_next[has_next]), "auroc_top_prediction": _auroc(x, is_top),
               "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
         ev.update(_curve_trend(curves.get((l, n, tok))))
@@ -245,7 +266,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         if n_pos == 0:
             ev.update(ablation_positions=0)
             what = f"{strings[tok]!r} is" if len(ids) == 1 else f"no token of X ({len(ids)} tokens) is"
-            out.append(Hypothesis(l, n, role, subject, tok, "inconclusive",
+            out.append(Hypothesis(l, n, role, strings[tok], tok, "inconclusive",
                                   f"{what} never the next token in the held-out text", ev))
             continue
         ctrl = eff[1:]
@@ -271,7 +292,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
                 v, why = "rejected", "ablation |z| < 2"
             else:
                 v, why = "inconclusive", "2 <= |z| < 3, or the effect has the wrong sign"
-        out.append(Hypothesis(l, n, role, subject, tok, v, why, ev))
+        out.append(Hypothesis(l, n, role, strings[tok], tok, v, why, ev))
     return out
 
 

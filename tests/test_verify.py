@@ -128,9 +128,10 @@ def test_verdicts_are_stored_with_evidence(env, capsys):
 
 
 # ---------------------------------------------------------------- prediction neuron
-def _prediction_model(out: Path, targets=("tree",)) -> Path:
-    """Tiny word-level GPT-2 with L1.N7 planted: reads "apple", writes the sum of the unit
-    unembeddings of `targets` (one token, or a class of them)."""
+def _prediction_model(out: Path, targets=("tree",), sign: float = 1.0, plant_l0: bool = False) -> Path:
+    """Tiny word-level GPT-2 with L1.N7 planted: reads "apple", writes `sign` times the sum of the
+    unit unembeddings of `targets` (one token, or a class of them). With `plant_l0`, L0.N9 does the
+    opposite one layer earlier, so that its effect on the logits runs through block 1."""
     torch.manual_seed(0)
     m = make_model("gpt2", n_layer=2, d_model=D_MODEL, d_mlp=D_MLP)
     apple = VOCAB.index("apple")
@@ -145,7 +146,12 @@ def _prediction_model(out: Path, targets=("tree",)) -> Path:
         m.transformer.h[1].mlp.c_fc.weight[:, 7] = 6.0 * u / ln
         m.transformer.h[1].mlp.c_fc.bias[7] = -3.0
         w = sum(ts)
-        m.transformer.h[1].mlp.c_proj.weight[7] = 3.0 * w / w.norm()
+        m.transformer.h[1].mlp.c_proj.weight[7] = sign * 3.0 * w / w.norm()
+        if plant_l0:
+            # small: its output must not drown "apple"'s direction before L1.N7 reads it
+            m.transformer.h[0].mlp.c_fc.weight[:, 9] = 1.0 * u / m.transformer.h[0].ln_2.weight
+            m.transformer.h[0].mlp.c_fc.bias[9] = -0.5
+            m.transformer.h[0].mlp.c_proj.weight[9] = -0.3 * w / w.norm()  # against X: p(X) is not saturated
     return save(m, out)
 
 
@@ -182,14 +188,33 @@ def test_planted_prediction_neuron_is_confirmed(tmp_path, targets):
         hyps = query_verdicts(st, str(model), kind="prediction")["hypotheses"]
     h = {x["neuron"]: x for x in hyps}["L1.N7"]
     ev = h["evidence"]
-    assert sorted(ev["tokens"]) == sorted(targets), ev
-    assert min(ev["tokens_z"]) > 3.28  # Phi^-1(1 - 0.05 / 97)
-    assert h["subject"] == (ev["tokens"][0] if len(targets) == 1 else f"{ev['tokens'][0]} +1")
+    assert sorted(ev["tokens"]) == sorted(targets) and ev["tail_size"] == len(targets), ev
+    assert ev["tail_cut_z"] == pytest.approx(3.28, abs=0.01)  # Phi^-1(1 - 0.05 / 97)
+    assert min(ev["tokens_z"]) > ev["tail_cut_z"]
+    assert h["subject"] == ev["tokens"][0]  # the strongest token names the hypothesis; X is in the evidence
     assert h["verdict"] == "confirmed", h
     assert ev["auroc_next"] > 0.9 and ev["ablation_delta_logp"] < 0 and ev["ablation_z"] < -3
     assert ev["n_next"] >= 100 and len(ev["controls"]) == 12
     # the corpus pass recorded this candidate's curve: the top-prediction fraction rises with activation
     assert ev["curve_bins"] >= 3 and ev["curve_spearman"] > 0.5
+
+
+def test_tail_of_a_suppression_neuron_is_its_bottom_class(tmp_path):
+    """X is read from the whole vocabulary on the candidate's side: the bottom tokens for a
+    suppression neuron; on the other side only the named token is there (nothing passes)."""
+    from discover.adapter import load_model
+    from discover.verify import _Tails
+
+    view = load_model(str(_prediction_model(tmp_path / "m", ("tree", "pear"), sign=-1.0)))
+    tails = _Tails(view, 0.05)
+    tree, pear = VOCAB.index("tree"), VOCAB.index("pear")
+    ids, z, n = tails(1, 7, "suppression", tree)
+    assert sorted(ids) == sorted([tree, pear]) and n == 2 and max(z) < -tails.cut
+    ids, z, n = tails(1, 7, "suppression", pear)
+    assert ids[0] == pear and sorted(ids) == sorted([tree, pear])
+    ids, z, n = tails(1, 7, "prediction", tree)
+    assert ids == [tree] and n == 1  # the named token only: nothing on the top side passes the cut
+    assert tails.cut == pytest.approx(3.28, abs=0.01)
 
 
 def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
@@ -203,11 +228,11 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
 
     targets = ("tree", "pear")
     corpus = _apple_corpus(tmp_path / "corpus", targets)
-    view = load_model(str(_prediction_model(tmp_path / "pred", targets)))
+    view = load_model(str(_prediction_model(tmp_path / "pred", targets, plant_l0=True)))
     data = collect(view, open_corpus(str(corpus)), [], tokens=1500, context=32, split="all")
     ids = np.array([VOCAB.index(w) for w in targets])
     means = np.asarray(data.acts, np.float64).mean(1).reshape(view.n_layers, view.d_mlp)
-    neurons = [(1, 7), (1, 3), (0, 7)]
+    neurons = [(1, 7), (0, 9), (1, 3), (0, 7)]  # planted in layer 1 and in layer 0 (rerun through block 1)
     got, n_pos = _Ablator(view, data).effects(ids, neurons, means, max_seqs=4)
 
     assert all(len(seq) == m + 1 for seq, _, m in data.seqs)  # each sequence starts with BOS
@@ -240,10 +265,11 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
 
     base = logp()
     want = [float((logp(l, n) - base).mean()) for l, n in neurons]
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
-    # the planted neuron matters (p(X) is near 1 after "apple", so log p(X) moves little) and the
-    # random ones do not: the comparison is not one of zeros
-    assert abs(want[0]) > 1e-3 and abs(want[0]) > 1000 * max(abs(want[1]), abs(want[2]))
+    # the planted neurons matter (p(X) is near 1 after "apple", so log p(X) moves little) and are
+    # compared to their own size; the random ones move log p(X) by ~1e-7, within float32 noise
+    assert min(abs(want[0]), abs(want[1])) > 1e-3 and max(abs(want[2]), abs(want[3])) < 1e-4
+    np.testing.assert_allclose(got[:2], want[:2], rtol=1e-3, atol=0)
+    np.testing.assert_allclose(got[2:], want[2:], atol=1e-6)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -26,7 +26,8 @@ evals = sorted({l["step"]: l for l in logs if "eval_loss" in l}.values(), key=la
 trains = sorted({l["step"]: l for l in logs if "tokens_per_s" in l}.values(), key=lambda l: l["step"])
 data = json.load(open(f"{run}/data/data.json"))
 # compute time: every logged interval's tokens over its measured rate (sessions may have paused it)
-train_s = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip([{"tokens": 0}] + trains, trains))
+train_s = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip([{"tokens": 0}] + trains, trains)
+              if b["tokens_per_s"] > 0)
 unigram = evals[0]["unigram_loss"]
 size = os.path.getsize(f"{dst}/model.safetensors")
 scratch = os.path.join("/tmp", "discover_card_store")
@@ -43,7 +44,9 @@ pred = sh("query", "roles", "--role", "prediction", "--top", "10")
 part = sh("query", "roles", "--role", "partition", "--top", "5")
 supp = sh("query", "roles", "--role", "suppression", "--top", "5")
 # the largest vocabulary kurtosis along the run: every checkpoint the run kept, scanned the same way
-along = ["| step | tokens | max kurtosis L0 | max kurtosis L1 | neurons > 10 |", "| --- | --- | --- | --- | --- |"]
+n_layer = cfg["config"]["n_layer"]
+along = ["| step | tokens | " + " | ".join(f"max kurtosis L{i}" for i in range(n_layer)) + " | neurons > 10 |",
+         "| --- | --- | " + " | ".join("---" for _ in range(n_layer)) + " | --- |"]
 for ck in sorted(glob.glob(f"{run}/checkpoint-*"), key=lambda p: int(p.rsplit("-", 1)[1])):
     e2 = dict(env, DISCOVER_STORE=scratch + "-along")
     shutil.rmtree(scratch + "-along", ignore_errors=True)
@@ -67,35 +70,14 @@ corpus_desc = {
 n_pred = int(sh("sql", "SELECT count(*) FROM roles WHERE role = 'prediction'", "--json").split(":")[1].split("}")[0])
 max_k = float(sh("sql", "SELECT max(vocab_kurt) AS m FROM neurons", "--json").split(":")[1].split("}")[0])
 if n_pred:
-    limits = f"""## Why this shape
+    limits = f"""## Kurtosis along the run
 
-The vocabulary kurtosis of a neuron whose direct effect singles out a few tokens by z standard
-deviations grows like 3 + k·z⁴/V for k such tokens in a vocabulary of V: the same neuron scores
-half as high in a vocabulary twice as large. The earlier default (2 layers, d_model 256, vocabulary
-4096, 12 M tokens) reached a largest kurtosis of 5.5, and a 384-wide model with vocabulary 4096
-levelled off near 8 after 5 M tokens. With vocabulary 2048 (and 2048 MLP neurons per layer, which
-the size limit then allows) the same width passed 10 by step 900 (7.4 M tokens: 10.5 in layer 0,
-11.3 in layer 1) and kept climbing. The checkpoints the run kept, scanned the same way:
+The checkpoints the run kept, scanned the same way:
 
 {along}
 
-## What the neurons say
-
-{n_pred} neurons pass the prediction test (vocabulary kurtosis > 10, skew > 0; `discover query
-roles --role prediction` above). Both are in layer 0 and both promote newline tokens that carry
-an indentation (`\\n` followed by 1 to 12 spaces): in Python source and reST the commonest
-decision is to end the line and indent to the block's depth, and the tokenizer made each depth
-its own token. The suppression neurons (kurtosis > 10, skew < 0), all in layer 1, push the same
-newline-and-indentation tokens down (their bottom tokens). Prediction neurons early and
-suppression neurons late, aimed at the same tokens, is the pattern "Universal Neurons in GPT2"
-(Gurnee et al., 2024) reports for GPT-2's last layers; that these act against layer 0's
-predictions is a hypothesis for `discover verify`, not something the weights alone show.
-
-Below the threshold (kurtosis 5.5-10, skew > 0.5), the strongest positive-skew neurons read like
-the corpus's vocabulary: reST table borders and heading underlines (`+----`, `====`, `~~~~`),
-capitalised sentence starts (` If`, ` When`, ` The`, ` This`), Sphinx role names (`func`,
-`class`, `meth`, `attr`, `exc`, the word after `:` in ``:func:`...` ``), hexadecimal and decimal
-digits, closing brackets:
+{n_pred} neurons pass the prediction test (vocabulary kurtosis > 10, skew > 0). The strongest
+positive-skew neurons below the threshold (kurtosis 5.5-10, skew > 0.5):
 
 ```
 {below.strip()}
