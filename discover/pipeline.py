@@ -86,11 +86,11 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         res.report = str(Path(out).resolve())
     top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
     strings = {}
-    for h in top:  # the strongest tokens each confirmed neuron writes, from the scan
+    for h in top:  # the strongest tokens each confirmed neuron writes (for or against), from the scan
         layer, neuron = parse_neuron(h["neuron"])
-        strings[h["neuron"]] = {"top_tokens": [{"token": t} for (t,) in store.con.execute(
-            "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? AND side = 'top' "
-            "ORDER BY rank LIMIT 3", [identity[1], layer, neuron]).fetchall()]}
+        strings[h["neuron"]] = {f"{side}_tokens": [{"token": t} for (t,) in store.con.execute(
+            "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? AND side = ? "
+            "ORDER BY rank LIMIT 3", [identity[1], layer, neuron, side]).fetchall()] for side in ("top", "bottom")}
     res.top = [{"neuron": h["neuron"], "kind": h["kind"], "subject": h["subject"],
                 "description": describe(h, strings.get(h["neuron"]))} for h in top]
     res.seconds = time.perf_counter() - t0
@@ -119,7 +119,8 @@ def describe(h: dict, card: dict | None) -> str:
     else:
         verb = "predicts" if h["kind"] == "prediction" else "suppresses"
         toks = ev.get("tokens") or [h["subject"]]
-        shown = " ".join(repr(t) for t in toks[:4]) + (f" (+{len(toks) - 4} more)" if len(toks) > 4 else "")
+        size = ev.get("tail_size") or len(toks)
+        shown = " ".join(repr(t) for t in toks[:4]) + (f" (+{size - 4} more)" if size > 4 else "")
         def num(k):
             return float("nan") if ev.get(k) is None else ev[k]
 

@@ -13,7 +13,7 @@
   `Phi^-1(1 - tail_alpha / d_vocab)` (the tokens a direction with a Gaussian vocabulary
   distribution singles out with probability < tail_alpha; 4.1 sd for a 2,048-token vocabulary,
   4.8 for GPT-2's), and always the scan's strongest token, which names the hypothesis (at most
-  256 tokens, strongest first; `tail_size` says how many passed). A neuron aimed at one token gets X = {that
+  256 tokens, strongest first; `tail_size` is the size of X before that cut). A neuron aimed at one token gets X = {that
   token}; one aimed at a class (every newline-plus-indentation token, every digit) gets the class,
   so the test asks what the weights say. Evidence: the AUROC of the activation for "the true next
   token is in X" and for "the model's top prediction is in X" over the held-out positions (plus,
@@ -188,7 +188,7 @@ class _Ablator:
         return out, len(rows)
 
 
-MAX_TAIL = 256  # tokens of X kept (strongest first); evidence says how many passed the cut
+MAX_TAIL = 256  # tokens of X kept (strongest first); evidence's tail_size is X's size before truncation
 
 
 class _Tails:
@@ -207,10 +207,8 @@ class _Tails:
         self.view, self.W = view, {}
 
     def __call__(self, layer: int, neuron: int, role: str, strongest: int) -> tuple[list, list, int]:
-        """(token ids, their z, how many passed the cut); `strongest` (the scan's top / bottom
-        token by congruence) comes first, then the others by |z|."""
-        import torch
-
+        """(token ids, their z, the size of X before truncation to MAX_TAIL); `strongest` (the
+        scan's top / bottom token by congruence) comes first, then the others by |z|."""
         if layer not in self.W:
             self.W[layer] = self.view.processed_W_out(layer)
         w = self.W[layer][neuron].float()
@@ -226,7 +224,7 @@ class _Tails:
 
 def subject_label(subject: str, evidence: dict) -> str:
     """How a verdict's subject is shown: the strongest token, and how many more X holds."""
-    more = len(evidence.get("token_ids") or [0]) - 1
+    more = (evidence.get("tail_size") or len(evidence.get("token_ids") or [0])) - 1
     return f"{subject} +{more}" if more > 0 else subject
 
 

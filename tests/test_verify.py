@@ -213,8 +213,22 @@ def test_tail_of_a_suppression_neuron_is_its_bottom_class(tmp_path):
     ids, z, n = tails(1, 7, "suppression", pear)
     assert ids[0] == pear and sorted(ids) == sorted([tree, pear])
     ids, z, n = tails(1, 7, "prediction", tree)
-    assert ids == [tree] and n == 1  # the named token only: nothing on the top side passes the cut
+    assert ids == [tree] and n == 1  # X is the named token only: nothing on the top side passes the cut
     assert tails.cut == pytest.approx(3.28, abs=0.01)
+
+
+def test_one_line_descriptions_of_prediction_and_suppression_verdicts():
+    from discover.pipeline import describe
+    from discover.verify import subject_label
+
+    card = {"top_tokens": [{"token": "up"}], "bottom_tokens": [{"token": "down"}]}
+    ev = {"tokens": ["a", "b", "c", "d", "e", "f"], "tail_size": 300, "auroc_next": 0.0, "ablation_z": None}
+    line = describe({"kind": "prediction", "subject": "a", "evidence": ev}, card)
+    assert line.startswith("predicts 'a' 'b' 'c' 'd' (+296 more)") and "AUROC next 0.000" in line
+    assert "ablation z nan" in line and line.endswith("writes 'up'")
+    line = describe({"kind": "suppression", "subject": "a", "evidence": ev}, card)
+    assert line.startswith("suppresses 'a'") and line.endswith("writes against 'down'")
+    assert subject_label("a", ev) == "a +299" and subject_label("a", {"token_ids": [1]}) == "a"
 
 
 def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
