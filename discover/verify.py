@@ -218,8 +218,9 @@ class _Tails:
         signed = z if role == "prediction" else -z
         passed = np.flatnonzero(signed > self.cut)
         order = passed[np.argsort(-signed[passed], kind="stable")]
-        ids = [int(strongest)] + [int(t) for t in order if t != strongest][:MAX_TAIL - 1]
-        return ids, [float(z[t]) for t in ids], int(len(passed) + (strongest not in set(passed.tolist())))
+        tail = [int(strongest)] + [int(t) for t in order if t != strongest]
+        ids = tail[:MAX_TAIL]
+        return ids, [float(z[t]) for t in ids], len(tail)
 
 
 def subject_label(subject: str, evidence: dict) -> str:

@@ -8,11 +8,12 @@ print into the card, so the card shows the scanner's real output. RUN_STORE: a s
 suppression candidates and the strongest prediction neuron's max-activating examples go into the
 card too. NOTES.md: hand-written reading of that evidence, appended as its own section.
 """
-import glob, json, os, shutil, subprocess, sys, time, platform
+import glob, json, os, shutil, subprocess, sys, platform
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 run = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "runs/default"))
 run_name = os.path.relpath(run, ROOT)
-ckpt = sorted(glob.glob(f"{run}/checkpoint-*"), key=lambda p: int(p.rsplit("-", 1)[1]))[-1]
+ckpts = sorted(glob.glob(f"{run}/checkpoint-*"), key=lambda p: int(p.rsplit("-", 1)[1]))
+ckpt = ckpts[-1]
 dst = os.path.join(ROOT, "discover/default_model")
 shutil.rmtree(dst, ignore_errors=True); os.makedirs(dst)
 for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -31,10 +32,13 @@ train_s = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip([{
 unigram = evals[0]["unigram_loss"]
 size = os.path.getsize(f"{dst}/model.safetensors")
 scratch = os.path.join("/tmp", "discover_card_store")
-env = dict(os.environ, DISCOVER_STORE=scratch)
 shutil.rmtree(scratch, ignore_errors=True)
-def sh(*a):
+def discover(store, *a):
+    """What `discover ARGS` prints, run against `store`."""
+    env = dict(os.environ, DISCOVER_STORE=os.path.abspath(store))
     return subprocess.run(["discover", *a], env=env, capture_output=True, text=True, cwd="/tmp").stdout
+def sh(*a):
+    return discover(scratch, *a)
 sh("scan", dst)
 roles = sh("sql", "SELECT role, count(*) AS neurons FROM roles GROUP BY role ORDER BY role")
 dist = sh("sql", "SELECT layer, round(max(vocab_kurt), 2) AS max_kurtosis, round(quantile_cont(vocab_kurt, 0.99), 2) AS p99_kurtosis, round(avg(vocab_kurt), 2) AS mean_kurtosis FROM neurons GROUP BY layer ORDER BY layer")
@@ -47,12 +51,10 @@ supp = sh("query", "roles", "--role", "suppression", "--top", "5")
 n_layer = cfg["config"]["n_layer"]
 along = ["| step | tokens | " + " | ".join(f"max kurtosis L{i}" for i in range(n_layer)) + " | neurons > 10 |",
          "| --- | --- | " + " | ".join("---" for _ in range(n_layer)) + " | --- |"]
-for ck in sorted(glob.glob(f"{run}/checkpoint-*"), key=lambda p: int(p.rsplit("-", 1)[1])):
-    e2 = dict(env, DISCOVER_STORE=scratch + "-along")
+for ck in ckpts:
     shutil.rmtree(scratch + "-along", ignore_errors=True)
-    subprocess.run(["discover", "scan", ck], env=e2, capture_output=True, cwd="/tmp")
-    rows = json.loads(subprocess.run(["discover", "sql", "SELECT layer, max(vocab_kurt) AS m, count(*) FILTER (WHERE vocab_kurt > 10) AS n FROM neurons GROUP BY layer ORDER BY layer", "--json"], env=e2, capture_output=True, text=True, cwd="/tmp").stdout)
-    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+    discover(scratch + "-along", "scan", ck)
+    rows = json.loads(discover(scratch + "-along", "sql", "SELECT layer, max(vocab_kurt) AS m, count(*) FILTER (WHERE vocab_kurt > 10) AS n FROM neurons GROUP BY layer ORDER BY layer", "--json"))
     st = json.load(open(f"{ck}/trainer_state.json"))
     along.append(f"| {st['global_step']} | {st['tokens_seen']:,} | " + " | ".join(f"{r['m']:.2f}" for r in rows)
                  + f" | {sum(r['n'] for r in rows)} |")
@@ -164,9 +166,8 @@ tokens for negative skew):
 {limits}
 """
 if len(sys.argv) > 3:
-    env_run = dict(os.environ, DISCOVER_STORE=os.path.abspath(sys.argv[3]))
     def sr(*a):
-        return subprocess.run(["discover", *a], env=env_run, capture_output=True, text=True, cwd="/tmp").stdout
+        return discover(sys.argv[3], *a)
     top_pred = json.loads(sr("query", "roles", "--role", "prediction", "--top", "1", "--json"))
     top_pred = top_pred[0]["neuron"] if top_pred else None
     card += f"""
