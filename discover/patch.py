@@ -28,7 +28,6 @@ on the corrupted prompt, normalised the same way — a screen, never the final w
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,66 +103,57 @@ class _Runner:
         self.base = view.model.base_model
         self.blocks = view.blocks
         head = view.model.get_output_embeddings()
+        # pre-cap logits (Gemma 2's soft-cap is applied after the head): a direction in d_model
         self.dir = (head.weight[target] - head.weight[contrast]).detach().float()  # (d_model,)
         b = getattr(head, "bias", None)
         self.bias = float(b[target] - b[contrast]) if b is not None else 0.0
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]  # raw (N, d_model): exact deltas
         self.clean_ids, self.corr_ids = clean_ids, corr_ids
         self.T = len(corr_ids)
-        self.a_clean, _, self.m_clean = self._run(clean_ids)
-        self.a_corr, self.resid_corr, self.m_corr = self._run(corr_ids)
-        self._prefix_cache = None
+        clean = view.trace(torch.tensor([clean_ids]))
+        self.corr = view.trace(torch.tensor([corr_ids]))
+        self.a_clean = [a[0] for a in clean.acts]  # (T, N) per layer
+        self.a_corr = [a[0] for a in self.corr.acts]
+        self.resid_corr = [o[0] for o in self.corr.outs]  # (T, d) per layer
+        self.m_clean = float(self.metric(clean.hidden[0, -1]))
+        self.m_corr = float(self.metric(self.corr.hidden[0, -1]))
+        self._suffix = None
 
     def metric(self, final_hidden):
         """m = logit(target) - logit(contrast) from the final norm's output at the last position."""
         return final_hidden @ self.dir + self.bias
 
-    def _run(self, ids):
-        """Activations (L, T, N) and block outputs (L, T, d) of one prompt, and m."""
-        torch = self.torch
-        acts, outs = {}, {}
-        hooks = []
-        for l in range(self.view.n_layers):
-            hooks.append(self.model.get_submodule(self.view.act_site(l)).register_forward_pre_hook(
-                lambda m, a, l=l: acts.__setitem__(l, a[0][0].detach().clone())))
-            hooks.append(self.blocks[l].register_forward_hook(
-                lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].detach().clone())))
-        try:
-            with torch.inference_mode():
-                h = self.base(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-        finally:
-            for hk in hooks:
-                hk.remove()
-        L = self.view.n_layers
-        return [acts[l] for l in range(L)], [outs[l] for l in range(L)], float(self.metric(h))
+    def patched(self, layer: int, start: int, delta):
+        """Block `layer`'s output at positions start.. of the corrupted run after `delta`
+        (B, S, d) is added to its MLP's raw output: (B, S, d)."""
+        raw = self.corr.mlp_raw[layer]
+        return self.view.add_to_mlp(layer, self.resid_corr[layer][start:][None], None if raw is None
+                                    else raw[0, start:][None], delta)
 
     def run_from(self, layer: int, hidden):
         """Blocks layer+1.. on residual `hidden` (B, T, d) = the output of block `layer`, whole
         prompt; the final norm's output at the last position (B, d)."""
-        return blocks_from(self.view, layer, hidden)[:, -1]
+        return self.view.run_blocks(self.corr, layer, hidden)[:, -1]
 
-    def prefix_cache(self, length: int):
-        """Keys and values of the corrupted prompt's first `length` positions, every layer."""
-        if self._prefix_cache is None or self._prefix_cache[0] != length:
+    def suffix(self, start: int):
+        """The corrupted prompt's keys and values before `start` (every layer) and a trace of its
+        positions start.. run over them."""
+        if self._suffix is None or self._suffix[0] != start:
             torch = self.torch
             with torch.inference_mode():
-                out = self.base(input_ids=torch.tensor([self.corr_ids[:length]]), use_cache=True)
-            self._prefix_cache = (length, out.past_key_values)
-        return self._prefix_cache[1]
+                cache = self.view.run_base(torch.tensor([self.corr_ids[:start]]), use_cache=True).past_key_values
+            tr = self.view.trace(torch.tensor([self.corr_ids[start:]]),
+                                 past_key_values=self.view.expand_cache(cache, 1))
+            self._suffix = (start, cache, tr)
+        return self._suffix
 
     def run_suffix_from(self, layer: int, hidden, start: int):
         """Blocks layer+1.. on positions start.. only, (B, T - start, d), attending to the
         corrupted prompt's cached keys and values before `start` (unchanged by the patch:
         attention is causal). The final norm's output at the last position (B, d)."""
-        cache = None
-        if layer + 1 < len(self.blocks):
-            B = hidden.shape[0]
-            cache = copy.copy(self.prefix_cache(start))
-            cache.layers = [copy.copy(c) for c in cache.layers]
-            for c in cache.layers[layer + 1:]:
-                c.keys = c.keys.expand(B, -1, -1, -1)
-                c.values = c.values.expand(B, -1, -1, -1)
-        return blocks_from(self.view, layer, hidden, start=start, cache=cache)[:, -1]
+        _, cache, tr = self.suffix(start)
+        expanded = self.view.expand_cache(cache, hidden.shape[0], layer + 1)
+        return self.view.run_blocks(tr, layer, hidden, cache=expanded)[:, -1]
 
     def first_difference(self) -> int:
         """The first position where the prompts differ (positions before it have equal
@@ -172,34 +162,6 @@ class _Runner:
             if a != b:
                 return i
         return min(len(self.clean_ids), len(self.corr_ids))
-
-
-def blocks_from(view, layer: int, hidden, *, start: int = 0, cache=None):
-    """Run blocks layer+1.. of `view` on `hidden` (B, S, d), the residual stream after block
-    `layer` at positions start..start+S-1, then the final norm: (B, S, d). With `cache` (keys
-    and values of positions 0..start-1, expanded to the batch) the positions attend to them too."""
-    import torch
-    from transformers.masking_utils import create_causal_mask
-
-    blocks = view.blocks
-    S = hidden.shape[1]
-    if layer + 1 < len(blocks):
-        pid = torch.arange(start, start + S).unsqueeze(0)
-        mask = None
-        if cache is None or S > 1:  # one query position attends to every cached key: no mask needed
-            mask = create_causal_mask(config=view.model.config, inputs_embeds=hidden, attention_mask=None,
-                                      past_key_values=cache, position_ids=pid)
-        kw = {"position_ids": pid}
-        rot = getattr(view.model.base_model, "rotary_emb", None)
-        if rot is not None:
-            kw["position_embeddings"] = rot(hidden, position_ids=pid)
-        if cache is not None:
-            kw["layer_past" if view.family == "gpt_neox" else "past_key_values"] = cache
-            kw["use_cache"] = True
-        for blk in blocks[layer + 1:]:
-            out = blk(hidden, attention_mask=mask, **kw)
-            hidden = out[0] if isinstance(out, tuple) else out
-    return view.model.get_submodule(view.final_norm_site())(hidden)
 
 
 def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config: PatchConfig) -> _Runner:
@@ -265,12 +227,11 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
             else:  # equal lengths
                 start = min(r.first_difference(), r.T - 1)
                 da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
-            base = r.resid_corr[l][start:]  # (S, d)
             out = np.empty(N)
             for n0 in range(0, N, config.batch_size):
                 n1 = min(N, n0 + config.batch_size)
                 W = r.W_out[l][n0:n1]  # (B, d)
-                hidden = base[None] + da[n0:n1, :, None] * W[:, None, :]  # (B, S, d)
+                hidden = r.patched(l, start, da[n0:n1, :, None] * W[:, None, :])  # (B, S, d)
                 h = r.run_suffix_from(l, hidden, start) if start > 0 else r.run_from(l, hidden)
                 out[n0:n1] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
                 bar.update(n1 - n0)
@@ -339,8 +300,8 @@ def patch_loop(view, clean: str, corrupted: str, target: str, contrast: str, lay
 
         hk = site.register_forward_pre_hook(hook)
         try:
-            with torch.inference_mode():
-                logits = view.model(input_ids=ids).logits[0, -1]
+            with torch.inference_mode():  # pre-cap logits, as the batched path
+                logits = view.model.get_output_embeddings()(view.model.base_model(input_ids=ids).last_hidden_state[0, -1])
         finally:
             hk.remove()
         m = float(logits[single_token(view, target, "--target")] - logits[single_token(view, contrast, "--contrast")])

@@ -127,7 +127,7 @@ def _auroc(x: np.ndarray, y: np.ndarray) -> float:
 
 class _Ablator:
     """Mean ablation of neurons on the held-out sequences where a token is next, from the
-    residual stream cached after the neuron's layer (patch.blocks_from)."""
+    residual stream cached after the neuron's layer (`ModelView.run_blocks`)."""
 
     def __init__(self, view, data):
         import torch
@@ -140,8 +140,6 @@ class _Ablator:
     def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int) -> tuple[np.ndarray, int]:
         """Mean change of log p(X) = log sum of p(t), t in `tokens`, at the positions where a token of
         X is next, per (layer, neuron)."""
-        from discover.patch import blocks_from
-
         torch, view, data = self.torch, self.view, self.data
         tokens = np.atleast_1d(np.asarray(tokens, np.int64))
         tok_idx = torch.from_numpy(tokens)
@@ -158,32 +156,19 @@ class _Ablator:
         seqs = [data.seqs[s][0] for s in chosen]
         T = max(len(s) for s in seqs)
         ids = torch.tensor([s + [s[0]] * (T - len(s)) for s in seqs])
-        acts, outs = {}, {}
-        hooks = []
-        for l in range(view.n_layers):
-            hooks.append(view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(
-                lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
-            hooks.append(view.blocks[l].register_forward_hook(
-                lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())))
-        head = view.model.get_output_embeddings()
-        try:
-            with torch.inference_mode():
-                h = view.model.base_model(input_ids=ids).last_hidden_state
-        finally:
-            for hk in hooks:
-                hk.remove()
+        tr = view.trace(ids)
 
         def logp(hidden):
-            logits = head(hidden[b_idx, t_idx]).float()
+            logits = view.logits(hidden[b_idx, t_idx]).float()
             return torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1)
 
         with torch.inference_mode():
-            base = logp(h)
+            base = logp(tr.hidden)
             out = np.empty(len(neurons))
             for i, (l, n) in enumerate(neurons):
-                delta = (float(means[l, n]) - acts[l][:, :, n])[..., None] * self.W_out[l][n]  # (S, T, d)
+                delta = (float(means[l, n]) - tr.acts[l][:, :, n])[..., None] * self.W_out[l][n]  # (S, T, d)
                 delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
-                hid = blocks_from(view, l, outs[l] + delta)
+                hid = view.run_blocks(tr, l, view.add_to_mlp(l, tr.outs[l], tr.mlp_raw[l], delta))
                 out[i] = float((logp(hid) - base).mean())
         return out, len(rows)
 

@@ -105,8 +105,7 @@ def test_hooked_activations_equal_manual_mlp(arch):
     view = from_model(make_model(arch), None)
     ids = torch.randint(0, 97, (3, 11))
     mlp_in = {}
-    blocks = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}.get(view.family, "model.layers")
-    hooks = [view.model.get_submodule(f"{blocks}.{l}.mlp").register_forward_pre_hook(
+    hooks = [view.model.get_submodule(view.mlp_site(l)).register_forward_pre_hook(
         lambda m, a, l=l: mlp_in.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]
     try:
         with torch.no_grad(), A.capture(view) as got:

@@ -1,0 +1,46 @@
+"""Llama-style gated MLPs (Llama, Mistral, Qwen2, Qwen3): the family checks of family_checks.py."""
+
+from __future__ import annotations
+
+import pytest
+import family_checks as fc
+from conftest import make_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def tiny(arch: str, n_layer: int = 3):
+    if arch != "qwen3":
+        return make_model(arch, n_layer=n_layer)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(num_hidden_layers=n_layer, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=128, vocab_size=97, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    return fc.randomise_norms(Qwen3ForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planted_neurons_found(arch, tmp_path):
+    fc.planted_neurons_found(tiny(arch, 2), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooked_activations_equal_manual_mlp(arch):
+    fc.hooked_activations_equal_manual_mlp(tiny(arch))
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batched_patching_equals_loop(arch, positions):
+    fc.batched_patching_equals_loop(tiny(arch), positions)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ablation_equals_hooked_forward(arch):
+    fc.ablation_equals_hooked_forward(tiny(arch))
+
+
+@pytest.mark.parametrize("arch", ["qwen3"])
+def test_matches_transformerlens(arch, tmp_path):
+    fc.matches_transformerlens(tiny(arch), tmp_path)
