@@ -50,8 +50,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     files_dir       VARCHAR,              -- checkpoints/<dir> inside the store
     scanned_at      TIMESTAMP,
     scan_seconds    DOUBLE,
-    discover_version VARCHAR
+    discover_version VARCHAR,
+    source_format   VARCHAR,              -- transformers | gguf
+    quantization    VARCHAR               -- GGUF file type (e.g. Q4_1); NULL for transformers weights
 );
+-- catalogs written before GGUF support
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS source_format VARCHAR;
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS quantization VARCHAR;
 CREATE TABLE IF NOT EXISTS models (
     spec            VARCHAR,              -- hub id, or absolute path of a local model directory
     checkpoint_id   VARCHAR,
@@ -524,7 +529,7 @@ class Store:
                 ckpt, view.architecture, L, view.d_model, n, view.d_vocab, view.act_name,
                 view.final_norm().kind, view.gated, vocab_hash, json.dumps(cfg, default=str),
                 json.dumps(config.compute_key()), json.dumps(asdict(config.roles)), files_dir,
-                float(result.seconds), __version__,
+                float(result.seconds), __version__, view.source["format"], view.source["quantization"],
             ]
             old = self.checkpoint(ckpt)
             with transaction(self.con) as con:
@@ -532,7 +537,7 @@ class Store:
                     con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ?", [ckpt])
                 con.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", [ckpt])
                 con.execute(
-                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)", row
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?, ?)", row
                 )
                 for name, tbl in (("neurons", neurons), ("neuron_tokens", nt), ("roles", roles),
                                   ("token_neurons", tn), ("tokens", toks)):

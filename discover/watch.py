@@ -1,7 +1,8 @@
 """`discover watch DIR`: nightly discovery over the checkpoints of training runs.
 
 Every directory under DIR that holds a `config.json` and weights (`*.safetensors`, or
-`pytorch_model*.bin` with --allow-pickle) is a checkpoint: HF Trainer `checkpoint-STEP/` layouts,
+`pytorch_model*.bin` with --allow-pickle) is a checkpoint, and so is every `.gguf` file of a
+directory without such weights (its step from the file name, its run the directory): HF Trainer `checkpoint-STEP/` layouts,
 `discover train` runs, or plain model directories. Its step comes from the name (`checkpoint-STEP`,
 `step-STEP`, `stepSTEP`...) or from `trainer_state.json`; checkpoints are processed in step order
 within each training run (a run = the checkpoints' parent directory). Hidden directories (names
@@ -171,6 +172,15 @@ def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:
                 newest = max(newest, st.st_mtime_ns)
                 h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             out.append(Found(d, str(d.parent), _step(d, entries), h.hexdigest(), newest / 1e9))
+        elif not weights:  # each GGUF file of a directory without HF weights is a checkpoint of its run
+            for name in sorted(n for n, e in entries.items() if n.lower().endswith(".gguf") and e.is_file()):
+                try:
+                    st = entries[name].stat()
+                except OSError:
+                    continue
+                sig = hashlib.sha256(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()).hexdigest()
+                f = d / name
+                out.append(Found(f, str(d), _step(Path(f.stem), {}), sig, st.st_mtime_ns / 1e9))
         for name, e in entries.items():
             if not _skipped(name) and e.is_dir(follow_symlinks=False):
                 stack.append(Path(e.path))

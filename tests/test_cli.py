@@ -123,11 +123,11 @@ def ctx(tmp_path_factory):
     gpt2 = save(make_model("gpt2", n_layer=N_LAYERS, d_mlp=D_MLP), d / "gpt2")
     neox = save(make_model("gpt_neox"), d / "neox")
 
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    opt = save(OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2,
-                                        vocab_size=97, max_position_embeddings=32, word_embed_proj_dim=16)),
-               d / "opt")
+    # a causal LM with no MLP neurons at all: unsupported
+    mamba = save(MambaForCausalLM(MambaConfig(num_hidden_layers=1, hidden_size=16, state_size=4, vocab_size=97)),
+                 d / "mamba")
 
     # pickle-only weights (save_pretrained always writes safetensors in transformers 5)
     pkl = d / "pickled"
@@ -157,7 +157,7 @@ def ctx(tmp_path_factory):
         rc = main(["scan", str(gpt2), "--store", str(store)])
     assert rc == 0, err.getvalue()
     return SimpleNamespace(
-        dir=d, gpt2=gpt2, neox=neox, opt=opt, pickled=pkl, truncated=trunc, not_model=not_model,
+        dir=d, gpt2=gpt2, neox=neox, mamba=mamba, pickled=pkl, truncated=trunc, not_model=not_model,
         a_file=a_file, empty_store=empty_store, missing=d / "does" / "not" / "exist",
         store=store, scan_out=out.getvalue(), scan_err=err.getvalue(),
     )
@@ -322,7 +322,7 @@ def bad(name, argv, needles, xfail=None, raises=None):
 BAD = [
     bad("missing model", lambda c: ["scan", c.missing, "--store", c.store], ["does not exist"]),
     bad("not a model dir", lambda c: ["scan", c.not_model, "--store", c.store], ["no config.json"]),
-    bad("unsupported arch", lambda c: ["scan", c.opt, "--store", c.store], ["'opt'", "supported", "GPT-2", "Llama"]),
+    bad("unsupported arch", lambda c: ["scan", c.mamba, "--store", c.store], ["'mamba'", "supported", "GPT-2", "Llama"]),
     bad("truncated safetensors", lambda c: ["scan", c.truncated, "--store", c.store],
         ["truncated", "model.safetensors"]),
     bad("pickle without --allow-pickle", lambda c: ["scan", c.pickled, "--store", c.store],

@@ -91,7 +91,7 @@ def quantization(reader) -> str:
     ft = _field(reader, "general.file_type")
     if ft is not None:
         try:
-            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass
     kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
