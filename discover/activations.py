@@ -134,10 +134,16 @@ def capture(view):
     """Hooks on every layer's activation site and on the final norm, removed on exit.
 
     Yields a dict: 'acts' -> list of (B, T, N) tensors (per layer, the site's input), 'resid'
-    -> the final norm's input (B, T, d_model)."""
+    -> the final norm's input (B, T, d_model), 'post' -> per layer the input of a norm on the
+    MLP's output (B, T, d_model; None where there is no such norm)."""
     model = view.model
-    got: dict = {"acts": [None] * view.n_layers, "resid": None}
+    got: dict = {"acts": [None] * view.n_layers, "resid": None, "post": [None] * view.n_layers}
     handles = []
+
+    def post_hook(layer):
+        def hook(_mod, args):
+            got["post"][layer] = args[0]
+        return hook
 
     def site_hook(layer):
         def hook(_mod, args):
@@ -149,8 +155,12 @@ def capture(view):
 
     try:
         for layer in range(view.n_layers):
-            handles.append(model.get_submodule(view.act_site(layer)).register_forward_pre_hook(site_hook(layer)))
+            handles.append(view.act_module(layer).register_forward_pre_hook(site_hook(layer)))
         handles.append(model.get_submodule(view.final_norm_site()).register_forward_pre_hook(resid_hook))
+        for layer in range(view.n_layers):
+            site = view.post_mlp_norm_site(layer)
+            if site is not None:
+                handles.append(model.get_submodule(site).register_forward_pre_hook(post_hook(layer)))
         yield got
     finally:
         for h in handles:
@@ -234,12 +244,21 @@ class _Pass:
         self.lm_head = view.model.get_output_embeddings()
         self.base = view.model.base_model
         self.norm = view.final_norm()
+        self.post = [view.post_mlp_norm(l) for l in range(self.L)]  # norms on the MLP's output, or None
 
     def new_state(self) -> PassState:
         return PassState(self.L, self.N, self.cfg.top_k, self.width, len(self.pairs))
 
+    @staticmethod
+    def _inv_scale(torch, x, norm):
+        """1 / the norm's per-position scale: sqrt(var + eps) (LayerNorm) or sqrt(mean x^2 + eps)."""
+        x = x.float()
+        var = x.var(-1, unbiased=False) if norm.kind == "layernorm" else x.pow(2).mean(-1)
+        return torch.rsqrt(var + norm.eps)
+
     def forward(self, ids):
-        """Hooked forward pass: per-layer activations, 1/final-norm scale, top prediction."""
+        """Hooked forward pass: per-layer activations, per-layer 1/scale (the final norm's, times a
+        post-MLP norm's where the layer has one), top prediction."""
         torch = self.torch
         with torch.inference_mode(), capture(self.view) as got:
             h = self.base(input_ids=ids).last_hidden_state  # (B, T, d_model), after the final norm
@@ -249,14 +268,13 @@ class _Pass:
             step = max(1, int(2**26 // max(1, self.view.d_vocab)))  # rows of logits per chunk (256 MiB)
             for i in range(0, B * T, step):
                 pred[i:i + step] = self.lm_head(flat[i:i + step]).argmax(-1)
-            x = got["resid"].float()
-            if self.norm.kind == "layernorm":
-                var = x.var(-1, unbiased=False)
-            else:
-                var = x.pow(2).mean(-1)
-            inv_scale = torch.rsqrt(var + self.norm.eps)
+            inv_scale = self._inv_scale(torch, got["resid"], self.norm)
+            # a neuron's direct effect through a post-MLP norm is divided by that norm's scale
+            # at the position too (frozen, as the final norm's: shared by the layer's neurons)
+            inv = [inv_scale if p is None else inv_scale * self._inv_scale(torch, got["post"][l], p)
+                   for l, p in enumerate(self.post)]
             acts = [a.float().contiguous() for a in got["acts"]]
-        return acts, inv_scale.reshape(B, T), pred.reshape(B, T)
+        return acts, [i.reshape(B, T) for i in inv], pred.reshape(B, T)
 
     def fold(self, state: PassState, batch: list) -> None:
         """Fold one batch of sequences [(ordinal, doc_id, chunk, ids, next), ...] into `state`."""
@@ -275,8 +293,7 @@ class _Pass:
             lens[b] = m
         docs = np.array([s[0] for s in batch], np.int64)
         chunks = np.array([s[2] for s in batch], np.int32)
-        acts, inv_scale, pred = self.forward(torch.from_numpy(ids).to(self.dev))
-        inv_scale = inv_scale.cpu().numpy().astype(np.float32)
+        acts, inv_scales, pred = self.forward(torch.from_numpy(ids).to(self.dev))
         pred = pred.cpu().numpy()
         valid = (np.arange(T)[None, :] >= start) & (np.arange(T)[None, :] < lens[:, None])
 
@@ -290,6 +307,7 @@ class _Pass:
 
         a = state.a
         for l in range(self.L):
+            inv_scale = inv_scales[l].cpu().numpy().astype(np.float32)  # (B, T)
             act = acts[l].cpu().numpy()  # (B, T, N)
             ct = (U_next @ self.W_out_T[l]).cpu().numpy()  # (u, N)
             if ct.shape[0] == 0:
@@ -372,7 +390,8 @@ def auto_batch_size(view, context: int) -> int:
 
 
 def model_context(view) -> int:
-    cfg = view.model.config
+    """The model's positions (the language model's config, inside a multimodal wrapper)."""
+    cfg = view.arch.text_config(view.model.config)
     for name in ("n_positions", "max_position_embeddings"):
         v = getattr(cfg, name, None)
         if v:

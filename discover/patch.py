@@ -141,7 +141,7 @@ class _Runner:
         if self._suffix is None or self._suffix[0] != start:
             torch = self.torch
             with torch.inference_mode():
-                cache = self.view.run_base(torch.tensor([self.corr_ids[:start]]), use_cache=True).past_key_values
+                cache = self.view.prefix_cache(torch.tensor([self.corr_ids[:start]]))
             tr = self.view.trace(torch.tensor([self.corr_ids[start:]]),
                                  past_key_values=self.view.expand_cache(cache, 1))
             self._suffix = (start, cache, tr)
@@ -259,7 +259,7 @@ def attribution_patching(view, r: _Runner, positions: str) -> np.ndarray:
 
     hooks = [view.model.get_input_embeddings().register_forward_hook(grad_from_here)]
     for l in range(view.n_layers):
-        hooks.append(view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(keep(l)))
+        hooks.append(view.act_module(l).register_forward_pre_hook(keep(l)))
     try:
         with torch.enable_grad():
             h = r.base(input_ids=torch.tensor([r.corr_ids])).last_hidden_state[0, -1]
@@ -285,7 +285,7 @@ def patch_loop(view, clean: str, corrupted: str, target: str, contrast: str, lay
     config = config or PatchConfig()
     r = _runner(view, clean, corrupted, target, contrast, config)
     torch = r.torch
-    site = view.model.get_submodule(view.act_site(layer))
+    site = view.act_module(layer)
     clean_a = r.a_clean[layer]
     ids = torch.tensor([r.corr_ids])
     out = []

@@ -79,7 +79,7 @@ def hooked_activations_equal_manual_mlp(model):
     view = from_model(model, None)
     ids = torch.randint(0, 97, (3, 11))
     mlp_in = {}
-    hooks = [view.model.get_submodule(view.mlp_site(l)).register_forward_pre_hook(
+    hooks = [view.mlp_input_module(l).register_forward_pre_hook(
         lambda m, a, l=l: mlp_in.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]
     try:
         with torch.no_grad(), A.capture(view) as got:
@@ -100,6 +100,7 @@ def hooked_activations_equal_manual_mlp(model):
                 up = up + view.b_up(l).double()
             manual = manual * up
         assert manual.abs().max() > 1e-3
+        assert got["acts"][l].shape == (3, 11, view.d_mlp)
         torch.testing.assert_close(got["acts"][l].double(), manual, atol=2e-5, rtol=1e-4)
     assert all(len(m._forward_pre_hooks) == 0 for m in view.model.modules()), "a hook was left behind"
 
@@ -147,7 +148,7 @@ def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):
                     a = args[0].clone()
                     a[:, 1:, neuron] = float(means[layer, neuron])  # every position but BOS
                     return (a,) + tuple(args[1:])
-                hook = view.model.get_submodule(view.act_site(layer)).register_forward_pre_hook(pre)
+                hook = view.act_module(layer).register_forward_pre_hook(pre)
             try:
                 with torch.no_grad():
                     h = view.model.base_model(input_ids=torch.tensor([s])).last_hidden_state[0]
@@ -194,7 +195,7 @@ def matches_transformerlens(model, tmp_path, ids=None, fold_post=True):
             else:
                 torch.testing.assert_close(mlp.W_in, view.processed_W_in(layer).T, **tol)
         acts = {}
-        handles = [view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(
+        handles = [view.act_module(l).register_forward_pre_hook(
             lambda m, a, l=l: acts.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]
         try:
             view.model(ids)

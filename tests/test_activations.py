@@ -488,3 +488,61 @@ def test_example_rows_know_the_next_token_and_their_text(env):
         at_end += p == len(ref.seqs[ref.seq[r[0]]][3]) - 1 and nxt >= 0
         assert "<pad>" not in ctx and tok in ctx
     assert at_end > 0, "no example at a piece's end: the case is not exercised"
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_dla_scale_includes_a_post_mlp_norm(post_norm):
+    """Direct logit attribution divides by the final norm's scale and, in a layer whose MLP output
+    is normed (Gemma 2/3, OLMo 2), by that norm's scale too: the pass's per-layer 1/scale equals
+    1 / (rms_f * rms_post) read from independent hooks, so its DLA is act * (g_post * w_out / rms_post)
+    . (g_f * U / rms_f), the centred logit's derivative with both scales frozen."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from conftest import make_tokenizer
+    from family_checks import randomise_norms
+
+    from discover.adapter import from_model
+
+    torch.manual_seed(0)
+    if post_norm:
+        model = randomise_norms(Gemma2ForCausalLM(Gemma2Config(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=97, max_position_embeddings=32, sliding_window=4)))
+    else:
+        model = make_model("llama")
+    view = from_model(model, make_tokenizer())
+    runner = A._Pass(view, A.ActivationConfig(), [], 16, 2)
+    ids = torch.randint(1, 97, (2, 9))
+    acts, inv, _ = runner.forward(ids)
+    U = view.processed_unembed().double()
+    nxt = ids[:, 1:]
+    for layer in range(view.n_layers):
+        # reference: the gradient of the centred next-token logit w.r.t. the activation, with the
+        # final norm's and the post-MLP norm's 1/rms frozen at their values in this forward pass
+        post = view.post_mlp_norm_site(layer)
+        assert (post is not None) == post_norm
+        got = {}
+        hooks = [view.model.get_submodule(view.final_norm_site()).register_forward_pre_hook(
+            lambda m, a: got.__setitem__("f", a[0].detach().double()))]
+        if post:
+            hooks.append(view.model.get_submodule(post).register_forward_pre_hook(
+                lambda m, a: got.__setitem__("p", a[0].detach().double())))
+        try:
+            with torch.no_grad():
+                view.model.base_model(input_ids=ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        fn = view.final_norm()
+        rms_f = torch.sqrt(got["f"].pow(2).mean(-1) + fn.eps)
+        w = view.W_out(layer).double()
+        if post:
+            pn = view.post_mlp_norm(layer)
+            rms_p = torch.sqrt(got["p"].pow(2).mean(-1) + pn.eps)
+            w = w * pn.weight.double()
+        else:
+            rms_p = torch.ones_like(rms_f)
+        G = w @ U  # (N, vocab)
+        want = acts[layer][:, :-1].double() * G[:, nxt].permute(1, 2, 0) / (rms_f * rms_p)[:, :-1, None]
+        got_dla = acts[layer][:, :-1].double() * G[:, nxt].permute(1, 2, 0) * inv[layer][:, :-1, None].double()
+        torch.testing.assert_close(got_dla, want, rtol=1e-4, atol=1e-6)

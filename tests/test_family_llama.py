@@ -44,3 +44,28 @@ def test_ablation_equals_hooked_forward(arch):
 @pytest.mark.parametrize("arch", ["qwen3"])
 def test_matches_transformerlens(arch, tmp_path):
     fc.matches_transformerlens(tiny(arch), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padded_vocabulary_counts_only_real_tokens(arch):
+    """A head with 128 rows and a 97-token tokenizer (vocabularies padded to a multiple of 64, as
+    GPT-NeoX and Pythia pad theirs): every statistic is over the 97 real tokens, with U centred
+    over those tokens only, exactly as over a model whose head stops at 97."""
+    import numpy as np
+    import scipy.stats
+    from conftest import make_tokenizer
+
+    from discover.adapter import from_model
+    from discover.scan import ScanConfig, scan
+
+    view = from_model(make_model(arch, vocab=128), make_tokenizer())
+    assert view.d_vocab == 97 and view.W_U().shape == (64, 97) and len(view.token_strings()) == 97
+    U = view.processed_unembed().double().numpy()
+    np.testing.assert_allclose(U.mean(1), 0, atol=1e-8)  # centred over the real tokens (float32)
+    res = scan(view, ScanConfig(), progress=False)
+    for layer in range(view.n_layers):
+        Wo = view.processed_W_out(layer).double().numpy()
+        C = (Wo @ U) / np.linalg.norm(Wo, axis=1)[:, None] / np.linalg.norm(U, axis=0)[None, :]
+        np.testing.assert_allclose(res.layers[layer].stats["vocab_kurt"],
+                                   scipy.stats.kurtosis(C, axis=1, fisher=False), rtol=2e-4)
+        assert res.layers[layer].top_ids.max() < 97

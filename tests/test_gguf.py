@@ -174,3 +174,26 @@ def test_bad_gguf_files_are_one_line_and_change_nothing(files, tmp_path, capsys)
     rc, out, err = run(capsys, "scan", str(two), "--store", str(store))
     assert_one_error_line(rc, err, "2 .gguf files", "pass one of them")
     assert snapshot(store) == before
+
+
+def test_every_stage_runs_on_a_gguf_file(files, tmp_path, capsys):
+    """`run` (scan -> activations -> verify -> report) and `patch` take a .gguf file as MODEL;
+    the report names its quantization."""
+    from gguf_files import TEXT
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(TEXT[i * 37:] + TEXT[: i * 37])
+    path, store = files["llama", "Q8_0"], tmp_path / "store"
+    rc, out, err = run(capsys, "run", str(path), "--corpus", str(corpus), "--tokens", "1500", "--verify-tokens",
+                       "1500", "--verify-split", "all", "--candidates", "3", "--store", str(store),
+                       "--out", str(tmp_path / "r.html"))
+    assert rc == 0, err[-2000:]
+    assert (tmp_path / "r.html").is_file()
+    rows = sql_rows(store, "SELECT count(*) FROM neuron_activations")
+    assert rows == [(2 * 128,)]
+    res = run_json(capsys, "patch", str(path), "--clean", "I climbed up the apple tree and picked",
+                   "--corrupted", "I climbed up the lemon tree and picked", "--target", " an", "--contrast", " a",
+                   "--store", str(store), "--json")
+    assert len(res["neurons"]) > 0 if "neurons" in res else res

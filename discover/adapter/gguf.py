@@ -6,7 +6,9 @@ tokenizer stored in the same file."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from discover.errors import ModelLoadError, UnsupportedModel, first_line
@@ -40,39 +42,110 @@ def find(spec: str) -> Path | None:
     return None
 
 
-def _reader(path: Path):
+@dataclass
+class Header:
+    """What a GGUF file says before its tensor data: metadata (scalars; arrays as their length)
+    and, per tensor, (name, shape, ggml type, byte offset from `data_start`)."""
+
+    version: int
+    meta: dict
+    tensors: list
+    data_start: int
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, n = self.take("<I"), self.take("<Q")
+            if etype in _SCALARS:  # skip fixed-size elements at once
+                self.pos += n * struct.calcsize(_SCALARS[etype])
+            else:
+                for _ in range(n):
+                    self.value(etype)
+            return n  # an array: its length is all we need
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def read_header(path: Path) -> Header:
+    """Parse a GGUF header (v2/v3) without reading tensor data; ModelLoadError if it is not GGUF
+    or is cut short. Much faster than gguf.GGUFReader, which decodes every token string."""
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) != MAGIC:
+            f.seek(0)
+            raise ModelLoadError(f"{path} is not a GGUF file (it starts with {f.read(4)!r}, not b'GGUF'); pass "
+                                 "a .gguf file written by llama.cpp or the gguf package")
+        if size < 24:
+            raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({size} bytes); re-download or re-convert it")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+            c = _Cursor(view)
+            try:
+                c.pos = 4
+                version = c.take("<I")
+                if version not in (2, 3):
+                    raise ModelLoadError(f"{path} is GGUF version {version}; only versions 2 and 3 are read: "
+                                         "re-convert it with a current llama.cpp")
+                n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+                meta = {}
+                for _ in range(n_kv):
+                    key = c.string()
+                    meta[key] = c.value(c.take("<I"))
+                tensors = []
+                for _ in range(n_tensors):
+                    name = c.string()
+                    dims = [c.take("<Q") for _ in range(c.take("<I"))]
+                    tensors.append((name, dims, c.take("<I"), c.take("<Q")))
+                align = int(meta.get("general.alignment", 32))
+                data_start = (c.pos + align - 1) // align * align
+            except (struct.error, ValueError, OverflowError, MemoryError) as e:
+                raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({first_line(e, 120)}); "
+                                     "re-download or re-convert it") from None
+    return Header(version, meta, tensors, data_start)
+
+
+def _nbytes(dims, ggml_type: int) -> int:
     import gguf
 
-    if not _is_gguf(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
-        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'); pass a .gguf "
-                             "file written by llama.cpp or the gguf package")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # a cut header, bad lengths, bad types
-        raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({first_line(e, 160)}); "
-                             "re-download or re-convert it") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * type_size
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:
-        return None
-
-
-def model_type(reader, path: Path) -> str:
+def model_type(header: Header, path: Path) -> str:
     """The transformers model_type of a GGUF file's `general.architecture`, or UnsupportedModel."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     from discover.adapter.families import family_for
 
-    arch = _field(reader, "general.architecture")
-    if not arch:
+    arch = header.meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
         raise ModelLoadError(f"GGUF file {path} has no general.architecture; it is not a model file")
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
@@ -83,32 +156,36 @@ def model_type(reader, path: Path) -> str:
     return mt
 
 
-def quantization(reader) -> str:
+def quantization(header: Header) -> str:
     """The file's quantization type, e.g. `Q4_1` (`general.file_type`, else the commonest type of
     its matrices)."""
     import gguf
 
-    ft = _field(reader, "general.file_type")
+    ft = header.meta.get("general.file_type")
     if ft is not None:
         try:
             return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass
-    kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
+    kinds = Counter(gguf.GGMLQuantizationType(t).name for _, dims, t, _ in header.tensors if len(dims) >= 2)
     return kinds.most_common(1)[0][0] if kinds else "unknown"
 
 
 def check(path: Path) -> str:
     """Check `path` without loading it (GGUF, complete, an architecture we map); its sha256."""
-    reader = _reader(path)
+    header = read_header(path)
     size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise ModelLoadError(f"GGUF file {path} is truncated: tensor {t.name} ends past its {size} bytes; "
-                                 "re-download or re-convert it")
-    if not reader.tensors:
+    if not header.tensors:
         raise ModelLoadError(f"GGUF file {path} holds no tensors; it is not a model file")
-    model_type(reader, path)
+    for name, dims, t, offset in header.tensors:
+        try:
+            end = header.data_start + offset + _nbytes(dims, t)
+        except (KeyError, ValueError):
+            raise ModelLoadError(f"GGUF file {path}: tensor {name} has an unknown type {t}; re-convert it") from None
+        if end > size:
+            raise ModelLoadError(f"GGUF file {path} is truncated: tensor {name} ends at byte {end}, past its {size} "
+                                 "bytes; re-download or re-convert it")
+    model_type(header, path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -118,9 +195,9 @@ def check(path: Path) -> str:
 
 def describe(path: Path) -> dict:
     """The source record of a GGUF model: format, quantization type, architecture."""
-    reader = _reader(path)
-    return {"format": "gguf", "quantization": quantization(reader), "file": path.name,
-            "gguf_architecture": _field(reader, "general.architecture")}
+    header = read_header(path)
+    return {"format": "gguf", "quantization": quantization(header), "file": path.name,
+            "gguf_architecture": header.meta.get("general.architecture")}
 
 
 def load(path: Path):

@@ -86,13 +86,36 @@ class ModelView:
     def _mlp(self, layer: int):
         return self.arch.mlp(self._blocks[layer])
 
+    def _path(self, layer: int, *parts: str) -> str:
+        """A module path under block `layer`; empty parts (OPT's MLP is the block itself) skipped."""
+        return ".".join([self._blocks_path, str(layer), *[p for p in parts if p]])
+
     def act_site(self, layer: int) -> str:
         """Module path whose *input* is the neuron activation (after the nonlinearity)."""
-        return f"{self._blocks_path}.{layer}.{self.arch.mlp_path}.{self.arch.out_proj}"
+        return self._path(layer, self.arch.mlp_path, self.arch.out_proj)
 
     def mlp_site(self, layer: int) -> str:
-        """Module path of the MLP (its input is the normed residual stream the neurons read)."""
-        return f"{self._blocks_path}.{layer}.{self.arch.mlp_path}"
+        """Module path of the MLP (where the MLP is a submodule of the block)."""
+        return self._path(layer, self.arch.mlp_path)
+
+    def mlp_input_site(self, layer: int) -> str:
+        """Module path whose input is what the neurons read: the MLP's in-projection."""
+        return self._path(layer, self.arch.mlp_path, self.arch.in_proj)
+
+    def act_module(self, layer: int):
+        """What to register activation hooks on: the module at `act_site`, or the family's
+        stand-in where hooks must see (batch, pos, neuron) and the module does not (OPT)."""
+        return self.arch.site_module(self.model, self._blocks[layer], self.act_site(layer))
+
+    def mlp_input_module(self, layer: int):
+        """What to register hooks on to see the MLP's input as (batch, pos, d_model)."""
+        return self.arch.site_module(self.model, self._blocks[layer], self.mlp_input_site(layer))
+
+    def post_mlp_norm_site(self, layer: int) -> str | None:
+        """Module path of the norm on this layer's MLP output (None: there is none)."""
+        p = self.arch.post_mlp_norm_path
+        return None if p is None or self.arch.post_mlp_norm(self._blocks[layer]) is None \
+            else self._path(layer, p)
 
     def final_norm_site(self) -> str:
         """Module path of the final norm (its input is the residual stream at the end)."""
@@ -200,7 +223,7 @@ class ModelView:
         post = [self.arch.post_mlp_norm(self._blocks[l]) is not None for l in range(L)]
         hooks = []
         for l in range(L):
-            site = self.model.get_submodule(self.act_site(l))
+            site = self.act_module(l)
             hooks.append(site.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
             if post[l]:
                 hooks.append(site.register_forward_hook(lambda m, a, o, l=l: raw.__setitem__(l, o.detach())))
@@ -225,6 +248,12 @@ class ModelView:
             params = inspect.signature(self.model.base_model.forward).parameters
             kw["cache" if "cache" in params else "past_key_values"] = cache
         return self.model.base_model(input_ids=input_ids, **kw)
+
+    def prefix_cache(self, input_ids):
+        """The keys and values of every layer after a forward pass over `input_ids` (1, T)."""
+        out = self.run_base(input_ids, use_cache=True)
+        cache = out.get("cache")  # transformers' newer name; older families return past_key_values
+        return cache if cache is not None else out.past_key_values
 
     def add_to_mlp(self, layer: int, block_out, mlp_raw, delta):
         """The block's output after `delta` (…, d_model) is added to its MLP's raw output: plain

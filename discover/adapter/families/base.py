@@ -100,6 +100,11 @@ class Family:
     def mlp(self, block):
         return block.get_submodule(self.mlp_path)
 
+    def site_module(self, model, block, path: str):
+        """What hooks on the module at `path` (inside `block`) are registered on: the module
+        itself, unless the family's blocks run it on flattened rows (see OPT)."""
+        return model.get_submodule(path)
+
     def mlp_norm(self, block):
         """The norm module the MLP reads (None: it reads the residual stream as is)."""
         return None if self.mlp_norm_path is None else block.get_submodule(self.mlp_norm_path)

@@ -8,7 +8,9 @@ The MLP is not a submodule: `fc1` and `fc2` live on the decoder layer itself, so
 "" (`block.get_submodule("")` is the block) and module paths must skip that empty segment. The
 layer flattens its hidden states to (batch*pos, d_model) before `final_layer_norm` and views
 them back after the residual add, so the activation site's input is (batch*pos, neuron), not
-(batch, pos, neuron).
+(batch, pos, neuron). `site_module` returns `FlatSite`, a stand-in for such a module whose hooks
+see (batch, pos, ...) tensors, as every other family's do (TransformerLens 4.3's OPT adapter
+unflattens its MLP hooks the same way); `ModelView.act_module` routes hooks through it.
 
 Refused, with the reason (`check_config`):
 - post-LN (`do_layer_norm_before=False`, opt-350m): the LayerNorm after each block renormalises
@@ -25,6 +27,54 @@ from discover.adapter.families.base import Family
 from discover.errors import UnsupportedModel
 
 
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class FlatSite:
+    """A module that the decoder layer runs on (batch*pos, features) rows, with hooks that see
+    (batch, pos, features): a pre-hook on the layer notes (batch, pos) for each call, the
+    module's hooks view their tensors with that shape and flatten what they return."""
+
+    def __init__(self, block, module):
+        self.block, self.module = block, module
+
+    def _stamp(self):
+        bt = {}
+
+        def note(_m, args, kwargs):
+            bt["shape"] = tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
+        return bt, self.block.register_forward_pre_hook(note, with_kwargs=True)
+
+    def register_forward_pre_hook(self, hook):
+        bt, stamp = self._stamp()
+
+        def pre(m, args):
+            x = args[0].view(*bt["shape"], args[0].shape[-1])  # (B, T, F), a view of the rows
+            out = hook(m, (x,) + tuple(args[1:]))
+            new = (x,) + tuple(args[1:]) if out is None else (out if isinstance(out, tuple) else (out,))
+            # always pass the 3-D view on (flattened): a gradient taken w.r.t. what the hook saw
+            # must find it in the graph
+            return (new[0].reshape(-1, new[0].shape[-1]),) + tuple(new[1:])
+        return _Handles(self.module.register_forward_pre_hook(pre), stamp)
+
+    def register_forward_hook(self, hook):
+        bt, stamp = self._stamp()
+
+        def post(m, args, out):
+            x = args[0].view(*bt["shape"], args[0].shape[-1])
+            got = hook(m, (x,) + tuple(args[1:]), out.view(*bt["shape"], out.shape[-1]))
+            return None if got is None else got.reshape(-1, got.shape[-1])
+        return _Handles(self.module.register_forward_hook(post), stamp)
+
+
 class OPT(Family):
     name = "opt"
     model_types = ("opt",)
@@ -37,6 +87,11 @@ class OPT(Family):
     norm_kind = "layernorm"
     act_key = "activation_function"
     d_mlp_key = "ffn_dim"
+
+    def site_module(self, model, block, path: str):
+        """What hooks on the module at `path` (inside `block`) must be registered on: for OPT a
+        `FlatSite`, whose hooks see (batch, pos, ...) instead of the layer's flattened rows."""
+        return FlatSite(block, model.get_submodule(path))
 
     def check_config(self, cfg: dict, where: str) -> None:
         at = f" in {where}" if where else ""

