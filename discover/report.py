@@ -144,6 +144,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         _vocab_histograms(view, built)
     return _clean({
         "model": model, "checkpoint_id": cid, "architecture": ckpt["architecture"], "n_layers": L, "d_mlp": N,
+        "source_format": ckpt.get("source_format"), "quantization": ckpt.get("quantization"),
         "d_model": ckpt["d_model"], "d_vocab": ckpt["d_vocab"],
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "corpus_pass": None if p is None else {"pass_id": p["pass_id"], "tokens": p["tokens"], "corpus": p["corpus"]},
@@ -212,9 +213,16 @@ def _num(x, nd=3) -> str:
     return str(x)
 
 
+def _source(rep: dict) -> str:
+    """The architecture, and the GGUF quantization the weights were dequantized from."""
+    if rep.get("source_format") == "gguf":
+        return f"{rep['architecture']}, GGUF {rep.get('quantization') or 'unknown type'}"
+    return rep["architecture"]
+
+
 def render_markdown(rep: dict) -> str:
     out = [f"# discover report: {_md(rep['model'])}", "",
-           f"checkpoint <code>{rep['checkpoint_id'][:16]}</code> ({rep['architecture']}, {rep['n_layers']} layers x "
+           f"checkpoint <code>{rep['checkpoint_id'][:16]}</code> ({_source(rep)}, {rep['n_layers']} layers x "
            f"{rep['d_mlp']} neurons, vocab {rep['d_vocab']}), generated {rep['generated']}", ""]
     s = rep["summary"]
     out += ["## Roles per layer", "", "| role | " + " | ".join(f"L{i}" for i in range(rep["n_layers"])) + " |",
@@ -418,7 +426,7 @@ function pager(id){const p=document.getElementById(id);p.textContent="";const n=
  for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}
 function draw(){const box=document.getElementById("cards");box.textContent="";D.cards.slice(page*PER,(page+1)*PER).forEach(c=>box.appendChild(card(c)));pager("pager");pager("pager2");}
 document.getElementById("title").textContent="discover report: "+D.model;
-document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
+document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+(D.source_format==="gguf"?", GGUF "+(D.quantization||"unknown type"):"")+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
  (D.corpus_pass?" \\u00b7 corpus pass: "+D.corpus_pass.tokens+" tokens":"")+(D.verify?" \\u00b7 verified on "+D.verify.tokens+" held-out tokens":"")+" \\u00b7 "+D.generated;
 document.getElementById("cards-title").textContent="Candidates, strongest evidence first ("+D.cards.length+")";
 rolesPlot();scatterPlot();verdictPlot();uniPanel();changesPanel();draw();

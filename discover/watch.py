@@ -172,15 +172,21 @@ def find_checkpoints(root: Path, *, allow_pickle: bool = False) -> list[Found]:
                 newest = max(newest, st.st_mtime_ns)
                 h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             out.append(Found(d, str(d.parent), _step(d, entries), h.hexdigest(), newest / 1e9))
-        elif not weights:  # each GGUF file of a directory without HF weights is a checkpoint of its run
-            for name in sorted(n for n, e in entries.items() if n.lower().endswith(".gguf") and e.is_file()):
+        elif not weights:  # each GGUF file of a directory without HF weights is a checkpoint
+            ggufs = sorted(n for n, e in entries.items()
+                           if n.lower().endswith(".gguf") and not _skipped(n) and e.is_file())
+            for name in ggufs:
                 try:
                     st = entries[name].stat()
                 except OSError:
                     continue
                 sig = hashlib.sha256(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()).hexdigest()
-                f = d / name
-                out.append(Found(f, str(d), _step(Path(f.stem), {}), sig, st.st_mtime_ns / 1e9))
+                # run/model-step100.gguf: step from the file, run = its directory;
+                # run/checkpoint-100/model.gguf: step from the directory, run = the one above
+                step, series = _step(Path(Path(name).stem), {}), str(d)
+                if step is None and len(ggufs) == 1 and _step(d, entries) is not None:
+                    step, series = _step(d, entries), str(d.parent)
+                out.append(Found(d / name, series, step, sig, st.st_mtime_ns / 1e9))
         for name, e in entries.items():
             if not _skipped(name) and e.is_dir(follow_symlinks=False):
                 stack.append(Path(e.path))

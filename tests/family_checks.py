@@ -118,6 +118,13 @@ def batched_patching_equals_loop(model, positions: str):
         moved = max(moved, float(np.abs(ref).max()))
         np.testing.assert_allclose(res.recovery[layer][neurons], ref, atol=1e-4, err_msg=f"layer {layer}")
     assert moved > 1e-3, "patching changed nothing: the test would be vacuous"
+    if positions == "all":  # no BOS, first tokens differ: every position reruns (no KV cache)
+        cfg = PatchConfig(positions="all", bos=False, batch_size=48)
+        clean, corrupt = "apple tree and picked", "lemon tree and picked"
+        res = patch_neurons(view, clean, corrupt, "an", "a", cfg, attribution=False)
+        for layer in range(view.n_layers):
+            ref = patch_loop(view, clean, corrupt, "an", "a", layer, neurons[::2], cfg)
+            np.testing.assert_allclose(res.recovery[layer][neurons[::2]], ref, atol=1e-4, err_msg=f"layer {layer}")
 
 
 def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):

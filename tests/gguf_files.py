@@ -75,7 +75,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "F32") -> Path:
 
     tied = getattr(cfg, "tie_word_embeddings", False)
     for hf_name, t in model.state_dict().items():
-        if hf_name.endswith(("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")):
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):  # buffers, not weights
             continue
         if tied and hf_name == "lm_head.weight":
             continue

@@ -1,4 +1,4 @@
-"""BLOOM (also with apply_residual_connection_post_layernorm) and Falcon (every layout: Falcon-7B's
+"""BLOOM and Falcon (every layout: Falcon-7B's
 shared norm, Falcon-40B's two norms, Falcon2-11B's one norm in the new architecture, sequential
 with rotary, sequential Falcon-RW with ALiBi under SDPA and eager attention): the family checks of
 family_checks.py, which norm each MLP reads, and the configs we refuse (each crashes in
@@ -37,7 +37,7 @@ def tiny(arch: str, n_layer: int = 3):
         # patching prompts differ by ~1e-3 in logit difference, and float32 noise (~1e-7; batched and
         # loop agree to 1e-13 in float64) divided by it exceeds the patching check's 1e-4 on recovery.
         cfg = BloomConfig(n_layer=n_layer, hidden_size=64, n_head=4, vocab_size=97, bos_token_id=0, eos_token_id=0,
-                          initializer_range=0.1, apply_residual_connection_post_layernorm=arch == "bloom_postln")
+                          initializer_range=0.1)
         return fc.randomise_norms(BloomForCausalLM(cfg))
     from transformers import FalconConfig, FalconForCausalLM
 
@@ -54,14 +54,14 @@ def test_planted_neurons_found(arch, tmp_path):
     fc.planted_neurons_found(tiny(arch, 2), tmp_path)
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "bloom_postln"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_hooked_activations_equal_manual_mlp(arch):
     fc.hooked_activations_equal_manual_mlp(tiny(arch))
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
 # not falcon_rw: under SDPA its `alibi` argument is only tested for None, falcon_rw_eager reads it
-@pytest.mark.parametrize("arch", [a for a in [*ARCHS, "bloom_postln"] if a != "falcon_rw"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "falcon_rw"])
 def test_batched_patching_equals_loop(arch, positions):
     fc.batched_patching_equals_loop(tiny(arch), positions)
 
@@ -74,10 +74,6 @@ def test_ablation_equals_hooked_forward(arch):
 # Where TransformerLens 4.3 cannot boot a layout, or computes another function than the model,
 # the check is expected to fail (strict: it is noticed when TL changes). Each reason was checked:
 TL_DIFFERS = {
-    # TL's fold_ln folds ln_2 into W_in and leaves a bare normalisation; with this flag the block
-    # adds ln_2's *output* to the residual, so TL's folded model is another function (its unfolded
-    # bridge matches the model exactly). Our processed weights do equal TL's.
-    "bloom_postln": "TL fold_ln assumes a pre-norm residual (apply_residual_connection_post_layernorm)",
     # TL maps ln1 to `ln_attn` whenever new_decoder_architecture; with one norm there is none.
     "falcon_11b": "TL cannot boot num_ln_in_parallel_attn=1 (no ln_attn)",
     # TL sets n_kv=1 whenever `multi_query` (default true, ignored by transformers in the new
@@ -98,7 +94,7 @@ def test_matches_transformerlens(arch, tmp_path):
     fc.matches_transformerlens(tiny(arch), tmp_path)
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "bloom_postln"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_mlp_norm_is_the_norm_the_mlp_reads(arch):
     """The norm the view names for each MLP is the module whose output the MLP receives, and its
     NormParams reproduce that output (every norm has its own random gain: a wrong pick differs)."""
@@ -131,6 +127,8 @@ def test_mlp_norm_is_the_norm_the_mlp_reads(arch):
 
 @pytest.mark.parametrize("cfg", [
     dict(model_type="bloom", pretraining_tp=4, slow_but_exact=True),
+    # post-LN-like: every block carries ln(x) forward, so no neuron has a direct effect
+    dict(model_type="bloom", apply_residual_connection_post_layernorm=True),
     dict(model_type="falcon", new_decoder_architecture=True, parallel_attn=False),
     dict(model_type="falcon", parallel_attn=True, num_ln_in_parallel_attn=2),
     dict(model_type="falcon", new_decoder_architecture=True, num_ln_in_parallel_attn=3),

@@ -105,8 +105,8 @@ def test_scan_a_gguf_file_and_a_directory(files, tmp_path, capsys):
     rows = sql_rows(store, "SELECT checkpoint_id, architecture, source_format, quantization FROM checkpoints")
     assert rows == [(hashlib.sha256(path.read_bytes()).hexdigest(), "llama", "gguf", "F32")]
     rc, out, err = run(capsys, "scan", str(path.parent), "--store", str(store))
-    assert rc == 0 and "nothing to do" in (out + err).lower() or "already" in (out + err).lower(), out + err
-    assert len(sql_rows(store, "SELECT * FROM checkpoints")) == 1
+    assert rc == 0, err
+    assert len(sql_rows(store, "SELECT * FROM checkpoints")) == 1  # the same checkpoint, not scanned twice
 
 
 def test_watch_finds_the_gguf_files_of_a_run(files, tmp_path):
@@ -121,6 +121,35 @@ def test_watch_finds_the_gguf_files_of_a_run(files, tmp_path):
     assert [(f.path.name, f.step, f.series) for f in found] == [
         ("model-step100.gguf", 100, str(run_dir)), ("model-step200.gguf", 200, str(run_dir))]
     assert identify(str(found[0].path))[1] == identify(str(found[1].path))[1]
+    # HF-style layout: run/checkpoint-STEP/model.gguf (step from the directory, run = the one above);
+    # hidden and staging files are not checkpoints
+    nested = tmp_path / "nested"
+    for step in (20, 10):
+        (nested / f"checkpoint-{step}").mkdir(parents=True)
+        shutil.copy(files["llama", "F32"], nested / f"checkpoint-{step}" / "model-Q8_0.gguf")
+    shutil.copy(files["llama", "F32"], nested / "checkpoint-10" / ".partial.gguf")
+    found = find_checkpoints(nested)
+    assert [(f.path.parent.name, f.step, f.series) for f in found] == [
+        ("checkpoint-10", 10, str(nested)), ("checkpoint-20", 20, str(nested))]
+
+
+def test_the_file_alone_defines_the_model(files, tmp_path):
+    """A config.json and tokenizer of another model lying beside the .gguf change nothing; an
+    upper-case suffix and a file without one load too (recognised by the GGUF magic)."""
+    from conftest import make_model, save
+
+    d = save(make_model("gpt2"), tmp_path / "other")  # 97-token word-level tokenizer, another config
+    for p in d.glob("*.safetensors"):
+        p.unlink()
+    shutil.copy(files["llama", "F32"], d / "model.GGUF")
+    want = load_model(str(files["llama", "F32"]))
+    for spec in (d / "model.GGUF", d):
+        view = load_model(str(spec))
+        assert view.architecture == "llama" and view.d_vocab == len(files["tok"]) == want.d_vocab
+        assert view.token_strings() == want.token_strings()
+    bare = tmp_path / "bare"
+    shutil.copy(files["llama", "F32"], bare)
+    assert load_model(str(bare)).checkpoint_id == want.checkpoint_id
 
 
 def _bad_files(files, d):
@@ -133,6 +162,48 @@ def _bad_files(files, d):
     junk = d / "junk.gguf"
     junk.write_bytes(b"PK\x03\x04 this is a zip file, not GGUF" * 10)
     return trunc, header_cut, junk
+
+
+def _incomplete(files, d):
+    """A tiny Llama's GGUF without one of its tensors (blk.1.ffn_down.weight)."""
+    import gguf
+
+    src = files["llama", "F32"]
+    r = gguf.GGUFReader(str(src))
+    path = d / "incomplete.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(f.name, f.contents())
+        else:
+            w.add_key_value(f.name, f.contents(), vtype)
+    for t in r.tensors:
+        if t.name != "blk.1.ffn_down.weight":
+            w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _aligned(files, d, alignment: int):
+    """A GGUF file whose header says general.alignment = `alignment` (0 would divide by zero)."""
+    import gguf
+
+    path = d / f"aligned{alignment}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("general.alignment", alignment)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.data_alignment = 32  # the writer itself pads as usual; only the header lies
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def _other_arch(d, arch: str):
@@ -162,6 +233,9 @@ def test_bad_gguf_files_are_one_line_and_change_nothing(files, tmp_path, capsys)
         (junk, ["not a GGUF file", "junk.gguf"]),
         (_other_arch(tmp_path, "mamba"), ["'mamba'", "supported"]),  # transformers reads it; we cannot
         (_other_arch(tmp_path, "rwkv6"), ["'rwkv6'", "cannot be mapped"]),  # transformers cannot read it
+        (_other_arch(tmp_path, "qwen2moe"), ["'qwen2_moe'", "mixture-of-experts"]),  # llama.cpp's name
+        (_incomplete(files, tmp_path), ["incomplete.gguf", "lacks 1", "down_proj"]),
+        (_aligned(files, tmp_path, 0), ["alignment", "corrupt"]),
     ]
     for path, needles in cases:
         rc, out, err = run(capsys, "scan", str(path), "--store", str(store))
@@ -190,10 +264,14 @@ def test_every_stage_runs_on_a_gguf_file(files, tmp_path, capsys):
                        "1500", "--verify-split", "all", "--candidates", "3", "--store", str(store),
                        "--out", str(tmp_path / "r.html"))
     assert rc == 0, err[-2000:]
-    assert (tmp_path / "r.html").is_file()
+    from test_report import _payload
+
+    payload = _payload((tmp_path / "r.html").read_text())
+    assert (payload["architecture"], payload["source_format"], payload["quantization"]) == ("llama", "gguf", "Q8_0")
     rows = sql_rows(store, "SELECT count(*) FROM neuron_activations")
     assert rows == [(2 * 128,)]
     res = run_json(capsys, "patch", str(path), "--clean", "I climbed up the apple tree and picked",
                    "--corrupted", "I climbed up the lemon tree and picked", "--target", " an", "--contrast", " a",
                    "--store", str(store), "--json")
-    assert len(res["neurons"]) > 0 if "neurons" in res else res
+    assert res["experiment_id"] and set(res["layers"]) == {"0", "1"}
+    assert all(len(v["recovery"]) == 128 for v in res["layers"].values())

@@ -8,14 +8,17 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from discover.adapter.locate import missing_weights
 from discover.errors import ModelLoadError, UnsupportedModel, first_line
 
 MAGIC = b"GGUF"
-#: GGUF `general.architecture` names whose transformers model_type differs
-_MODEL_TYPE = {"gemma3": "gemma3_text"}
+#: GGUF `general.architecture` names whose transformers model_type differs (llama.cpp's names)
+_MODEL_TYPE = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+               "minimax-m2": "minimax_m2", "command-r": "cohere"}
 
 
 def _is_gguf(path: Path) -> bool:
@@ -33,7 +36,7 @@ def find(spec: str) -> Path | None:
     if p.is_file():
         return p.resolve() if (p.suffix.lower() == ".gguf" or _is_gguf(p)) else None
     if p.is_dir() and not any(p.glob("*.safetensors")):
-        found = sorted(p.glob("*.gguf"))
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".gguf" and f.is_file())
         if len(found) > 1:
             raise ModelLoadError(f"{spec} holds {len(found)} .gguf files ({', '.join(f.name for f in found[:4])}); "
                                  "pass one of them as MODEL")
@@ -107,6 +110,9 @@ def read_header(path: Path) -> Header:
             try:
                 c.pos = 4
                 version = c.take("<I")
+                if version not in (2, 3) and struct.unpack("<I", struct.pack(">I", version))[0] in (2, 3):
+                    raise ModelLoadError(f"{path} is a big-endian GGUF file; only little-endian files are read: "
+                                         "convert it on a little-endian machine")
                 if version not in (2, 3):
                     raise ModelLoadError(f"{path} is GGUF version {version}; only versions 2 and 3 are read: "
                                          "re-convert it with a current llama.cpp")
@@ -120,7 +126,9 @@ def read_header(path: Path) -> Header:
                     name = c.string()
                     dims = [c.take("<Q") for _ in range(c.take("<I"))]
                     tensors.append((name, dims, c.take("<I"), c.take("<Q")))
-                align = int(meta.get("general.alignment", 32))
+                align = meta.get("general.alignment", 32)
+                if not isinstance(align, int) or align <= 0 or align % 8:
+                    raise ValueError(f"general.alignment is {align!r}, not a positive multiple of 8")
                 data_start = (c.pos + align - 1) // align * align
             except (struct.error, ValueError, OverflowError, MemoryError) as e:
                 raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({first_line(e, 120)}); "
@@ -147,11 +155,11 @@ def model_type(header: Header, path: Path) -> str:
     arch = header.meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise ModelLoadError(f"GGUF file {path} has no general.architecture; it is not a model file")
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    mt = _MODEL_TYPE.get(arch, arch)
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and mt not in GGUF_SUPPORTED_ARCHITECTURES:
         readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
         raise UnsupportedModel(f"GGUF architecture '{arch}' in {path} cannot be mapped to a transformers model "
                                f"(transformers reads GGUF for: {readable}); convert the model to safetensors")
-    mt = _MODEL_TYPE.get(arch, arch)
     family_for({"model_type": mt}, where=str(path))
     return mt
 
@@ -200,17 +208,48 @@ def describe(path: Path) -> dict:
             "gguf_architecture": header.meta.get("general.architecture")}
 
 
+@contextmanager
+def _dequantize_bar():
+    """transformers' dequantization progress bar on a terminal only (never in piped output, where
+    an error must stay one line)."""
+    import sys
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as g
+
+    bar = g.tqdm
+    g.tqdm = partial(bar, disable=not sys.stderr.isatty())
+    try:
+        yield
+    finally:
+        g.tqdm = bar
+
+
 def load(path: Path):
-    """(model, tokenizer, source): the model dequantized to float32, its tokenizer from the file."""
+    """(model, tokenizer, source): the model dequantized to float32, its config and tokenizer from
+    the file alone. transformers would prefer a `config.json` or tokenizer files lying beside the
+    `.gguf`, so it is read from a directory that holds nothing but a link to it."""
+    import os
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = describe(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
-    except Exception as e:
-        raise ModelLoadError(f"could not load GGUF file {path} ({first_line(e)})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise ModelLoadError(f"GGUF file {path} loads but its tokenizer does not ({first_line(e, 200)})") from None
+    with tempfile.TemporaryDirectory(prefix="discover-gguf-") as d, _dequantize_bar():
+        name = "model.gguf"
+        os.symlink(path, os.path.join(d, name))
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32",
+                                                               output_loading_info=True)
+        except Exception as e:
+            raise ModelLoadError(f"could not load GGUF file {path} ({first_line(e)})") from None
+        missing = missing_weights(model, info)
+        if missing:
+            raise ModelLoadError(f"GGUF file {path} lacks {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+                                 "it is incomplete or was converted wrongly: re-convert it")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        except Exception as e:
+            raise ModelLoadError(f"GGUF file {path} loads but its tokenizer does not ({first_line(e, 200)})") from None
     return model, tokenizer, source
+

@@ -23,7 +23,7 @@ from typing import Callable
 
 from discover.adapter.families import NormParams, family_for
 from discover.adapter.families.base import copy32
-from discover.adapter.locate import identify, tensor_hash
+from discover.adapter.locate import identify, missing_weights, tensor_hash
 from discover.errors import ModelLoadError, first_line
 
 
@@ -136,14 +136,17 @@ class ModelView:
         return copy32(self.arch.w_out(self._mlp(layer)))
 
     def b_in(self, layer: int):
+        """The pre-activation's bias (the gate's, for gated MLPs), (neuron,); None without one."""
         b = self.arch.b_in(self._mlp(layer))
         return None if b is None else copy32(b)
 
     def b_up(self, layer: int):
+        """The up projection's bias of gated MLPs, (neuron,); None without one."""
         b = self.arch.b_up(self._mlp(layer))
         return None if b is None else copy32(b)
 
     def b_out(self, layer: int):
+        """The MLP output's bias, (d_model,); None without one."""
         b = self.arch.b_out(self._mlp(layer))
         return None if b is None else copy32(b)
 
@@ -162,6 +165,7 @@ class ModelView:
         return None if mod is None else self.arch.norm(mod, self.d_model)
 
     def final_norm(self) -> NormParams:
+        """The norm before the unembedding, as it acts (effective gain, bias, eps)."""
         return self.arch.norm(self.model.get_submodule(self._final_norm_path), self.d_model)
 
     def W_U(self):
@@ -169,6 +173,7 @@ class ModelView:
         return copy32(self.model.get_output_embeddings().weight[: self.d_vocab].T)
 
     def logit_softcap(self) -> float | None:
+        """The final logit soft-cap (Gemma 2), or None."""
         return self.arch.logit_softcap(self.model.config)
 
     def logits(self, hidden):
@@ -222,16 +227,16 @@ class ModelView:
         acts, outs, raw, calls = [None] * L, [None] * L, [None] * L, [None] * L
         post = [self.arch.post_mlp_norm(self._blocks[l]) is not None for l in range(L)]
         hooks = []
-        for l in range(L):
-            site = self.act_module(l)
-            hooks.append(site.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
-            if post[l]:
-                hooks.append(site.register_forward_hook(lambda m, a, o, l=l: raw.__setitem__(l, o.detach())))
-            hooks.append(self._blocks[l].register_forward_pre_hook(
-                lambda m, a, k, l=l: calls.__setitem__(l, (tuple(a[1:]), dict(k))), with_kwargs=True))
-            hooks.append(self._blocks[l].register_forward_hook(
-                lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())))
         try:
+            for l in range(L):
+                site = self.act_module(l)
+                hooks.append(site.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
+                if post[l]:
+                    hooks.append(site.register_forward_hook(lambda m, a, o, l=l: raw.__setitem__(l, o.detach())))
+                hooks.append(self._blocks[l].register_forward_pre_hook(
+                    lambda m, a, k, l=l: calls.__setitem__(l, (tuple(a[1:]), dict(k))), with_kwargs=True))
+                hooks.append(self._blocks[l].register_forward_hook(
+                    lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())))
             with torch.inference_mode():
                 h = self.run_base(input_ids, cache=past_key_values).last_hidden_state
         finally:
@@ -306,6 +311,7 @@ class ModelView:
         return self._token_strings
 
     def describe(self) -> dict:
+        """What the model is: architecture, family, shapes, norm, source format and quantization."""
         fn = self.final_norm()
         return {
             "architecture": self.architecture,
@@ -352,7 +358,7 @@ def load_model(spec: str, *, allow_pickle: bool = False, device: str = "cpu", id
     `identity`: the (spec, checkpoint id, location) that `identify` already computed, so the
     weights are not hashed twice."""
     norm_spec, ckpt, where = identity or identify(spec, allow_pickle=allow_pickle)
-    if where.suffix == ".gguf" and where.is_file():
+    if where.is_file():  # a GGUF file (`identify` accepts no other file)
         from discover.adapter import gguf
 
         with _quiet_hf():
@@ -368,10 +374,14 @@ def _load_from_dir(model_dir: Path, *, spec: str, checkpoint_id: str, device: st
     use_st = any(model_dir.glob("*.safetensors"))
     try:
         with _quiet_hf():
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=use_st, weights_only=True,
-                                                         dtype="float32")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), use_safetensors=use_st, weights_only=True, dtype="float32", output_loading_info=True)
     except Exception as e:
         raise ModelLoadError(f"could not load the model in {model_dir} ({first_line(e)})") from None
+    missing = missing_weights(model, info)
+    if missing:  # transformers would initialise them at random and say so only in a warning
+        raise ModelLoadError(f"the weights in {model_dir} lack {len(missing)} of the model's tensors (e.g. "
+                             f"{missing[0]}); the checkpoint is incomplete: re-save or re-download it")
     model.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -30,8 +30,15 @@ class Bloom(Family):
     act_key = None  # no config key: BloomMLP always applies BloomGelu
 
     def check_config(self, cfg: dict, where: str) -> None:
+        at = f" in {where}" if where else ""
+        if cfg.get("apply_residual_connection_post_layernorm"):
+            # every block carries ln(x), not x, forward: the stream is renormalised at each block
+            raise UnsupportedModel(
+                f"this BLOOM config{at} sets apply_residual_connection_post_layernorm: each block passes its "
+                "LayerNorm's output on as the residual stream, so a neuron's write is renormalised by every "
+                "later block and its direct effect through W_U is not defined (as for post-LN OPT); released "
+                "BLOOM checkpoints leave it false")
         if (cfg.get("pretraining_tp") or 1) > 1 and cfg.get("slow_but_exact"):
-            at = f" in {where}" if where else ""
             raise UnsupportedModel(
                 f"this BLOOM config{at} sets pretraining_tp={cfg['pretraining_tp']} with slow_but_exact: its MLP "
                 "multiplies slices of dense_4h_to_h's weight without calling the module, so the neuron "
