@@ -48,7 +48,7 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
         raise QueryError("token text is empty; give the token's text (e.g. \" an\") or --token-id")
     tdir = store.files_dir(ckpt) / "tokenizer"
     if not tdir.is_dir():
-        raise QueryError(f"no tokenizer was stored for this checkpoint; use --token-id instead")
+        raise QueryError("no tokenizer was stored for this checkpoint; use --token-id instead")
     tok = _tokenizer(str(tdir))
     ids = tok.encode(text, add_special_tokens=False)
     if not ids:

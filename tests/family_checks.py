@@ -173,10 +173,21 @@ def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6)
 
 
-def matches_transformerlens(model, tmp_path, ids=None, fold_post=True):
+def matches_transformerlens(model, tmp_path, ids=None):
     """Processed W_U, W_out, W_in (W_gate and W_in for gated MLPs) and hook_post equal
-    TransformerLens 4.3's (fold_ln, center_writing_weights, center_unembed). With a post-MLP norm,
-    TL keeps W_out raw (its ln2_post sees the MLP output): ours is g_post * TL's (`fold_post`)."""
+    TransformerLens 4.3's (fold_ln, center_writing_weights, center_unembed), once three TL
+    conventions are undone on TL's side (each is a no-op where TL already does what we do, so a
+    discrepancy of ours still fails):
+
+    - post-MLP norms: TL keeps W_out raw (its ln2_post sees the MLP's output); ours is
+      g_post * w_out, so ours is compared divided by g_post;
+    - gate centring: folding a LayerNorm, TL centres W_in over d_model but never W_gate; ours
+      centres both (the normed input has zero mean, the pre-activations are the same): TL's gate
+      is compared centred;
+    - final-norm fold: TL skips folding ln_final into W_U where the norm has no weight (OLMo) or
+      the adapter says `supports_fold_ln = False` (OLMo 2/3); we fold it (METHODS.md), so TL's
+      W_U is compared as g_f * W_U, centred over d_model for LayerNorm models.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -187,20 +198,30 @@ def matches_transformerlens(model, tmp_path, ids=None, fold_post=True):
                                                  tokenizer=make_tokenizer(), device="cpu")
     bridge.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=True,
                                      center_unembed=True)
+    fn = view.final_norm()
     with torch.no_grad():
-        torch.testing.assert_close(bridge.W_U[:, :view.d_vocab], view.processed_unembed(), **tol)
+        W_U = bridge.W_U[:, :view.d_vocab]
+        lf_w = getattr(getattr(bridge, "ln_final", None), "weight", None)
+        if not getattr(bridge.adapter, "supports_fold_ln", True) and lf_w is not None \
+                and not torch.allclose(lf_w, torch.ones_like(lf_w)):  # TL left the gain unfolded
+            W_U = fn.weight[:, None] * W_U
+        if fn.kind == "layernorm":
+            W_U = W_U - W_U.mean(0, keepdim=True)
+        torch.testing.assert_close(W_U, view.processed_unembed(), **tol)
         for layer in range(view.n_layers):
             mlp = bridge.blocks[layer].mlp
             W_out = view.processed_W_out(layer)
             post = view.post_mlp_norm(layer)
-            if post is not None and fold_post:
+            if post is not None:
                 W_out = W_out / post.weight[None, :]
             torch.testing.assert_close(mlp.W_out, W_out, **tol)
+            norm = view.mlp_norm(layer)
+            gate = mlp.W_gate if view.gated else mlp.W_in  # (d_model, neuron)
+            if norm is not None and norm.kind == "layernorm":
+                gate = gate - gate.mean(0, keepdim=True)
+            torch.testing.assert_close(gate, view.processed_W_in(layer).T, **tol)
             if view.gated:
-                torch.testing.assert_close(mlp.W_gate, view.processed_W_in(layer).T, **tol)
                 torch.testing.assert_close(mlp.W_in, view.processed_W_in(layer, "up").T, **tol)
-            else:
-                torch.testing.assert_close(mlp.W_in, view.processed_W_in(layer).T, **tol)
         acts = {}
         handles = [view.act_module(l).register_forward_pre_hook(
             lambda m, a, l=l: acts.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]

@@ -6,7 +6,6 @@ activation-vs-prediction curves vs a direct count; resume, extension and bad inp
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,32 +96,18 @@ def _rows(store, query, params=()):
 # ------------------------------------------------------------------------- hooks
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"])
 def test_hooked_activations_equal_manual_mlp(arch):
-    """The captured site is act(x W_in + b) (times x W_up for gated MLPs) of the MLP's input x,
-    and the captured residual gives the final norm's scale."""
-    torch.manual_seed(0)
+    """The captured site is act(x W_in + b) (times x W_up for gated MLPs) of the MLP's input x
+    (family_checks), and the captured residual gives the final norm's output."""
+    from family_checks import hooked_activations_equal_manual_mlp
+
     from discover.adapter import from_model
 
-    view = from_model(make_model(arch), None)
-    ids = torch.randint(0, 97, (3, 11))
-    mlp_in = {}
-    hooks = [view.model.get_submodule(view.mlp_site(l)).register_forward_pre_hook(
-        lambda m, a, l=l: mlp_in.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]
-    try:
-        with torch.no_grad(), A.capture(view) as got:
-            h = view.model.base_model(input_ids=ids).last_hidden_state
-    finally:
-        for hk in hooks:
-            hk.remove()
-    act = view.activation_fn()
-    for l in range(view.n_layers):
-        x = mlp_in[l].double()
-        pre = x @ view.W_in(l).double().T
-        if view.b_in(l) is not None:
-            pre = pre + view.b_in(l).double()
-        manual = act(pre)
-        if view.gated:
-            manual = manual * (x @ view.W_up(l).double().T)
-        torch.testing.assert_close(got["acts"][l].double(), manual, atol=2e-6, rtol=1e-5)
+    torch.manual_seed(0)
+    model = make_model(arch)
+    hooked_activations_equal_manual_mlp(model)
+    view = from_model(model, None)
+    with torch.no_grad(), A.capture(view) as got:
+        h = view.model.base_model(input_ids=torch.randint(0, 97, (3, 11))).last_hidden_state
     fn = view.final_norm()
     r = got["resid"].double()
     if fn.kind == "layernorm":

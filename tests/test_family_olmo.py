@@ -1,18 +1,14 @@
 """OLMo (weightless LayerNorm) and OLMo 2 / OLMo 3 (no pre-MLP norm, post-feedforward RMSNorm):
-the family checks of family_checks.py on tiny random models built from config.
-
-`matches_transformerlens_tl43` (also used by test_family_opt_stablelm.py) is
-`family_checks.matches_transformerlens` with two TransformerLens 4.3 conventions undone; see
-its docstring for why each leaves every activation and logit difference unchanged."""
+the family checks of family_checks.py on tiny random models built from config (TransformerLens
+4.3 skips the final-norm fold here and never centres W_gate: `matches_transformerlens` undoes
+both on TL's side, see its docstring)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import family_checks as fc
-from conftest import make_tokenizer, save
 
 from discover.adapter import from_model
 
@@ -76,68 +72,7 @@ def test_ablation_equals_hooked_forward(arch):
     fc.ablation_equals_hooked_forward(tiny(arch))
 
 
-def matches_transformerlens_tl43(model, tmp_path):
-    """Processed W_U, W_out, W_gate / W_in and hook_post equal TransformerLens 4.3's, as
-    `family_checks.matches_transformerlens` (same tolerances, same comparisons), once two TL
-    conventions are undone on TL's side:
-
-    - gate centring: folding a LayerNorm, TL centres W_in over d_model but never W_gate
-      (`ProcessWeights._fold_mlp_layer_norm`); ours centres both. The normed input has zero mean
-      over d_model, so both give the same pre-activations: TL's gate is compared centred.
-    - final-norm fold: TL folds ln_final into W_U only where ln_final has a weight tensor and the
-      adapter supports fold_ln. OLMo's weightless LayerNorm has none, so TL skips the fold *and*
-      its centring over d_model; the OLMo 2/3 adapters set `supports_fold_ln = False` (their
-      sublayer norms come after the sublayer), which leaves the final RMSNorm gain unfolded too.
-      We fold it (`U = diag(g_f) W_U`, METHODS.md), so TL's W_U is compared as
-      `g_f * W_U` (it is already centred over the vocabulary, and g_f scales d_model rows,
-      so the order does not matter), centred over d_model for LayerNorm models.
-    """
-    from transformer_lens.model_bridge import TransformerBridge
-
-    tol = dict(rtol=1e-4, atol=1e-5)
-    ids = torch.tensor([[3, 4, 6, 11, 12, 9, 10, 2]])
-    model_dir = save(model, tmp_path / "tl")
-    view = from_model(model, make_tokenizer())
-    bridge = TransformerBridge.boot_transformers(str(model_dir), hf_model=copy.deepcopy(model),
-                                                 tokenizer=make_tokenizer(), device="cpu")
-    bridge.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=True,
-                                     center_unembed=True)
-    fn = view.final_norm()
-    with torch.no_grad():
-        W_U = bridge.W_U[:, :view.d_vocab]
-        if not getattr(bridge.adapter, "supports_fold_ln", True):
-            W_U = fn.weight[:, None] * W_U
-        if fn.kind == "layernorm":
-            W_U = W_U - W_U.mean(0, keepdim=True)  # a no-op where TL folded (and centred) itself
-        torch.testing.assert_close(W_U, view.processed_unembed(), **tol)
-        for layer in range(view.n_layers):
-            mlp = bridge.blocks[layer].mlp
-            W_out = view.processed_W_out(layer)
-            post = view.post_mlp_norm(layer)
-            if post is not None:  # TL keeps W_out raw: its ln2_post sees the MLP's output
-                W_out = W_out / post.weight[None, :]
-            torch.testing.assert_close(mlp.W_out, W_out, **tol)
-            norm = view.mlp_norm(layer)
-            gate = mlp.W_gate if view.gated else mlp.W_in  # (d_model, neuron)
-            if norm is not None and norm.kind == "layernorm":
-                gate = gate - gate.mean(0, keepdim=True)
-            torch.testing.assert_close(gate, view.processed_W_in(layer).T, **tol)
-            if view.gated:
-                torch.testing.assert_close(mlp.W_in, view.processed_W_in(layer, "up").T, **tol)
-        acts = {}
-        handles = [view.model.get_submodule(view.act_site(l)).register_forward_pre_hook(
-            lambda m, a, l=l: acts.__setitem__(l, a[0].detach().clone())) for l in range(view.n_layers)]
-        try:
-            view.model(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        _, cache = bridge.run_with_cache(ids)
-        for layer in range(view.n_layers):
-            torch.testing.assert_close(cache[f"blocks.{layer}.mlp.hook_post"], acts[layer], **tol)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_matches_transformerlens(arch, tmp_path):
-    matches_transformerlens_tl43(tiny(arch), tmp_path)
+    fc.matches_transformerlens(tiny(arch), tmp_path)
 

@@ -13,7 +13,6 @@ import torch
 import family_checks as fc
 from conftest import make_tokenizer, save
 from test_cli import assert_one_error_line, run
-from test_family_olmo import matches_transformerlens_tl43
 
 from discover.adapter import from_model
 from discover.errors import UnsupportedModel
@@ -66,7 +65,7 @@ def test_opt_matches_transformerlens(tmp_path):
 
 @pytest.mark.parametrize("arch", STABLELM)
 def test_stablelm_matches_transformerlens(arch, tmp_path):
-    matches_transformerlens_tl43(tiny(arch), tmp_path)  # TL leaves W_gate uncentred: see there
+    fc.matches_transformerlens(tiny(arch), tmp_path)  # TL leaves W_gate uncentred: see family_checks
 
 
 # ------------------------------------------------------------------------ family specifics

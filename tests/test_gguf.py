@@ -275,3 +275,37 @@ def test_every_stage_runs_on_a_gguf_file(files, tmp_path, capsys):
                    "--store", str(store), "--json")
     assert res["experiment_id"] and set(res["layers"]) == {"0", "1"}
     assert all(len(v["recovery"]) == 128 for v in res["layers"].values())
+
+
+def test_watch_and_universality_over_gguf_checkpoints(files, tmp_path, capsys):
+    """`watch --once` processes a run of two .gguf checkpoints (scan -> activations -> verify ->
+    tracking -> report) and tracks the second against the first; `universality` takes them too."""
+    from gguf_files import TEXT
+    from transformers import LlamaForCausalLM
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(TEXT[i * 37:] + TEXT[: i * 37])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    src = files["models"]["llama"]
+    later = LlamaForCausalLM(src.config).eval()
+    later.load_state_dict(src.state_dict())
+    with torch.no_grad():  # a training step later: the same neurons, slightly moved
+        for p in later.parameters():
+            p.add_(0.01 * torch.randn_like(p) * p.std())
+    write_gguf(src, files["tok"], run_dir / "model-step100.gguf")
+    write_gguf(later, files["tok"], run_dir / "model-step200.gguf")
+    store = tmp_path / "store"
+    capsys.readouterr()
+    rc, out, err = run(capsys, "watch", str(run_dir), "--once", "--tokens", "1500", "--verify-tokens", "1500",
+                       "--verify-split", "all", "--corpus", str(corpus), "--candidates", "3", "--settle", "0",
+                       "--store", str(store))
+    assert rc == 0, err[-2000:]
+    assert sql_rows(store, "SELECT step, status FROM watch_checkpoints ORDER BY step") == [(100, "done"), (200, "done")]
+    same = sql_rows(store, "SELECT avg((neuron = prev_neuron)::INT) FROM neuron_matches")[0][0]
+    assert same > 0.95  # every neuron found again in the next checkpoint
+    rc, out, err = run(capsys, "universality", str(run_dir / "model-step100.gguf"), str(run_dir / "model-step200.gguf"),
+                       "--corpus", str(corpus), "--tokens", "500", "--store", str(store))
+    assert rc == 0, err[-2000:]
