@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,10 @@ def sql(real, query: str, params=()):
 
 def test_loaded_as_the_real_model(real):
     view = real["view"]
-    assert view.describe() | {} == {**view.describe(), "architecture": "llama", "n_layers": 30, "d_model": 576,
-                                    "d_mlp": 1536, "d_vocab": 49152, "gated": True, "source_format": "gguf",
-                                    "quantization": "Q4_1"}
+    want = {"architecture": "llama", "n_layers": 30, "d_model": 576, "d_mlp": 1536, "d_vocab": 49152, "gated": True,
+            "source_format": "gguf", "quantization": "Q4_1"}
+    got = view.describe()
+    assert {k: got[k] for k in want} == want
     ids = view.tokenizer(CLEAN, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         p = torch.softmax(view.logits(view.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]), -1)
@@ -95,7 +97,7 @@ def test_query_token_an_equals_the_weights(real):
 
     view = real["view"]
     env = {**os.environ, "DISCOVER_STORE": str(real["store"])}
-    out = subprocess.run(["python", "-m", "discover", "query", "token", " an", "--model", str(real["path"]),
+    out = subprocess.run([sys.executable, "-m", "discover", "query", "token", " an", "--model", str(real["path"]),
                           "--top", "5", "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)["results"]
