@@ -391,7 +391,7 @@ def auto_batch_size(view, context: int) -> int:
 
 def model_context(view) -> int:
     """The model's positions (the language model's config, inside a multimodal wrapper)."""
-    cfg = view.arch.text_config(view.model.config)
+    cfg = view.text_config
     for name in ("n_positions", "max_position_embeddings"):
         v = getattr(cfg, name, None)
         if v:

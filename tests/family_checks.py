@@ -48,7 +48,7 @@ def plant(view, layer: int, neuron: int, direction):
     if post is not None:
         d = d / post.weight
     with torch.no_grad():
-        view.arch.w_out(view._mlp(layer))[neuron] = d
+        view.raw_w_out(layer)[neuron] = d
 
 
 def planted_neurons_found(model, tmp_path, layer: int = 1):

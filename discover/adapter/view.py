@@ -86,6 +86,16 @@ class ModelView:
     def _mlp(self, layer: int):
         return self.arch.mlp(self._blocks[layer])
 
+    @property
+    def text_config(self):
+        """The language model's config (a multimodal wrapper's `text_config`, else the config)."""
+        return self.arch.text_config(self.model.config)
+
+    def raw_w_out(self, layer: int):
+        """The MLP's own W_out parameter viewed as (neuron, d_model), not a copy: writing into it
+        changes the model (tests plant neurons this way; analysis never does)."""
+        return self.arch.w_out(self._mlp(layer))
+
     def _path(self, layer: int, *parts: str) -> str:
         """A module path under block `layer`; empty parts (OPT's MLP is the block itself) skipped."""
         return ".".join([self._blocks_path, str(layer), *[p for p in parts if p]])
