@@ -165,6 +165,7 @@ class _Runner:
 
 
 def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config: PatchConfig) -> _Runner:
+    view.require_activations()
     if view.tokenizer is None:
         raise QueryError("this model has no tokenizer; patching needs one")
     t, c = single_token(view, target, "--target"), single_token(view, contrast, "--contrast")

@@ -7,24 +7,18 @@ and notebooks share them.
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 
 import numpy as np
 
 from discover.errors import QueryError, first_line
+from discover.names import DENSE, Layout, layout_of
 from discover.scan import ROLES
 from discover.store import Store
 
-NEURON_RE = re.compile(r"^L(\d+)\.N(\d+)$")
-
-
-def parse_neuron(text: str) -> tuple[int, int]:
-    """'L3.N120' -> (3, 120)."""
-    m = NEURON_RE.match(text.strip())
-    if not m:
-        raise QueryError(f"malformed neuron id '{text}'; write it as L<layer>.N<index>, e.g. L3.N120")
-    return int(m.group(1)), int(m.group(2))
+def parse_neuron(text: str, layout: Layout = DENSE) -> tuple[int, int]:
+    """'L3.N120' -> (3, 120); with a mixture-of-experts layout 'L3.E2.N17' / 'L3.S.N5' -> (3, index)."""
+    return layout.parse(text)
 
 
 def _check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
@@ -128,12 +122,12 @@ def query_token(store: Store, model: str, text: str | None = None, *, token_id: 
     roles = _primary_roles(adir, json.dumps(ckpt["role_thresholds"], sort_keys=True), ckpt["d_model"])
     toks = np.asarray(arrays["neuron_tokens"][gids])  # (top, 2, k)
     stats = np.asarray(arrays["neuron_stats"][gids])
-    n = ckpt["d_mlp"]
+    n, layout = ckpt["d_mlp"], layout_of(ckpt)
     results = []
     for r, (g, c) in enumerate(zip(gids.tolist(), cong.tolist())):
         results.append({
             "rank": r + 1,
-            "neuron": f"L{g // n}.N{g % n}",
+            "neuron": layout.name(g // n, g % n),
             "layer": g // n,
             "neuron_index": g % n,
             "congruence": float(c),
@@ -159,8 +153,9 @@ def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False
                  examples: bool = False, kind: str = "activation", n_examples: int = 20) -> dict:
     """One neuron's statistics, roles and top/bottom tokens; `similar` adds nearest w_out;
     `examples` adds its corpus-pass statistics and max-activating examples (`activity`)."""
-    layer, idx = parse_neuron(neuron)
     ckpt = store.resolve_model(model)
+    layout = layout_of(ckpt)
+    layer, idx = parse_neuron(neuron, layout)
     _check_neuron(ckpt, layer, idx)
     cid = ckpt["checkpoint_id"]
     cur = store.con.execute(
@@ -186,7 +181,7 @@ def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False
     out = {
         "model": model,
         "checkpoint_id": cid,
-        "neuron": f"L{layer}.N{idx}",
+        "neuron": layout.name(layer, idx),
         "layer": layer,
         "neuron_index": idx,
         "stats": {k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
@@ -239,7 +234,7 @@ def similar_neurons(store: Store, ckpt: dict, layer: int, neuron: int, *, k: int
                 "checkpoint_id": c["checkpoint_id"],
                 "model": specs.get(c["checkpoint_id"]),
                 "same_checkpoint": c is ckpt,
-                "neuron": f"L{i // cn}.N{i % cn}",
+                "neuron": layout_of(c).name(int(i // cn), int(i % cn)),
                 "layer": int(i // cn),
                 "neuron_index": int(i % cn),
                 "cosine": float(d),
@@ -263,11 +258,11 @@ def query_roles(store: Store, model: str, role: str, *, top: int = 50) -> list[d
         [cid, role, top],
     ).fetchall()
     arrays = _arrays(str(store.files_dir(ckpt) / "arrays"))
-    strings, n = arrays["tokens"], ckpt["d_mlp"]
+    strings, n, layout = arrays["tokens"], ckpt["d_mlp"], layout_of(ckpt)
     toks = np.asarray(arrays["neuron_tokens"][[r[0] * n + r[1] for r in rows]]) if rows else None
     return [
         {
-            "neuron": f"L{r[0]}.N{r[1]}", "layer": r[0], "neuron_index": r[1], "role": role,
+            "neuron": layout.name(r[0], r[1]), "layer": r[0], "neuron_index": r[1], "role": role,
             "score": float(r[2]), "vocab_kurt": float(r[3]), "vocab_skew": float(r[4]),
             "vocab_var": float(r[5]), "w_out_norm": float(r[6]), "cos_in_out": float(r[7]),
             "top_tokens": [strings[t] for t in toks[i, 0, :8]],

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from discover.errors import QueryError
+from discover.names import layout_of
 
 FORMATS = ("html", "md", "json")
 VOCAB_BINS = 60
@@ -116,7 +117,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
     p = latest_pass(store, ckpt)
     built = []
     for i, (l, n) in enumerate(chosen):
-        q = query_neuron(store, model, f"L{l}.N{n}")
+        q = query_neuron(store, model, layout_of(ckpt).name(l, n))
         card = {"neuron": q["neuron"], "layer": l, "index": n, "roles": q["roles"], "stats": q["stats"],
                 "top_tokens": q["top_tokens"][:10], "bottom_tokens": q["bottom_tokens"][:10],
                 "verdicts": sorted(by_neuron.get((l, n), []), key=lambda v: v["verdict"] != "confirmed"), "_order": i}

@@ -52,11 +52,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     scan_seconds    DOUBLE,
     discover_version VARCHAR,
     source_format   VARCHAR,              -- transformers | gguf
-    quantization    VARCHAR               -- GGUF file type (e.g. Q4_1); NULL for transformers weights
+    quantization    VARCHAR,              -- GGUF file type (e.g. Q4_1); NULL for transformers weights
+    neuron_layout   JSON                  -- mixtures of experts: {experts, expert_size, shared}; NULL: dense
 );
--- catalogs written before GGUF support
+-- catalogs written before GGUF and mixture-of-experts support
 ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS source_format VARCHAR;
 ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS quantization VARCHAR;
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS neuron_layout JSON;
 CREATE TABLE IF NOT EXISTS models (
     spec            VARCHAR,              -- hub id, or absolute path of a local model directory
     checkpoint_id   VARCHAR,
@@ -440,7 +442,7 @@ class Store:
     # ---------------------------------------------------------------- lookups
     def checkpoint(self, checkpoint_id: str) -> dict | None:
         cur = self.con.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
-        return fetch_dict(cur, ("config", "scan_settings", "role_thresholds"))
+        return fetch_dict(cur, ("config", "scan_settings", "role_thresholds", "neuron_layout"))
 
     def resolve_model(self, model: str) -> dict:
         """The checkpoint row for a model spec (latest scan of that spec), or a checkpoint id."""
@@ -530,6 +532,7 @@ class Store:
                 view.final_norm().kind, view.gated, vocab_hash, json.dumps(cfg, default=str),
                 json.dumps(config.compute_key()), json.dumps(asdict(config.roles)), files_dir,
                 float(result.seconds), __version__, view.source["format"], view.source["quantization"],
+                json.dumps(view.layout.to_dict()) if view.layout.moe else None,
             ]
             old = self.checkpoint(ckpt)
             with transaction(self.con) as con:
@@ -537,7 +540,7 @@ class Store:
                     con.execute(f"DELETE FROM {t} WHERE checkpoint_id = ?", [ckpt])
                 con.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", [ckpt])
                 con.execute(
-                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?, ?)", row
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?, ?, ?)", row
                 )
                 for name, tbl in (("neurons", neurons), ("neuron_tokens", nt), ("roles", roles),
                                   ("token_neurons", tn), ("tokens", toks)):

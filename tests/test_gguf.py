@@ -233,7 +233,9 @@ def test_bad_gguf_files_are_one_line_and_change_nothing(files, tmp_path, capsys)
         (junk, ["not a GGUF file", "junk.gguf"]),
         (_other_arch(tmp_path, "mamba"), ["'mamba'", "supported"]),  # transformers reads it; we cannot
         (_other_arch(tmp_path, "rwkv6"), ["'rwkv6'", "cannot be mapped"]),  # transformers cannot read it
-        (_other_arch(tmp_path, "qwen2moe"), ["'qwen2_moe'", "mixture-of-experts"]),  # llama.cpp's name
+        # llama.cpp's name for Qwen2-MoE maps to qwen2_moe (a family of ours): this stub has no config
+        (_other_arch(tmp_path, "qwen2moe"), ["qwen2moe.gguf", "could not load"]),
+        (_other_arch(tmp_path, "phimoe"), ["'phimoe'", "cannot be mapped"]),
         (_incomplete(files, tmp_path), ["incomplete.gguf", "lacks 1", "down_proj"]),
         (_aligned(files, tmp_path, 0), ["alignment", "corrupt"]),
     ]

@@ -75,6 +75,7 @@ class ModelView:
         n_tok = len(tokenizer) if tokenizer is not None else head_rows
         self.d_vocab = min(head_rows, n_tok) if n_tok > 0 else head_rows
         self.gated = self.arch.gated
+        self.layout = self.arch.layout(model)  # names.Layout: dense, or experts end to end
         self._token_strings: list[str] | None = None
 
     # -- modules ---------------------------------------------------------------------------
@@ -116,6 +117,11 @@ class ModelView:
         """What to register activation hooks on: the module at `act_site`, or the family's
         stand-in where hooks must see (batch, pos, neuron) and the module does not (OPT)."""
         return self.arch.site_module(self.model, self._blocks[layer], self.act_site(layer))
+
+    def require_activations(self) -> None:
+        """Raise (one line) unless the neuron activations can be hooked: every stage that reads or
+        patches them calls this before it touches the store."""
+        self.act_module(0)
 
     def mlp_input_module(self, layer: int):
         """What to register hooks on to see the MLP's input as (batch, pos, d_model)."""
@@ -335,6 +341,7 @@ class ModelView:
             "norm": fn.kind,
             "source_format": self.source["format"],
             "quantization": self.source["quantization"],
+            "neuron_layout": self.layout.to_dict() if self.layout.moe else None,
         }
 
 

@@ -12,11 +12,7 @@ from discover.errors import UnsupportedModel
 
 #: model_type -> why we refuse it (they load, but a number we printed would be wrong)
 REFUSED = {
-    "mixtral": "mixture-of-experts MLPs (experts, routing) are not supported yet",
-    "olmoe": "mixture-of-experts MLPs (experts, routing) are not supported yet",
-    "qwen2_moe": "mixture-of-experts MLPs (experts, a shared expert, routing) are not supported yet",
-    "qwen3_moe": "mixture-of-experts MLPs (experts, routing) are not supported yet",
-    "phimoe": "mixture-of-experts MLPs (experts, routing) are not supported yet",
+    "phimoe": "its mixture-of-experts layout (sparsemixer routing) is not supported yet",
 }
 
 

@@ -100,6 +100,13 @@ class Family:
     def mlp(self, block):
         return block.get_submodule(self.mlp_path)
 
+    def layout(self, model):
+        """How each layer's neuron axis is laid out (`names.Layout`): dense unless the family has
+        experts."""
+        from discover.names import DENSE
+
+        return DENSE
+
     def site_module(self, model, block, path: str):
         """What hooks on the module at `path` (inside `block`) are registered on: the module
         itself, unless the family's blocks run it on flattened rows (see OPT)."""

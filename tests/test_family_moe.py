@@ -1,0 +1,158 @@
+"""Mixtures of experts (Mixtral, OLMoE, Qwen2-MoE with its shared expert, Qwen3-MoE), scan and
+query: the flattened expert weights rebuild the MoE block's own forward pass; planted expert and
+shared-expert neurons are found top-1 under their names `L1.E2.N5` / `L1.S.N3`; a dense name on a
+mixture-of-experts layer is one clear error naming the right form; stages that need expert
+activations (corpus pass, patching) refuse with one line and leave the store unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import family_checks as fc
+from conftest import make_tokenizer, save
+from test_cli import assert_one_error_line, run, snapshot
+
+from discover.adapter import from_model
+from discover.errors import QueryError
+
+ARCHS = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+E, I, S = 4, 32, 16  # experts, neurons per expert, shared-expert neurons (Qwen2-MoE)
+
+
+def tiny(arch: str, n_layer: int = 2):
+    import transformers as tf
+
+    common = dict(num_hidden_layers=n_layer, hidden_size=64, num_attention_heads=4, vocab_size=97,
+                  max_position_embeddings=32, num_experts_per_tok=2, tie_word_embeddings=False, pad_token_id=0,
+                  bos_token_id=0, eos_token_id=0)
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(num_key_value_heads=2, intermediate_size=I, num_local_experts=E, **common)
+        return fc.randomise_norms(tf.MixtralForCausalLM(cfg))
+    if arch == "olmoe":
+        cfg = tf.OlmoeConfig(intermediate_size=I, num_experts=E, **common)
+        return fc.randomise_norms(tf.OlmoeForCausalLM(cfg))
+    if arch == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=I,
+                                shared_expert_intermediate_size=S, num_experts=E, **common)
+        return fc.randomise_norms(tf.Qwen2MoeForCausalLM(cfg))
+    cfg = tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=I,
+                            num_experts=E, **common)
+    return fc.randomise_norms(tf.Qwen3MoeForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flattened_experts_rebuild_the_moe_forward(arch):
+    """The block's output equals sum over routed experts of weight * act(x W_in_e) * (x W_up_e)
+    @ W_out_e (+ sigmoid gate * the shared expert), every W_* the view's slice e*I:(e+1)*I."""
+    model = tiny(arch)
+    view = from_model(model, None)
+    lay = view.layout
+    assert (lay.experts, lay.expert_size, lay.shared) == (E, I, S if arch == "qwen2_moe" else 0)
+    assert view.d_mlp == E * I + lay.shared
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(7, 64)
+    act = view.activation_fn()
+    W_in, W_up, W_out = view.W_in(1).double(), view.W_up(1).double(), view.W_out(1).double()
+    with torch.no_grad():
+        want = mlp(x[None])[0].double()
+        _, weights, chosen = mlp.gate(x)
+        xd = x.double()
+        a = act(xd @ W_in.T) * (xd @ W_up.T)  # (tokens, neurons): every expert on every token
+        got = torch.zeros_like(want)
+        for t in range(x.shape[0]):
+            for w, e in zip(weights[t].tolist(), chosen[t].tolist()):
+                sl = slice(e * I, (e + 1) * I)
+                got[t] += w * (a[t, sl] @ W_out[sl])
+        if lay.shared:
+            sl = slice(E * I, E * I + S)
+            got += torch.sigmoid(xd @ mlp.shared_expert_gate.weight.double().T) * (a[:, sl] @ W_out[sl])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _plant(model, arch, view):
+    """+U[:, an] into expert 2's neuron 5 of layer 1, -U[:, an] into expert 0's neuron 7, and
+    (Qwen2-MoE) +U[:, the] into shared neuron 3; raw parameters, written in place."""
+    U = view.processed_unembed().double().numpy()
+    unit = lambda t: torch.tensor(U[:, t] / np.linalg.norm(U[:, t]), dtype=torch.float32)  # noqa: E731
+    an, the = fc.AN, fc.VOCAB.index("the")
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.experts.down_proj[2, :, 5] = 3.0 * unit(an)
+        mlp.experts.down_proj[0, :, 7] = -3.0 * unit(an)
+        if arch == "qwen2_moe":
+            mlp.shared_expert.down_proj.weight[:, 3] = 3.0 * unit(the)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planted_expert_neurons_are_found_by_name(arch, tmp_path):
+    from discover.query import query_neuron, query_token
+    from discover.scan import scan_model
+    from discover.store import Store
+
+    model = tiny(arch)
+    _plant(model, arch, from_model(model, make_tokenizer()))
+    path = save(model, tmp_path / arch)
+    with Store(tmp_path / "store") as store:
+        assert scan_model(str(path), store, progress=False).status == "scanned"
+        top = query_token(store, str(path), token_id=fc.AN, top=3)["results"][0]
+        assert (top["neuron"], top["role"], top["neuron_index"]) == ("L1.E2.N5", "prediction", 2 * I + 5)
+        bottom = query_token(store, str(path), token_id=fc.AN, top=3, negative=True)["results"][0]
+        assert (bottom["neuron"], bottom["role"]) == ("L1.E0.N7", "suppression")
+        n = query_neuron(store, str(path), "L1.E2.N5")
+        assert n["neuron"] == "L1.E2.N5" and n["top_tokens"][0]["token_id"] == fc.AN
+        if arch == "qwen2_moe":
+            the = query_token(store, str(path), token_id=fc.VOCAB.index("the"), top=1)["results"][0]
+            assert (the["neuron"], the["neuron_index"]) == ("L1.S.N3", E * I + 3)
+            assert query_neuron(store, str(path), "L1.S.N3")["top_tokens"][0]["token"] == "the"
+        with pytest.raises(QueryError, match=r"L1\.E<expert>\.N<index>"):
+            query_neuron(store, str(path), "L1.N5")
+        with pytest.raises(QueryError, match="out of range"):
+            query_neuron(store, str(path), f"L1.E{E}.N0")
+
+
+def test_dense_model_rejects_expert_names(tmp_path):
+    from conftest import make_model
+
+    from discover.query import query_neuron
+    from discover.scan import scan_model
+    from discover.store import Store
+
+    path = save(make_model("llama"), tmp_path / "llama")
+    with Store(tmp_path / "store") as store:
+        scan_model(str(path), store, progress=False)
+        with pytest.raises(QueryError, match=r"dense; write it as L1\.N5"):
+            query_neuron(store, str(path), "L1.E2.N5")
+
+
+def test_stages_that_need_expert_activations_refuse_in_one_line(tmp_path, capsys):
+    path = save(tiny("mixtral"), tmp_path / "mixtral")
+    store = tmp_path / "store"
+    rc, _, err = run(capsys, "scan", str(path), "--store", str(store))
+    assert rc == 0, err
+    before = snapshot(store)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("I climbed up the apple tree and picked an apple . " * 30)
+    for argv in (["activations", str(path), "--corpus", str(corpus), "--tokens", "200"],
+                 ["patch", str(path), "--clean", "I picked an apple", "--corrupted", "I picked a pear",
+                  "--target", "an", "--contrast", "a"]):
+        rc, _, err = run(capsys, *argv, "--store", str(store))
+        assert_one_error_line(rc, err, "mixtral", "not supported yet", "scan and query work")
+        assert snapshot(store) == before
+
+
+def test_report_cards_carry_expert_names(tmp_path, capsys):
+    """A scan-only report of a mixture of experts: the planted neurons' cards, named by expert."""
+    import json
+
+    model = tiny("qwen2_moe")
+    _plant(model, "qwen2_moe", from_model(model, make_tokenizer()))
+    path = save(model, tmp_path / "m")
+    store = tmp_path / "store"
+    assert run(capsys, "scan", str(path), "--store", str(store))[0] == 0
+    out = tmp_path / "r.json"
+    rc, _, err = run(capsys, "report", str(path), "--store", str(store), "--format", "json", "--out", str(out))
+    assert rc == 0, err
+    names = {c["neuron"] for c in json.loads(out.read_text())["cards"]}
+    assert {"L1.E2.N5", "L1.E0.N7"} <= names
