@@ -461,7 +461,7 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
     spec = spec or default_model_spec()
     identity = identity or identify(spec, allow_pickle=allow_pickle)
     view = load_model(spec, allow_pickle=allow_pickle, device=cfg.device, identity=identity)
-    view.require_activations()
+    view.require_statistics()
     if view.tokenizer is None:
         raise ModelLoadError(f"model {spec} has no tokenizer files; the corpus pass needs one")
     user_pairs = [parse_pair(p, view) + ("pair",) for p in cfg.pairs]

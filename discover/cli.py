@@ -602,7 +602,7 @@ def _cmd_patch(args) -> int:
           f"recovery = (m_patched - m_corrupted) / (m_clean - m_corrupted) ({res.seconds:.1f} s)")
     print(f"\nexact, layers {', '.join(map(str, res.recovery))} ({len(exact):,} neurons), largest |recovery|:")
     print(_table(["neuron", "recovery", "attribution"],
-                 [[f"L{l}.N{n}", v, float(att[l, n])] for l, n, v in exact[:args.top]]))
+                 [[view.layout.name(l, n), v, float(att[l, n])] for l, n, v in exact[:args.top]]))
     for l, arr in res.recovery.items():
         corr = float(np.corrcoef(arr, att[l])[0, 1]) if np.std(arr) > 0 and np.std(att[l]) > 0 else float("nan")
         print(f"L{l}: sum of recoveries {arr.sum():.3g}, max {arr.max():.3g}, min {arr.min():.3g}; "
@@ -610,7 +610,7 @@ def _cmd_patch(args) -> int:
     flat = np.argsort(-np.abs(att).ravel())[:args.top]
     print("\nattribution screen over all layers (first order; confirm with exact patching):")
     print(_table(["neuron", "attribution", "exact"],
-                 [[f"L{g // N}.N{g % N}", float(att.ravel()[g]),
+                 [[view.layout.name(g // N, g % N), float(att.ravel()[g]),
                    float(res.recovery[g // N][g % N]) if g // N in res.recovery else None] for g in flat]))
     return 0
 

@@ -228,6 +228,8 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
             else:  # equal lengths
                 start = min(r.first_difference(), r.T - 1)
                 da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
+            if r.corr.scales is not None:  # experts: each write goes through the corrupted run's routing
+                da = da * r.corr.scales[l][0, start:].T
             out = np.empty(N)
             for n0 in range(0, N, config.batch_size):
                 n1 = min(N, n0 + config.batch_size)

@@ -375,7 +375,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
     views = [load_model(s, allow_pickle=allow_pickle, device=cfg.device, identity=i)
              for s, i in zip(specs, identities)]
     for v, s in zip(views, specs):
-        v.require_activations()
+        v.require_statistics()
         if v.tokenizer is None:
             raise ModelLoadError(f"model {s} has no tokenizer files; universality needs one")
     strings0 = views[0].token_strings()

@@ -374,7 +374,7 @@ def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pick
     spec = spec or default_model_spec()
     identity = identify(spec, allow_pickle=allow_pickle)
     view = load_model(spec, allow_pickle=allow_pickle, identity=identity)
-    view.require_activations()
+    view.require_statistics()
     if view.tokenizer is None:
         raise QueryError(f"model {spec} has no tokenizer; the verifier needs one")
     rules = load_rules(rules_dirs)

@@ -1,8 +1,10 @@
-"""Mixtures of experts (Mixtral, OLMoE, Qwen2-MoE with its shared expert, Qwen3-MoE), scan and
-query: the flattened expert weights rebuild the MoE block's own forward pass; planted expert and
+"""Mixtures of experts (Mixtral, OLMoE, Qwen2-MoE with its shared expert, Qwen3-MoE): the
+flattened expert weights rebuild the MoE block's own forward pass; planted expert and
 shared-expert neurons are found top-1 under their names `L1.E2.N5` / `L1.S.N3`; a dense name on a
-mixture-of-experts layer is one clear error naming the right form; stages that need expert
-activations (corpus pass, patching) refuse with one line and leave the store unchanged."""
+mixture-of-experts layer is one clear error naming the right form; the hooked expert activations
+equal a manual computation and the recomputed block equals the model's; batched patching (writes
+through the corrupted run's routing) equals one hooked forward pass per neuron; stages that need
+statistics over routed tokens (corpus pass, verify) refuse with one line, store unchanged."""
 
 from __future__ import annotations
 
@@ -125,7 +127,38 @@ def test_dense_model_rejects_expert_names(tmp_path):
             query_neuron(store, str(path), "L1.E2.N5")
 
 
-def test_stages_that_need_expert_activations_refuse_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooked_expert_activations_equal_manual_mlp(arch):
+    fc.hooked_activations_equal_manual_mlp(tiny(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_hooked_block_is_the_models_block(arch):
+    """While an activation hook is on, the MoE block is recomputed from the neurons: its output
+    and the model's logits equal the unhooked model's (and the hook is gone afterwards)."""
+    model = tiny(arch)
+    view = from_model(model, None)
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        seen = []
+        h = view.act_module(1).register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+        try:
+            got = model(ids).logits
+        finally:
+            h.remove()
+        assert seen == [(2, 9, view.d_mlp)]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not hasattr(model.model.layers[1].mlp, "_discover_site") and not model.model.layers[1].mlp._forward_hooks
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_patching_equals_loop(arch, positions):
+    fc.batched_patching_equals_loop(tiny(arch, 3), positions)
+
+
+def test_stages_that_need_routed_statistics_refuse_in_one_line(tmp_path, capsys):
     path = save(tiny("mixtral"), tmp_path / "mixtral")
     store = tmp_path / "store"
     rc, _, err = run(capsys, "scan", str(path), "--store", str(store))
@@ -135,10 +168,9 @@ def test_stages_that_need_expert_activations_refuse_in_one_line(tmp_path, capsys
     corpus.mkdir()
     (corpus / "a.txt").write_text("I climbed up the apple tree and picked an apple . " * 30)
     for argv in (["activations", str(path), "--corpus", str(corpus), "--tokens", "200"],
-                 ["patch", str(path), "--clean", "I picked an apple", "--corrupted", "I picked a pear",
-                  "--target", "an", "--contrast", "a"]):
+                 ["verify", str(path), "--corpus", str(corpus), "--tokens", "200"]):
         rc, _, err = run(capsys, *argv, "--store", str(store))
-        assert_one_error_line(rc, err, "mixtral", "not supported yet", "scan and query work")
+        assert_one_error_line(rc, err, "routed to each expert", "not supported yet", "scan, query and patch work")
         assert snapshot(store) == before
 
 
@@ -156,3 +188,15 @@ def test_report_cards_carry_expert_names(tmp_path, capsys):
     assert rc == 0, err
     names = {c["neuron"] for c in json.loads(out.read_text())["cards"]}
     assert {"L1.E2.N5", "L1.E0.N7"} <= names
+
+
+def test_patch_cli_names_experts(tmp_path, capsys):
+    path = save(tiny("qwen2_moe"), tmp_path / "m")
+    rc, out, err = run(capsys, "patch", str(path), "--clean", "I climbed up the apple tree and picked",
+                       "--corrupted", "I climbed up the lemon tree and picked", "--target", "an", "--contrast", "a",
+                       "--store", str(tmp_path / "store"), "--top", "40")
+    assert rc == 0, err
+    import re
+
+    names = re.findall(r"^(L\d+\.\S+)\s", out, re.M)
+    assert names and all(re.fullmatch(r"L\d+\.(E\d+|S)\.N\d+", n) for n in names), names[:5]

@@ -39,6 +39,7 @@ class Trace:
     calls: list  # (args after the hidden state, kwargs) per block
     hidden: "object"
     batch: int = 1
+    scales: list | None = None  # experts: per layer what each activation is multiplied by (B, T, N)
     extra: dict = field(default_factory=dict)
 
 
@@ -122,6 +123,12 @@ class ModelView:
         """Raise (one line) unless the neuron activations can be hooked: every stage that reads or
         patches them calls this before it touches the store."""
         self.act_module(0)
+
+    def require_statistics(self) -> None:
+        """Raise (one line) unless the corpus pass's statistics are defined for this model: the
+        corpus pass, verification and universality call this before they touch the store."""
+        self.require_activations()
+        self.arch.require_statistics()
 
     def mlp_input_module(self, layer: int):
         """What to register hooks on to see the MLP's input as (batch, pos, d_model)."""
@@ -241,6 +248,7 @@ class ModelView:
 
         L = self.n_layers
         acts, outs, raw, calls = [None] * L, [None] * L, [None] * L, [None] * L
+        scales = [None] * L if self.layout.moe else None
         post = [self.arch.post_mlp_norm(self._blocks[l]) is not None for l in range(L)]
         hooks = []
         try:
@@ -249,6 +257,8 @@ class ModelView:
                 hooks.append(site.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
                 if post[l]:
                     hooks.append(site.register_forward_hook(lambda m, a, o, l=l: raw.__setitem__(l, o.detach())))
+                if scales is not None:  # an expert site's forward hook sees the routing's write scale
+                    hooks.append(site.register_forward_hook(lambda m, a, s, l=l: scales.__setitem__(l, s.detach())))
                 hooks.append(self._blocks[l].register_forward_pre_hook(
                     lambda m, a, k, l=l: calls.__setitem__(l, (tuple(a[1:]), dict(k))), with_kwargs=True))
                 hooks.append(self._blocks[l].register_forward_hook(
@@ -258,7 +268,7 @@ class ModelView:
         finally:
             for hk in hooks:
                 hk.remove()
-        return Trace(acts, outs, raw, calls, h, batch=int(input_ids.shape[0]))
+        return Trace(acts, outs, raw, calls, h, batch=int(input_ids.shape[0]), scales=scales)
 
     def run_base(self, input_ids, *, cache=None, use_cache: bool | None = None):
         """The base model (no head) on `input_ids`, over a KV `cache` of earlier positions if given."""
@@ -290,6 +300,7 @@ class ModelView:
         values of earlier positions expanded to B rows, replaces the recorded cache); then the
         final norm: (B, S, d)."""
         B = hidden.shape[0]
+        hidden = hidden.contiguous()  # blocks may .view() it (Mixtral's MoE block does)
         for j in range(layer + 1, self.n_layers):
             args, kwargs = trace.calls[j]
             args = tuple(cache if _is_cache(a) else a for a in args)

@@ -107,6 +107,9 @@ class Family:
 
         return DENSE
 
+    def require_statistics(self) -> None:
+        """Raise UnsupportedModel where the corpus pass's statistics are not defined yet (experts)."""
+
     def site_module(self, model, block, path: str):
         """What hooks on the module at `path` (inside `block`) are registered on: the module
         itself, unless the family's blocks run it on flattened rows (see OPT)."""

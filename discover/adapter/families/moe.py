@@ -11,9 +11,16 @@ the routing weight (and the shared expert's sigmoid gate) is a per-token scalar,
 1/rms, so the weight statistics of the scan and `query token` are those of every expert.
 
 The routed experts have no module whose input is their activation (the fused forward computes it
-inline), so the corpus pass, patching and verification cannot hook them yet: `site_module`
-refuses with one line. Layers must all be mixtures with one shape (Qwen's `mlp_only_layers` /
-`decoder_sparse_step` mixes are refused)."""
+inline). `MoESite` stands in for one: while a hook is registered on it, the block's output is
+recomputed from its input with every neuron's activation `act(x W_in) * (x W_up)` laid out
+(batch, pos, neuron) for the hooks to read or replace, and written through the routing the
+router chose for that input: `sum_e w_e(x) * a_e W_out_e` (+ the shared expert's
+`sigmoid(g x) * a_s W_out_s`). An activation is defined for every expert at every position (what
+the expert computes there); a patched activation of an expert the token was not routed to
+writes nothing (its weight is 0): patching holds the routing of the run it patches, as freezing a
+norm's scale. The corpus pass and verification still need statistics over routed tokens only
+and refuse in one line (`require_statistics`). Layers must all be mixtures with one shape
+(Qwen's `mlp_only_layers` / `decoder_sparse_step` mixes are refused)."""
 
 from discover.adapter.families.base import Family
 from discover.errors import UnsupportedModel
@@ -29,7 +36,7 @@ class MoE(Family):
     name = "moe"
     model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
     label = "mixtures of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (scan and query)"
-    in_proj, up_proj, out_proj = "experts", "experts", "experts"
+    in_proj, up_proj, out_proj = "", "experts", "experts"  # the MoE block's input is what neurons read
 
     def check_config(self, cfg: dict, where: str) -> None:
         at = f" in {where}" if where else ""
@@ -78,7 +85,95 @@ class MoE(Family):
         return None
 
     def site_module(self, model, block, path: str):
+        mlp = self.mlp(block)
+        if path.endswith(".experts"):  # the activation site
+            return MoESite(self, mlp)
+        return model.get_submodule(path)
+
+    def write_scale(self, mlp, x):
+        """(tokens, neurons): what each neuron's activation is multiplied by before its W_out row
+        is added, for input rows `x` (tokens, d_model): the routing weight of its expert (0 where
+        the token is not routed there), the shared expert's sigmoid gate."""
+        import torch
+
+        E, twoI, _ = mlp.experts.gate_up_proj.shape
+        I = twoI // 2
+        _, weights, chosen = mlp.gate(x)  # (tokens, k) each
+        per_expert = torch.zeros(x.shape[0], E, dtype=x.dtype, device=x.device)
+        per_expert.scatter_add_(1, chosen, weights.to(x.dtype))
+        scale = per_expert.repeat_interleave(I, dim=1)
+        shared = self._shared(mlp)
+        if shared is not None:
+            g = torch.sigmoid(mlp.shared_expert_gate(x))  # (tokens, 1)
+            scale = torch.cat([scale, g.expand(-1, shared.gate_proj.weight.shape[0])], 1)
+        return scale
+
+    def require_statistics(self) -> None:
         raise UnsupportedModel(
-            f"the experts of {self.model_type} have no module whose input is their activation (transformers "
-            "fuses them), so the corpus pass, patching and verification of mixture-of-experts models are not "
-            "supported yet; scan and query work")
+            f"statistics over the tokens routed to each expert are not supported yet for {self.model_type}, so "
+            "the corpus pass, verification and universality of mixture-of-experts models refuse; scan, query "
+            "and patch work")
+
+
+class _Handle:
+    def __init__(self, site, kind, fn):
+        self.site, self.kind, self.fn = site, kind, fn
+
+    def remove(self) -> None:
+        self.site._remove(self.kind, self.fn)
+
+
+class MoESite:
+    """A stand-in for the module whose input is the experts' activations (batch, pos, neuron): its
+    hooks are served by one forward hook on the MoE block that recomputes the block's output (see
+    the module docstring). Pre-hooks see (module, (acts,)) and may return replaced acts; forward
+    hooks see (module, (acts,), scale) with the per-token write scale (batch, pos, neuron)."""
+
+    def __init__(self, family: MoE, mlp):
+        self.family, self.mlp = family, mlp
+
+    def _state(self) -> dict:
+        st = getattr(self.mlp, "_discover_site", None)
+        if st is None:
+            st = {"pre": [], "post": [], "handle": None}
+            self.mlp._discover_site = st
+        return st
+
+    def _add(self, kind, fn):
+        st = self._state()
+        st[kind].append(fn)
+        if st["handle"] is None:
+            st["handle"] = self.mlp.register_forward_hook(self._recompute)
+        return _Handle(self, kind, fn)
+
+    def _remove(self, kind, fn):
+        st = self._state()
+        if fn in st[kind]:
+            st[kind].remove(fn)
+        if not st["pre"] and not st["post"] and st["handle"] is not None:
+            st["handle"].remove()
+            del self.mlp._discover_site
+
+    def register_forward_pre_hook(self, fn):
+        return self._add("pre", fn)
+
+    def register_forward_hook(self, fn):
+        return self._add("post", fn)
+
+    def _recompute(self, mlp, args, out):
+        fam, st = self.family, self._state()
+        x = args[0]
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        act = mlp.experts.act_fn  # the experts' own nonlinearity (the shared expert uses the same)
+        a = act(flat @ fam.w_in(mlp).T) * (flat @ fam.w_up(mlp).T)  # every expert on every token
+        acts = a.reshape(B, T, -1)
+        for fn in list(st["pre"]):
+            got = fn(mlp, (acts,))
+            if got is not None:
+                acts = got[0] if isinstance(got, tuple) else got
+        scale = fam.write_scale(mlp, flat).reshape(B, T, -1)
+        for fn in list(st["post"]):
+            fn(mlp, (acts,), scale)
+        return ((acts * scale) @ fam.w_out(mlp)).reshape(B, T, d).to(out.dtype)
+
