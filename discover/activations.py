@@ -452,13 +452,14 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
             text_field: str = "text", allow_pickle: bool = False, identity=None) -> Plan:
     """Load the model and check every input (pairs, context, corpus) before any store is touched.
     `identity`: what `adapter.identify` already returned for `spec` (the weights are hashed once)."""
-    from discover.adapter import identify, load_model
+    from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
     from discover.errors import ModelLoadError
     from discover.scan import default_model_spec
 
     cfg = config or ActivationConfig()
     spec = spec or default_model_spec()
+    require_statistics(spec)  # from the config alone, before the weights are hashed or loaded
     identity = identity or identify(spec, allow_pickle=allow_pickle)
     view = load_model(spec, allow_pickle=allow_pickle, device=cfg.device, identity=identity)
     view.require_statistics()

@@ -589,7 +589,9 @@ def _cmd_patch(args) -> int:
             "target": {"id": res.target[0], "token": res.target[1]},
             "contrast": {"id": res.contrast[0], "token": res.contrast[1]},
             "clean_tokens": len(res.clean_tokens), "corrupted_tokens": len(res.corrupted_tokens),
-            "m_clean": res.m_clean, "m_corrupted": res.m_corrupted, "seconds": res.seconds}
+            "m_clean": res.m_clean, "m_corrupted": res.m_corrupted, "seconds": res.seconds,
+            # experts: how the flat neuron indices below map to L{l}.E{e}.N{n} (None: dense)
+            "neuron_layout": view.layout.to_dict() if view.layout.moe else None}
     if args.json:
         _print_json({**meta, "layers": {str(l): {"recovery": arr.tolist(), "attribution": att[l].tolist()}
                                         for l, arr in res.recovery.items()},

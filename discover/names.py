@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from discover.errors import QueryError
 
-NAME_RE = re.compile(r"^L(\d+)(?:\.(?:E(\d+)|(S)))?\.N(\d+)$")
+NAME_RE = re.compile(r"^L([0-9]+)(?:\.(?:E([0-9]+)|(S)))?\.N([0-9]+)$")
 
 
 @dataclass(frozen=True)

@@ -230,14 +230,18 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
                 da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
             if r.corr.scales is not None:  # experts: each write goes through the corrupted run's routing
                 da = da * r.corr.scales[l][0, start:].T
-            out = np.empty(N)
-            for n0 in range(0, N, config.batch_size):
-                n1 = min(N, n0 + config.batch_size)
-                W = r.W_out[l][n0:n1]  # (B, d)
-                hidden = r.patched(l, start, da[n0:n1, :, None] * W[:, None, :])  # (B, S, d)
+            # a neuron whose write does not change (equal activations, or an expert the corrupted
+            # run did not route these positions to) changes nothing: its recovery is exactly 0
+            out = np.zeros(N)
+            moved = torch.nonzero((da != 0).any(1)).flatten()
+            bar.update(N - len(moved))
+            for c0 in range(0, len(moved), config.batch_size):
+                idx = moved[c0:c0 + config.batch_size]
+                W = r.W_out[l][idx]  # (B, d)
+                hidden = r.patched(l, start, da[idx, :, None] * W[:, None, :])  # (B, S, d)
                 h = r.run_suffix_from(l, hidden, start) if start > 0 else r.run_from(l, hidden)
-                out[n0:n1] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
-                bar.update(n1 - n0)
+                out[idx.numpy()] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
+                bar.update(len(idx))
             res.recovery[l] = out
     bar.close()
     if attribution:

@@ -23,9 +23,12 @@ def parse_neuron(text: str, layout: Layout = DENSE) -> tuple[int, int]:
 
 def _check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
     if not (0 <= layer < ckpt["n_layers"] and 0 <= neuron < ckpt["d_mlp"]):
+        layout = layout_of(ckpt)
+        per_layer = (f"experts 0-{layout.experts - 1} of neurons 0-{layout.expert_size - 1}" if layout.moe
+                     else f"neurons 0-{ckpt['d_mlp'] - 1}")
         raise QueryError(
-            f"neuron L{layer}.N{neuron} is out of range: this model has layers 0-{ckpt['n_layers'] - 1} "
-            f"and neurons 0-{ckpt['d_mlp'] - 1} per layer"
+            f"neuron {layout.name(layer, neuron)} is out of range: this model has layers "
+            f"0-{ckpt['n_layers'] - 1} and {per_layer} per layer"
         )
 
 

@@ -356,7 +356,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
     """Load the models and check every input (models, vocabularies, budget, corpus, tokens)
     before any store is touched. A spec None or "default" is the embedded default model."""
     from discover.activations import _bos_id, model_context
-    from discover.adapter import identify, load_model
+    from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
 
     cfg = config or UniversalityConfig()
@@ -365,6 +365,8 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
         raise UniversalityError(
             f"universality compares two or more models, got {len(specs)}; give MODEL_A MODEL_B [...] "
             "(e.g. two seeds of one architecture)")
+    for s in specs:  # from the configs alone, before any weights are hashed or loaded
+        require_statistics(s)
     identities = [identify(s, allow_pickle=allow_pickle) for s in specs]
     seen: dict = {}
     for spec, ident in zip(specs, identities):

@@ -102,7 +102,8 @@ def hooked_activations_equal_manual_mlp(model):
         assert manual.abs().max() > 1e-3
         assert got["acts"][l].shape == (3, 11, view.d_mlp)
         torch.testing.assert_close(got["acts"][l].double(), manual, atol=2e-5, rtol=1e-4)
-    assert all(len(m._forward_pre_hooks) == 0 for m in view.model.modules()), "a hook was left behind"
+    assert all(not m._forward_pre_hooks and not m._forward_hooks and not hasattr(m, "_discover_site")
+               for m in view.model.modules()), "a hook was left behind"
 
 
 def batched_patching_equals_loop(model, positions: str):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import family_checks as fc
 from conftest import make_tokenizer, save
-from test_cli import assert_one_error_line, run, snapshot
+from test_cli import assert_one_error_line, run, run_json, snapshot
 
 from discover.adapter import from_model
 from discover.errors import QueryError
@@ -149,6 +149,19 @@ def test_the_hooked_block_is_the_models_block(arch):
             h.remove()
         assert seen == [(2, 9, view.d_mlp)]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # and the recomputed output is the one used: zero activations are a block that writes nothing
+        h = view.act_module(1).register_forward_pre_hook(lambda m, a: torch.zeros_like(a[0]))
+        try:
+            zeroed = model(ids).logits
+        finally:
+            h.remove()
+        mlp = model.model.layers[1].mlp
+        skip = mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+        try:
+            torch.testing.assert_close(zeroed, model(ids).logits, rtol=1e-5, atol=1e-6)
+        finally:
+            skip.remove()
+        assert not torch.allclose(zeroed, want, atol=1e-3)
         assert not hasattr(model.model.layers[1].mlp, "_discover_site") and not model.model.layers[1].mlp._forward_hooks
 
 
@@ -156,6 +169,19 @@ def test_the_hooked_block_is_the_models_block(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_patching_equals_loop(arch, positions):
     fc.batched_patching_equals_loop(tiny(arch, 3), positions)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_last_position_patching_with_prompts_of_different_lengths(arch):
+    from discover.patch import PatchConfig, patch_loop, patch_neurons
+
+    view = from_model(tiny(arch, 3), make_tokenizer())
+    clean, corrupt = "I climbed up the apple tree and picked", "I climbed up the tall lemon tree and picked"
+    res = patch_neurons(view, clean, corrupt, "an", "a", PatchConfig(batch_size=40), attribution=False)
+    neurons = list(range(0, view.d_mlp, 5))
+    for layer in range(view.n_layers):
+        ref = patch_loop(view, clean, corrupt, "an", "a", layer, neurons, PatchConfig())
+        np.testing.assert_allclose(res.recovery[layer][neurons], ref, atol=1e-4)
 
 
 def test_stages_that_need_routed_statistics_refuse_in_one_line(tmp_path, capsys):
@@ -167,11 +193,19 @@ def test_stages_that_need_routed_statistics_refuse_in_one_line(tmp_path, capsys)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("I climbed up the apple tree and picked an apple . " * 30)
+    other = save(tiny("mixtral"), tmp_path / "other")
     for argv in (["activations", str(path), "--corpus", str(corpus), "--tokens", "200"],
-                 ["verify", str(path), "--corpus", str(corpus), "--tokens", "200"]):
+                 ["verify", str(path), "--corpus", str(corpus), "--tokens", "200"],
+                 ["run", str(path), "--corpus", str(corpus), "--tokens", "200", "--out", str(tmp_path / "r.html")],
+                 ["universality", str(path), str(other), "--corpus", str(corpus), "--tokens", "200"]):
         rc, _, err = run(capsys, *argv, "--store", str(store))
         assert_one_error_line(rc, err, "routed to each expert", "not supported yet", "scan, query and patch work")
         assert snapshot(store) == before
+    # refused from the config alone: no weight file is read (here: there is none left to read)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    rc, _, err = run(capsys, "activations", str(path), "--corpus", str(corpus), "--store", str(store))
+    assert_one_error_line(rc, err, "routed to each expert")
 
 
 def test_report_cards_carry_expert_names(tmp_path, capsys):
@@ -200,3 +234,15 @@ def test_patch_cli_names_experts(tmp_path, capsys):
 
     names = re.findall(r"^(L\d+\.\S+)\s", out, re.M)
     assert names and all(re.fullmatch(r"L\d+\.(E\d+|S)\.N\d+", n) for n in names), names[:5]
+    res = run_json(capsys, "patch", str(path), "--clean", "I climbed up the apple tree and picked",
+                   "--corrupted", "I climbed up the lemon tree and picked", "--target", "an", "--contrast", "a",
+                   "--store", str(tmp_path / "store"), "--json")
+    from discover.names import Layout
+
+    layout = Layout(**res["neuron_layout"])
+    assert (layout.experts, layout.expert_size, layout.shared) == (E, I, S)
+    rec = {layout.name(int(l), n): v for l, d in res["layers"].items() for n, v in enumerate(d["recovery"])}
+    assert "L1.S.N0" in rec and f"L1.E{E - 1}.N{I - 1}" in rec and len(rec) == 2 * (E * I + S)
+    # a shared-expert neuron is routed everywhere: it moves the metric; some routed expert does not
+    assert any(abs(v) > 0 for k, v in rec.items() if ".S." in k)
+    assert any(v == 0 for k, v in rec.items() if ".E" in k)

@@ -8,11 +8,12 @@
 
 from discover.adapter.families import FAMILIES, REFUSED, SUPPORTED, SUPPORTED_TEXT, NormParams, family_for
 from discover.adapter.locate import (check_architecture, check_safetensors, content_hash, identify, normalise_spec,
-                                     resolve_model_dir, tensor_hash, weight_files)
+                                     require_statistics, resolve_model_dir, tensor_hash, weight_files)
 from discover.adapter.view import ModelView, Trace, from_model, load_model
 
 __all__ = [
     "FAMILIES", "REFUSED", "SUPPORTED", "SUPPORTED_TEXT", "NormParams", "family_for", "check_architecture",
-    "check_safetensors", "content_hash", "identify", "normalise_spec", "resolve_model_dir", "tensor_hash",
+    "check_safetensors", "content_hash", "identify", "normalise_spec", "require_statistics", "resolve_model_dir",
+    "tensor_hash",
     "weight_files", "ModelView", "Trace", "from_model", "load_model",
 ]

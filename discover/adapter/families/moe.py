@@ -35,7 +35,7 @@ def _cat(parts):
 class MoE(Family):
     name = "moe"
     model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-    label = "mixtures of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (scan and query)"
+    label = "mixtures of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (scan, query, patch)"
     in_proj, up_proj, out_proj = "", "experts", "experts"  # the MoE block's input is what neurons read
 
     def check_config(self, cfg: dict, where: str) -> None:
@@ -147,7 +147,9 @@ class MoESite:
         return _Handle(self, kind, fn)
 
     def _remove(self, kind, fn):
-        st = self._state()
+        st = getattr(self.mlp, "_discover_site", None)
+        if st is None:  # already removed
+            return
         if fn in st[kind]:
             st[kind].remove(fn)
         if not st["pre"] and not st["post"] and st["handle"] is not None:
@@ -161,13 +163,22 @@ class MoESite:
         return self._add("post", fn)
 
     def _recompute(self, mlp, args, out):
+        import torch
+
         fam, st = self.family, self._state()
         x = args[0]
         B, T, d = x.shape
         flat = x.reshape(-1, d)
+        gu, down = mlp.experts.gate_up_proj, mlp.experts.down_proj  # (E, 2I, d), (E, d, I)
+        E, I = gu.shape[0], gu.shape[1] // 2
         act = mlp.experts.act_fn  # the experts' own nonlinearity (the shared expert uses the same)
-        a = act(flat @ fam.w_in(mlp).T) * (flat @ fam.w_up(mlp).T)  # every expert on every token
-        acts = a.reshape(B, T, -1)
+        # views of the parameters, never copies: a backward pass keeps what the forward used
+        h = (flat @ gu.reshape(E * 2 * I, d).T).view(-1, E, 2, I)  # every expert on every token
+        parts = [(act(h[:, :, 0]) * h[:, :, 1]).reshape(-1, E * I)]
+        shared = fam._shared(mlp)
+        if shared is not None:
+            parts.append(act(shared.gate_proj(flat)) * shared.up_proj(flat))
+        acts = torch.cat(parts, 1).reshape(B, T, -1)
         for fn in list(st["pre"]):
             got = fn(mlp, (acts,))
             if got is not None:
@@ -175,5 +186,8 @@ class MoESite:
         scale = fam.write_scale(mlp, flat).reshape(B, T, -1)
         for fn in list(st["post"]):
             fn(mlp, (acts,), scale)
-        return ((acts * scale) @ fam.w_out(mlp)).reshape(B, T, d).to(out.dtype)
-
+        w = (acts * scale).reshape(-1, acts.shape[-1])
+        y = torch.einsum("tei,edi->td", w[:, :E * I].reshape(-1, E, I), down)
+        if shared is not None:
+            y = y + shared.down_proj(w[:, E * I:])
+        return y.reshape(B, T, d).to(out.dtype)
