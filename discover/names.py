@@ -34,11 +34,6 @@ class Layout:
     def moe(self) -> bool:
         return self.experts > 0
 
-    @property
-    def width(self) -> int | None:
-        """Neurons per layer (None: dense, the width is the model's d_mlp)."""
-        return self.experts * self.expert_size + self.shared if self.moe else None
-
     def name(self, layer: int, index: int) -> str:
         """The name of neuron `index` of `layer`."""
         if not self.moe:

@@ -99,9 +99,7 @@ class _Runner:
 
         self.torch = torch
         self.view = view
-        self.model = view.model
         self.base = view.model.base_model
-        self.blocks = view.blocks
         head = view.model.get_output_embeddings()
         # pre-cap logits (Gemma 2's soft-cap is applied after the head): a direction in d_model
         self.dir = (head.weight[target] - head.weight[contrast]).detach().float()  # (d_model,)

@@ -10,6 +10,7 @@ import struct
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from discover.adapter.locate import missing_weights
@@ -94,10 +95,18 @@ class _Cursor:
 
 def read_header(path: Path) -> Header:
     """Parse a GGUF header (v2/v3) without reading tensor data; ModelLoadError if it is not GGUF
-    or is cut short. Much faster than gguf.GGUFReader, which decodes every token string."""
+    or is cut short. Much faster than gguf.GGUFReader, which decodes every token string. One
+    load asks three times (the statistics check, `check`, `describe`): parsed once per file
+    version (path, size, modification time)."""
+    st = path.stat()
+    return _read_header(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_header(name: str, size: int, _mtime_ns: int) -> Header:
     import mmap
 
-    size = path.stat().st_size
+    path = Path(name)
     with open(path, "rb") as f:
         if f.read(4) != MAGIC:
             f.seek(0)

@@ -17,7 +17,7 @@ tables, sliding windows and ALiBi are whatever the model itself built.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,6 @@ class Trace:
     hidden: "object"
     batch: int = 1
     scales: list | None = None  # experts: per layer what each activation is multiplied by (B, T, N)
-    extra: dict = field(default_factory=dict)
 
 
 def _is_cache(x) -> bool:

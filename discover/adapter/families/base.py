@@ -56,7 +56,6 @@ class Family:
     norm_kind = "rmsnorm"
     gain_offset = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
     act_key = "hidden_act"
-    d_mlp_key = "intermediate_size"
     parallel = False  # attention and MLP read the same norm of the same residual (GPT-J, Phi-2)
 
     def __init__(self, model_type: str):

@@ -33,7 +33,6 @@ class Falcon(Family):
     mlp_norm_path = None  # per layout: see mlp_norm
     norm_kind = "layernorm"
     act_key = "activation"
-    d_mlp_key = "ffn_hidden_size"
 
     def check_config(self, cfg: dict, where: str) -> None:
         at = f" in {where}" if where else ""

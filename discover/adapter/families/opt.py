@@ -86,7 +86,6 @@ class OPT(Family):
     mlp_norm_path = "final_layer_norm"  # the layer's pre-MLP norm (the model's final one is elsewhere)
     norm_kind = "layernorm"
     act_key = "activation_function"
-    d_mlp_key = "ffn_dim"
 
     def site_module(self, model, block, path: str):
         """What hooks on the module at `path` (inside `block`) must be registered on: for OPT a
