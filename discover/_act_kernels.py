@@ -1,12 +1,18 @@
 """Fused CPU kernel (numba) of the corpus pass: every statistic of every neuron, one read.
 
 `activation_update` reads a batch's activations (batch, pos, neuron) once and updates, per
-neuron: exact moments (float64 power sums about a shift, merged into the running central
+neuron, over the positions it counts: the number of them, exact moments (float64 power sums about a shift, merged into the running central
 moments with Chan/Pebay's pairwise formulas), the count of positive activations, min and max,
 an exact histogram on fixed geometric bins, and two top-k tables of documents (by maximum
 activation, and by maximum direct logit attribution to the true next token), with at most one
 entry per document. Threads split the neurons, so no two threads write one neuron's state, and
 each neuron's sums run in position order: the result does not depend on the thread count.
+
+A neuron counts a position where its group's write scale there is not 0. Dense MLPs have one
+group whose scale is 1 everywhere (every position counts); a mixture-of-experts layer has one group
+per expert (its routing weight: 0 where the token is not routed to it) and one for a shared expert
+(its sigmoid gate, never 0). The direct logit attribution includes the scale: what the neuron
+actually wrote.
 
 Histogram bins come from the float32 bit pattern (exponent and the top two mantissa bits), so
 binning costs integer operations only: four bins per octave for |x| in [2**EXP_LO, 2**EXP_HI),
@@ -84,18 +90,21 @@ def _offer(vals, docs, src, pos, n, v, doc, b, t):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, count_prev,
+def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale, group, count,
                       mean, m2, m3, m4, amin, amax, n_pos, hist,
                       av, ad, asrc, apos, dv, dd, dsrc, dpos):
     """Fold one batch into the running state.
 
     acts (B, T, N) float32 and `bits` (the same buffer viewed as int32); lens (B,) valid length
-    of each row (positions [start, lens[b]) count); docs (B,) document ordinal of each row;
+    of each row (positions [start, lens[b]) are valid); docs (B,) document ordinal of each row;
     nxt (B, T) row of `ct` holding the congruences with the true next token (-1: unknown);
-    inv_scale (B, T) 1 / final-norm scale; ct (u, N) w_out . U[:, next] per neuron.
-    Running state over `count_prev` positions: mean, m2, m3, m4 (central sums, float64),
-    amin, amax, n_pos (count > 0), hist (N, N_BINS). Top-k tables (N, k): values, document,
-    and (set by this call for entries it changed) batch row and position."""
+    inv_scale (B, T) 1 / final-norm scale; ct (u, N) w_out . U[:, next] per neuron;
+    wscale (B, T, G) float32 write scale of each group, group (N,) each neuron's group: a valid
+    position counts for neuron n where wscale[b, t, group[n]] != 0.
+    Running state per neuron over count[n] counted positions (updated here): mean, m2, m3, m4
+    (central sums, float64), amin, amax, n_pos (count > 0), hist (N, N_BINS). Top-k tables
+    (N, k): values, document, and (set by this call for entries it changed) batch row and
+    position."""
     B, T, N = acts.shape
     nblocks = (N + BLOCK - 1) // BLOCK
     for blk in prange(nblocks):
@@ -111,18 +120,23 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, count_p
         at_a = np.zeros(w, np.int32)
         best_d = np.empty(w, np.float32)
         at_d = np.zeros(w, np.int32)
+        cnt = np.zeros(w, np.int64)
+        grp = np.empty(w, np.int64)
         for i in range(w):
-            shift[i] = mean[n0 + i] if count_prev > 0 else np.float64(acts[0, start, n0 + i])
-        cnt = 0
+            grp[i] = group[n0 + i]
+            shift[i] = mean[n0 + i] if count[n0 + i] > 0 else np.float64(acts[0, start, n0 + i])
         for b in range(B):
             for i in range(w):
                 best_a[i] = EMPTY
                 best_d[i] = EMPTY
             for t in range(start, lens[b]):
-                cnt += 1
                 j = nxt[b, t]
                 isc = inv_scale[b, t]
                 for i in range(w):
+                    s = wscale[b, t, grp[i]]
+                    if s == 0:
+                        continue
+                    cnt[i] += 1
                     n = n0 + i
                     x = acts[b, t, n]
                     d = np.float64(x) - shift[i]
@@ -142,7 +156,7 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, count_p
                         best_a[i] = x
                         at_a[i] = t
                     if j >= 0:
-                        y = x * ct[j, n] * isc
+                        y = x * s * ct[j, n] * isc
                         if y > best_d[i]:
                             best_d[i] = y
                             at_d[i] = t
@@ -152,20 +166,22 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, count_p
                     _offer(av, ad, asrc, apos, n, best_a[i], docs[b], b, at_a[i])
                 if best_d[i] > EMPTY:
                     _offer(dv, dd, dsrc, dpos, n, best_d[i], docs[b], b, at_d[i])
-        if cnt == 0:
-            continue
-        na = np.float64(count_prev)
-        nb = np.float64(cnt)
-        nn = na + nb
         for i in range(w):
             n = n0 + i
+            if cnt[i] == 0:
+                continue
+            na = np.float64(count[n])
+            nb = np.float64(cnt[i])
+            nn = na + nb
+            first = count[n] == 0
+            count[n] += cnt[i]
             # central sums of this batch from its power sums about `shift`
             dm = s1[i] / nb
             bm2 = s2[i] - nb * dm * dm
             bm3 = s3[i] - 3.0 * dm * s2[i] + 2.0 * nb * dm ** 3
             bm4 = s4[i] - 4.0 * dm * s3[i] + 6.0 * dm * dm * s2[i] - 3.0 * nb * dm ** 4
             bmean = shift[i] + dm
-            if count_prev == 0:
+            if first:
                 mean[n] = bmean
                 m2[n] = bm2
                 m3[n] = bm3

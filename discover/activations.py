@@ -50,7 +50,7 @@ from discover.errors import CorpusError, QueryError
 KINDS = ("activation", "dla")  # the two example tables
 PASS_JSON = ("corpus", "settings")  # the JSON columns of activation_passes
 CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
-STATE_VERSION = 1
+STATE_VERSION = 2
 ROWS_BUDGET_BYTES = 1.5e9  # activations held per batch (all layers) when batch_size is not given
 
 
@@ -135,10 +135,18 @@ def capture(view):
 
     Yields a dict: 'acts' -> list of (B, T, N) tensors (per layer, the site's input), 'resid'
     -> the final norm's input (B, T, d_model), 'post' -> per layer the input of a norm on the
-    MLP's output (B, T, d_model; None where there is no such norm)."""
+    MLP's output (B, T, d_model; None where there is no such norm), 'scale' -> per layer the
+    experts' write scale (B, T, N): routing weights, 0 where a token is not routed (None in dense
+    models)."""
     model = view.model
-    got: dict = {"acts": [None] * view.n_layers, "resid": None, "post": [None] * view.n_layers}
+    L = view.n_layers
+    got: dict = {"acts": [None] * L, "resid": None, "post": [None] * L, "scale": [None] * L}
     handles = []
+
+    def scale_hook(layer):
+        def hook(_mod, _args, scale):
+            got["scale"][layer] = scale
+        return hook
 
     def post_hook(layer):
         def hook(_mod, args):
@@ -155,7 +163,10 @@ def capture(view):
 
     try:
         for layer in range(view.n_layers):
-            handles.append(view.act_module(layer).register_forward_pre_hook(site_hook(layer)))
+            site = view.act_module(layer)
+            handles.append(site.register_forward_pre_hook(site_hook(layer)))
+            if view.layout.moe:  # an expert site's forward hook sees the routing's write scale
+                handles.append(site.register_forward_hook(scale_hook(layer)))
         handles.append(model.get_submodule(view.final_norm_site()).register_forward_pre_hook(resid_hook))
         for layer in range(view.n_layers):
             site = view.post_mlp_norm_site(layer)
@@ -176,6 +187,7 @@ class PassState:
         self.meta = {"version": STATE_VERSION, "tokens": 0, "sequences": 0, "batches": 0,
                      "next": [0, 0], "exhausted": False, "documents": 0, "doc_names": {}}
         self.a = {
+            "count": np.zeros((L, N), i64),  # positions each neuron counted (routed tokens, for experts)
             "mean": np.zeros((L, N), f64), "m2": np.zeros((L, N), f64), "m3": np.zeros((L, N), f64),
             "m4": np.zeros((L, N), f64),
             "amin": np.full((L, N), np.inf, f32), "amax": np.full((L, N), -np.inf, f32),
@@ -215,15 +227,20 @@ class PassState:
 
     # -- derived statistics ---------------------------------------------------------------
     def moments(self) -> dict:
-        n = float(self.meta["tokens"])
+        """Per neuron over the positions it counted (NaN for a neuron that counted none: an
+        expert no token was routed to)."""
         a = self.a
-        var = a["m2"] / n
+        n = a["count"].astype(np.float64)
+        seen = n > 0
         with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.where(seen, a["m2"] / n, np.nan)
             skew = np.where(var > 0, (a["m3"] / n) / var ** 1.5, np.nan)
             kurt = np.where(var > 0, (a["m4"] / n) / var ** 2, np.nan)
-        return {"act_mean": a["mean"], "act_var": var, "act_skew": skew, "act_kurt": kurt,
-                "act_freq": a["n_pos"] / n, "act_min": a["amin"].astype(np.float64),
-                "act_max": a["amax"].astype(np.float64)}
+            freq = np.where(seen, a["n_pos"] / n, np.nan)
+        return {"act_tokens": a["count"], "act_mean": np.where(seen, a["mean"], np.nan), "act_var": var,
+                "act_skew": skew, "act_kurt": kurt, "act_freq": freq,
+                "act_min": np.where(seen, a["amin"].astype(np.float64), np.nan),
+                "act_max": np.where(seen, a["amax"].astype(np.float64), np.nan)}
 
 
 # ------------------------------------------------------------------------------- the pass
@@ -245,6 +262,7 @@ class _Pass:
         self.base = view.model.base_model
         self.norm = view.final_norm()
         self.post = [view.post_mlp_norm(l) for l in range(self.L)]  # norms on the MLP's output, or None
+        self.group, self.group_first = neuron_groups(view.layout, self.N)
 
     def new_state(self) -> PassState:
         return PassState(self.L, self.N, self.cfg.top_k, self.width, len(self.pairs))
@@ -274,7 +292,12 @@ class _Pass:
             inv = [inv_scale if p is None else inv_scale * self._inv_scale(torch, got["post"][l], p)
                    for l, p in enumerate(self.post)]
             acts = [a.float().contiguous() for a in got["acts"]]
-        return acts, [i.reshape(B, T) for i in inv], pred.reshape(B, T)
+            if self.view.layout.moe:  # (B, T, G): each group's write scale (one expert shares one)
+                first = torch.from_numpy(self.group_first).to(h.device)
+                wscale = [s[..., first].float().contiguous() for s in got["scale"]]
+            else:
+                wscale = [torch.ones(B, T, 1)] * self.L
+        return acts, [i.reshape(B, T) for i in inv], pred.reshape(B, T), wscale
 
     def fold(self, state: PassState, batch: list) -> None:
         """Fold one batch of sequences [(ordinal, doc_id, chunk, ids, next), ...] into `state`."""
@@ -293,7 +316,7 @@ class _Pass:
             lens[b] = m
         docs = np.array([s[0] for s in batch], np.int64)
         chunks = np.array([s[2] for s in batch], np.int32)
-        acts, inv_scales, pred = self.forward(torch.from_numpy(ids).to(self.dev))
+        acts, inv_scales, pred, wscales = self.forward(torch.from_numpy(ids).to(self.dev))
         pred = pred.cpu().numpy()
         valid = (np.arange(T)[None, :] >= start) & (np.arange(T)[None, :] < lens[:, None])
 
@@ -309,19 +332,20 @@ class _Pass:
         for l in range(self.L):
             inv_scale = inv_scales[l].cpu().numpy().astype(np.float32)  # (B, T)
             act = acts[l].cpu().numpy()  # (B, T, N)
+            wscale = wscales[l].cpu().numpy()  # (B, T, G)
             ct = (U_next @ self.W_out_T[l]).cpu().numpy()  # (u, N)
             if ct.shape[0] == 0:
                 ct = np.zeros((1, self.N), np.float32)
             asrc = np.full((self.N, self.cfg.top_k), -1, np.int32)
             dsrc = np.full((self.N, self.cfg.top_k), -1, np.int32)
             K.activation_update(
-                act, act.view(np.int32), lens, start, docs, nxt_idx, inv_scale, ct, state.meta["tokens"],
-                a["mean"][l], a["m2"][l], a["m3"][l], a["m4"][l], a["amin"][l], a["amax"][l], a["n_pos"][l],
+                act, act.view(np.int32), lens, start, docs, nxt_idx, inv_scale, ct, wscale, self.group,
+                a["count"][l], a["mean"][l], a["m2"][l], a["m3"][l], a["m4"][l], a["amin"][l], a["amax"][l], a["n_pos"][l],
                 a["hist"][l], a["av"][l], a["adoc"][l], asrc, a["apos"][l], a["dv"][l], a["ddoc"][l], dsrc,
                 a["dpos"][l])
             for p, src in (("a", asrc), ("d", dsrc)):
-                self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok)
-            self._curves(state, l, act, valid, pred, nxt_tok)
+                self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok, wscale)
+            self._curves(state, l, act, valid, pred, nxt_tok, wscale)
         n_tokens = int(valid.sum())
         names = state.meta["doc_names"]
         for s in batch:
@@ -334,7 +358,7 @@ class _Pass:
         more = last[4] >= 0  # the document goes on after this chunk
         state.meta["next"] = [last[0], last[2] + 1] if more else [last[0] + 1, 0]
 
-    def _windows(self, state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok) -> None:
+    def _windows(self, state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok, wscale) -> None:
         """Copy the context window of every top-k entry the kernel just replaced."""
         n_idx, j_idx = np.nonzero(src >= 0)
         if len(n_idx) == 0:
@@ -349,14 +373,16 @@ class _Pass:
         vals = act[bb, qc, n_idx[:, None]]
         if p == "d":
             j = nxt_idx[bb, qc]
-            vals = np.where(j >= 0, vals * ct[np.maximum(j, 0), n_idx[:, None]] * inv_scale[bb, qc], np.nan)
+            s = wscale[bb, qc, self.group[n_idx][:, None]]  # what the neuron wrote: its routing weight
+            vals = np.where(j >= 0, vals * s * ct[np.maximum(j, 0), n_idx[:, None]] * inv_scale[bb, qc], np.nan)
         a[f"{p}tok"][l][n_idx, j_idx] = np.where(ok, ids[bb, qc], -1)
         a[f"{p}val"][l][n_idx, j_idx] = np.where(ok, vals, np.nan).astype(np.float16)
         a[f"{p}chunk"][l][n_idx, j_idx] = chunks[b]
         a[f"{p}next"][l][n_idx, j_idx] = nxt_tok[b, pos]
 
-    def _curves(self, state, l, act, valid, pred, nxt_tok) -> None:
-        """Activation-vs-prediction counts per bin for this layer's pairs (vectorised)."""
+    def _curves(self, state, l, act, valid, pred, nxt_tok, wscale) -> None:
+        """Activation-vs-prediction counts per bin for this layer's pairs (vectorised), over the
+        positions each neuron counts."""
         sel = [i for i, pr in enumerate(self.pairs) if pr[0] == l]
         if not sel:
             return
@@ -364,24 +390,38 @@ class _Pass:
         toks = np.array([self.pairs[i][2] for i in sel])
         x = act[valid][:, neurons]  # (R, P)
         P = len(sel)
-        flat = K.bin_index(x) + K.N_BINS * np.arange(P)[None, :]
-        pv, nv = pred[valid], nxt_tok[valid]
         size = P * K.N_BINS
+        flat = K.bin_index(x) + K.N_BINS * np.arange(P)[None, :]
+        # a position a neuron does not count (not routed to its expert) goes to a dropped slot
+        flat = np.where(wscale[valid][:, self.group[neurons]] != 0, flat, size)
+        pv, nv = pred[valid], nxt_tok[valid]
         no_next = flat[nv < 0]  # few rows: the last token of each document
         r_top, p_top = np.nonzero(pv[:, None] == toks[None, :])  # sparse
         r_nxt, p_nxt = np.nonzero(nv[:, None] == toks[None, :])
-        counts = np.bincount(flat.ravel(), minlength=size)
+        counts = np.bincount(flat.ravel(), minlength=size + 1)[:size]
         parts = [
             counts,
-            np.bincount(flat[r_top, p_top], minlength=size),
-            counts - np.bincount(no_next.ravel(), minlength=size),
-            np.bincount(flat[r_nxt, p_nxt], minlength=size),
+            np.bincount(flat[r_top, p_top], minlength=size + 1)[:size],
+            counts - np.bincount(no_next.ravel(), minlength=size + 1)[:size],
+            np.bincount(flat[r_nxt, p_nxt], minlength=size + 1)[:size],
         ]
         state.a["curves"][sel] += np.stack(parts, axis=-1).reshape(P, K.N_BINS, len(CURVE_FIELDS))
 
 
 def _after_batch(batches: int) -> None:
     """Test hook: called after every folded (and possibly saved) batch."""
+
+
+def neuron_groups(layout, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each neuron (N,) int32, first neuron of each group): one group in a dense layer;
+    in a mixture-of-experts layer one per expert, then one for the shared expert. The neurons of
+    a group share their write scale at every position (their expert's routing weight)."""
+    if not layout.moe:
+        return np.zeros(N, np.int32), np.zeros(1, np.int64)
+    E, I = layout.experts, layout.expert_size
+    group = np.minimum(np.arange(N) // I, E).astype(np.int32)
+    first = np.arange(E + (1 if layout.shared else 0), dtype=np.int64) * I
+    return group, first
 
 
 def auto_batch_size(view, context: int) -> int:
@@ -402,15 +442,18 @@ def model_context(view) -> int:
 # ------------------------------------------------------------------------------ pairs
 def parse_pair(text: str, view) -> tuple[int, int, int]:
     """'L1.N42:" an"' -> (1, 42, token id); the token must be one token of the vocabulary."""
-    from discover.query import parse_neuron
-
     nid, sep, tok = text.partition(":")
+    lay = view.layout
     if not sep or not tok:
-        raise QueryError(f"malformed --pair {text!r}; write it as L<layer>.N<index>:TOKEN, e.g. 'L1.N42:\" an\"'")
-    layer, neuron = parse_neuron(nid)
+        eg = "L1.E2.N42" if lay.moe else "L1.N42"
+        raise QueryError(f"malformed --pair {text!r}; write it as NEURON:TOKEN, e.g. '{eg}:\" an\"'")
+    try:
+        layer, neuron = lay.parse(nid)
+    except QueryError as e:
+        raise QueryError(f"--pair {text!r}: {e}") from None
     if not (0 <= layer < view.n_layers and 0 <= neuron < view.d_mlp):
         raise QueryError(
-            f"--pair {text!r}: neuron L{layer}.N{neuron} is out of range: this model has layers "
+            f"--pair {text!r}: neuron {nid} is out of range: this model has layers "
             f"0-{view.n_layers - 1} and neurons 0-{view.d_mlp - 1} per layer")
     if len(tok) >= 2 and tok[0] == tok[-1] and tok[0] in "\"'":
         tok = tok[1:-1]

@@ -364,7 +364,10 @@ def shade_example(ex: dict, color: bool) -> str:
 def _print_activity(act: dict, color: bool) -> None:
     c = act["corpus"]
     s = act["stats"]
-    print(f"\nactivations over {act['tokens']:,} tokens of {c['kind']} corpus {c['path']} "
+    counted = s.get("act_tokens")
+    routed = (f" ({counted:,} routed to this expert)" if counted is not None and counted != act["tokens"]
+              else "")
+    print(f"\nactivations over {act['tokens']:,} tokens{routed} of {c['kind']} corpus {c['path']} "
           f"(split {act['split']}, pass {act['pass_id']}):")
     print(_table(["mean", "var", "skew", "kurtosis", "freq > 0", "min", "max"],
                  [[s["act_mean"], s["act_var"], s["act_skew"], s["act_kurt"], s["act_freq"], s["act_min"],

@@ -47,10 +47,35 @@ class FeatureData:
     top_pred: np.ndarray = None  # (R,) the model's top prediction
     seqs: list = field(default_factory=list, repr=False)  # (ids with BOS, first row, n rows) per sequence
     tmpdir: object = field(default=None, repr=False)  # keeps the memmap's directory alive
+    # mixtures of experts: (L, groups, R) bool, the tokens routed to each expert (the shared
+    # expert's group: every token); with `group` (N,) each neuron's group. None: dense
+    routed: np.ndarray | None = None
+    group: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
         return len(self.part)
+
+    def counted(self, layer: int, neuron: int) -> np.ndarray | None:
+        """(R,) bool: the rows neuron (layer, neuron) counts (routed to its expert); None: all."""
+        if self.routed is None:
+            return None
+        return self.routed[layer, self.group[neuron]]
+
+    def segments(self, block: int) -> list:
+        """[(g0, g1, rows or None)]: blocks of at most `block` neurons (flat index layer * N + n)
+        that count the same rows."""
+        G, N = self.acts.shape[0], self.d_mlp
+        if self.routed is None:
+            return [(g0, min(G, g0 + block), None) for g0 in range(0, G, block)]
+        out = []
+        for layer in range(self.n_layers):
+            bounds = np.flatnonzero(np.diff(np.r_[-1, self.group, -2]))  # where the group changes
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                rows = self.routed[layer, self.group[a]]
+                for g0 in range(a, b, block):
+                    out.append((layer * N + g0, layer * N + min(b, g0 + block), rows))
+        return out
 
 
 def _part(doc_id: str) -> int:
@@ -85,6 +110,12 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     pred = np.zeros(tokens, np.int64)
     seqs: list = []
     head = view.model.get_output_embeddings()
+    moe = view.layout.moe
+    if moe:
+        from discover.activations import neuron_groups
+
+        group, first = neuron_groups(view.layout, view.d_mlp)
+        routed = np.zeros((view.n_layers, len(first), tokens), bool)
     probe = rule_spans(rules, "x")  # which rules can run (spaCy present?)
     skipped = [r.name for r in rules if probe[r.name] is None]
     n = docs = 0
@@ -106,6 +137,9 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
             acts[:, row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
                                              dim=-1).float().numpy().T
             pred[row:row + m] = top[b, start:start + m].numpy()
+            if moe:
+                for l in range(view.n_layers):
+                    routed[l, :, row:row + m] = (got["scale"][l][b, start:start + m][:, first] != 0).numpy().T
         seqs.extend(pending)
         pending.clear()
 
@@ -137,14 +171,15 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     acts.flush()
     return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:, :n],
                        n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, next_token=nxt[:n],
-                       top_pred=pred[:n], seqs=seqs, tmpdir=tmp)
+                       top_pred=pred[:n], seqs=seqs, tmpdir=tmp,
+                       routed=routed[:, :, :n] if moe else None, group=group if moe else None)
 
 
 @dataclass
 class FeatureScores:
     rules: list  # rule names
-    n_pos: np.ndarray  # (n_rules,) positives among all tokens
-    tested: np.ndarray  # (n_rules,) bool: enough positives and negatives in both parts
+    n_pos: np.ndarray  # (G, n_rules) positives among the tokens each neuron counts (all tokens, dense)
+    tested: np.ndarray  # (G, n_rules) bool: enough positives and negatives in both parts
     auroc: np.ndarray  # (G, n_rules)
     p: np.ndarray  # (G, n_rules) one-sided, NaN where not tested
     q: np.ndarray  # (G, n_rules) Benjamini-Hochberg over all tested pairs
@@ -153,6 +188,7 @@ class FeatureScores:
     recall: np.ndarray
     f1: np.ndarray
     f1_a: np.ndarray  # the F1 on part A at the chosen threshold
+    counted: np.ndarray | None = None  # (G,) tokens each neuron counts (experts: routed); None: all
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -177,68 +213,86 @@ def _rank_block(x: np.ndarray) -> np.ndarray:
 
 def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives: int = 20,
           n_thresholds: int = 64, block: int = 512) -> FeatureScores:
-    """Score every (neuron, rule) pair; `labels` overrides data.labels (shuffle checks)."""
+    """Score every (neuron, rule) pair; `labels` overrides data.labels (shuffle checks). Each
+    neuron is scored over the tokens it counts: every token, or for an expert the tokens routed
+    to it (`FeatureData.segments`: blocks of neurons that count the same tokens)."""
+    lab = data.labels if labels is None else labels
+    nr = lab.shape[1]
+    G = data.acts.shape[0]
+    out = {k: np.full((G, nr), np.nan) for k in ("auroc", "p", "threshold", "precision", "recall", "f1", "f1_a")}
+    n_pos = np.zeros((G, nr), np.int64)
+    tested = np.zeros((G, nr), bool)
+    counted = np.zeros(G, np.int64)
+    for g0, g1, rows in data.segments(block):
+        X = np.asarray(data.acts[g0:g1], dtype=np.float64).T  # (R, B)
+        part, y = data.part, lab
+        if rows is not None:
+            X, part, y = X[rows], part[rows], lab[rows]
+        counted[g0:g1] = len(part)
+        n1, ok = _score_block(X, y, part, min_positives, n_thresholds, {k: v[g0:g1] for k, v in out.items()})
+        n_pos[g0:g1] = n1
+        tested[g0:g1] = ok
+    for k in ("threshold", "precision", "recall", "f1", "f1_a"):
+        out[k][~tested] = np.nan
+    q = benjamini_hochberg(out["p"])
+    return FeatureScores(rules=[r.name for r in data.rules], n_pos=n_pos, tested=tested, q=q,
+                         counted=None if data.routed is None else counted, **out)
+
+
+def _score_block(X, lab, part, min_positives, n_thresholds, out) -> tuple[np.ndarray, np.ndarray]:
+    """Fill `out` (views (B, n_rules)) for the neurons of X (R, B) over its R tokens; return the
+    positives per rule and which rules could be tested."""
     from scipy.stats import norm
 
-    lab = data.labels if labels is None else labels
     R, nr = lab.shape
-    G = data.acts.shape[0]
     Y = lab.astype(np.float64)
     n1 = Y.sum(0)
     n0 = R - n1
-    inA, inB = data.part == 0, data.part == 1
+    inA, inB = part == 0, part == 1
     tested = ((n1 >= min_positives) & (n0 >= min_positives) & (lab[inA].sum(0) >= min_positives // 2)
               & (lab[inB].sum(0) >= min_positives // 2))
-    out = {k: np.full((G, nr), np.nan) for k in ("auroc", "p", "threshold", "precision", "recall", "f1", "f1_a")}
+    if R < 2:
+        return n1.astype(np.int64), tested
+    B = X.shape[1]
     qs = np.linspace(0.5, 0.999, n_thresholds)
-    for g0 in range(0, G, block):
-        g1 = min(G, g0 + block)
-        X = np.asarray(data.acts[g0:g1], dtype=np.float64).T  # (R, B)
-        ranks = _rank_block(X)
-        # --- AUROC and its permutation null (exact moments of U, tie-corrected)
-        rank_sum = Y.T @ ranks  # (nr, B)
-        U = rank_sum - (n1 * (n1 + 1) / 2)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            auc = U / (n1 * n0)[:, None]
-            tie = _tie_term(X)  # (B,) sum(t^3 - t) over tie groups
-            var = (n1 * n0)[:, None] / 12.0 * ((R + 1) - tie[None, :] / (R * (R - 1)))
-            z = (U - (n1 * n0 / 2)[:, None]) / np.sqrt(var)
-        p = norm.sf(z)
-        out["auroc"][g0:g1] = auc.T
-        out["p"][g0:g1] = np.where(tested[:, None] & np.isfinite(z), p, np.nan).T
-        # --- threshold on A (max F1 over quantile thresholds), precision / recall / F1 on B
-        if not tested.any():  # (e.g. every document fell in one half): nothing to threshold
-            continue
-        XA, XB = X[inA], X[inB]
-        thr = np.quantile(XA, qs, axis=0)  # (K, B)
-        for part_x, part_y, key in ((XA, Y[inA], "a"), (XB, Y[inB], "b")):
-            counts = _threshold_counts(part_x, part_y, thr)  # tp (K, nr, B), pp (K, B)
-            if key == "a":
-                tpA, ppA = counts
-                posA = part_y.sum(0)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    f1A = 2 * tpA / (ppA[:, None, :] + posA[None, :, None])
-                f1A = np.nan_to_num(f1A, nan=-1.0)
-                best = f1A.argmax(0)  # (nr, B)
-            else:
-                tpB, ppB = counts
-                posB = part_y.sum(0)
-                cols = np.arange(g1 - g0)[None, :]
-                tp = tpB[best, np.arange(nr)[:, None], cols]
-                pp = ppB[best, cols]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    prec = np.where(pp > 0, tp / pp, 0.0)
-                    rec = tp / posB[:, None]
-                    f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
-                out["threshold"][g0:g1] = thr[best, cols].T
-                out["precision"][g0:g1] = prec.T
-                out["recall"][g0:g1] = rec.T
-                out["f1"][g0:g1] = f1.T
-                out["f1_a"][g0:g1] = f1A[best, np.arange(nr)[:, None], cols].T
-    for k in ("threshold", "precision", "recall", "f1", "f1_a"):
-        out[k][:, ~tested] = np.nan
-    q = benjamini_hochberg(out["p"])
-    return FeatureScores(rules=[r.name for r in data.rules], n_pos=n1.astype(np.int64), tested=tested, q=q, **out)
+    ranks = _rank_block(X)
+    # --- AUROC and its permutation null (exact moments of U, tie-corrected)
+    rank_sum = Y.T @ ranks  # (nr, B)
+    U = rank_sum - (n1 * (n1 + 1) / 2)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = U / (n1 * n0)[:, None]
+        tie = _tie_term(X)  # (B,) sum(t^3 - t) over tie groups
+        var = (n1 * n0)[:, None] / 12.0 * ((R + 1) - tie[None, :] / (R * (R - 1)))
+        z = (U - (n1 * n0 / 2)[:, None]) / np.sqrt(var)
+    p = norm.sf(z)
+    out["auroc"][:] = auc.T
+    out["p"][:] = np.where(tested[:, None] & np.isfinite(z), p, np.nan).T
+    # --- threshold on A (max F1 over quantile thresholds), precision / recall / F1 on B
+    if not tested.any():  # (e.g. every document fell in one half): nothing to threshold
+        return n1.astype(np.int64), tested
+    XA, XB = X[inA], X[inB]
+    thr = np.quantile(XA, qs, axis=0)  # (K, B)
+    tpA, ppA = _threshold_counts(XA, Y[inA], thr)  # tp (K, nr, B), pp (K, B)
+    posA = Y[inA].sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1A = 2 * tpA / (ppA[:, None, :] + posA[None, :, None])
+    f1A = np.nan_to_num(f1A, nan=-1.0)
+    best = f1A.argmax(0)  # (nr, B)
+    tpB, ppB = _threshold_counts(XB, Y[inB], thr)
+    posB = Y[inB].sum(0)
+    cols = np.arange(B)[None, :]
+    tp = tpB[best, np.arange(nr)[:, None], cols]
+    pp = ppB[best, cols]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prec = np.where(pp > 0, tp / pp, 0.0)
+        rec = tp / posB[:, None]
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+    out["threshold"][:] = thr[best, cols].T
+    out["precision"][:] = prec.T
+    out["recall"][:] = rec.T
+    out["f1"][:] = f1.T
+    out["f1_a"][:] = f1A[best, np.arange(nr)[:, None], cols].T
+    return n1.astype(np.int64), tested
 
 
 def _tie_term(X: np.ndarray) -> np.ndarray:

@@ -143,8 +143,10 @@ CREATE TABLE IF NOT EXISTS neuron_activations (
     act_kurt        DOUBLE,               -- E[z^4], NOT excess (a Gaussian gives 3)
     act_freq        DOUBLE,               -- fraction of positions with activation > 0
     act_min         DOUBLE,
-    act_max         DOUBLE
+    act_max         DOUBLE,
+    act_tokens      BIGINT                -- positions counted: every token; for an expert, the tokens routed to it
 );
+ALTER TABLE neuron_activations ADD COLUMN IF NOT EXISTS act_tokens BIGINT;
 CREATE TABLE IF NOT EXISTS activation_examples (
     pass_id         VARCHAR,
     checkpoint_id   VARCHAR,

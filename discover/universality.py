@@ -366,7 +366,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
             f"universality compares two or more models, got {len(specs)}; give MODEL_A MODEL_B [...] "
             "(e.g. two seeds of one architecture)")
     for s in specs:  # from the configs alone, before any weights are hashed or loaded
-        require_statistics(s)
+        require_statistics(s, correlations=True)
     identities = [identify(s, allow_pickle=allow_pickle) for s in specs]
     seen: dict = {}
     for spec, ident in zip(specs, identities):
@@ -377,7 +377,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
     views = [load_model(s, allow_pickle=allow_pickle, device=cfg.device, identity=i)
              for s, i in zip(specs, identities)]
     for v, s in zip(views, specs):
-        v.require_statistics()
+        v.require_statistics(correlations=True)
         if v.tokenizer is None:
             raise ModelLoadError(f"model {s} has no tokenizer files; universality needs one")
     strings0 = views[0].token_strings()

@@ -93,13 +93,16 @@ class Hypothesis:
 def feature_hypotheses(scores, N: int, cfg: VerifyConfig) -> list[Hypothesis]:
     out = []
     for j, rule in enumerate(scores.rules):
-        if not scores.tested[j]:
+        ok = scores.tested[:, j]
+        if not ok.any():
             continue
-        col = np.nan_to_num(scores.auroc[:, j], nan=-1)
-        for g in np.argsort(-col, kind="stable")[:cfg.per_rule]:
+        col = np.where(ok, np.nan_to_num(scores.auroc[:, j], nan=-1), -2)  # untested neurons last
+        for g in np.argsort(-col, kind="stable")[:min(cfg.per_rule, int(ok.sum()))]:
             ev = {k: float(getattr(scores, k)[g, j]) for k in ("auroc", "p", "q", "precision", "recall", "f1", "f1_a",
                                                               "threshold")}
-            ev.update(n_positive=int(scores.n_pos[j]), alpha=cfg.alpha)
+            ev.update(n_positive=int(scores.n_pos[g, j]), alpha=cfg.alpha)
+            if scores.counted is not None:  # an expert: scored over the tokens routed to it
+                ev.update(counted_tokens=int(scores.counted[g]))
             if not np.isfinite(ev["q"]):
                 v, why = "rejected", "no test possible: the activation is constant on this text"
             elif ev["q"] <= cfg.alpha and ev["auroc"] >= cfg.min_auroc and ev["f1"] >= cfg.min_f1:
@@ -166,7 +169,11 @@ class _Ablator:
             base = logp(tr.hidden)
             out = np.empty(len(neurons))
             for i, (l, n) in enumerate(neurons):
-                delta = (float(means[l, n]) - tr.acts[l][:, :, n])[..., None] * self.W_out[l][n]  # (S, T, d)
+                m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
+                change = (m if np.isfinite(m) else 0.0) - tr.acts[l][:, :, n]
+                if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
+                    change = change * tr.scales[l][:, :, n]
+                delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
                 delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
                 hid = view.run_blocks(tr, l, view.add_to_mlp(l, tr.outs[l], tr.mlp_raw[l], delta))
                 out[i] = float((logp(hid) - base).mean())
@@ -208,6 +215,19 @@ class _Tails:
         return ids, [float(z[t]) for t in ids], len(tail)
 
 
+def counted_means(data, block: int = 1024) -> np.ndarray:
+    """(G,) float64: each neuron's mean activation over the tokens it counts (every token; for an
+    expert, the tokens routed to it; NaN if none)."""
+    out = np.full(data.acts.shape[0], np.nan)
+    for g0, g1, rows in data.segments(block):
+        x = np.asarray(data.acts[g0:g1], dtype=np.float64)
+        if rows is not None:
+            x = x[:, rows]
+        if x.shape[1]:
+            out[g0:g1] = x.mean(1)
+    return out
+
+
 def subject_label(subject: str, evidence: dict) -> str:
     """How a verdict's subject is shown: the strongest token, and how many more X holds."""
     more = (evidence.get("tail_size") or len(evidence.get("token_ids") or [0])) - 1
@@ -224,9 +244,8 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         return []
     N, L = view.d_mlp, view.n_layers
     acts = data.acts  # (G, R) neuron-major memmap
-    means = np.concatenate([np.asarray(acts[g0:g0 + 1024], dtype=np.float64).mean(1)
-                            for g0 in range(0, acts.shape[0], 1024)]).reshape(L, N)
-    has_next = data.next_token >= 0
+    means = counted_means(data).reshape(L, N)
+    has_next_all = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)
     abl = _Ablator(view, data)
     strings = view.token_strings()
@@ -238,13 +257,20 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         ids = np.array(tail, np.int64)
         x = np.asarray(acts[l * N + n], dtype=np.float64)
         is_next, is_top = np.isin(data.next_token, ids), np.isin(data.top_pred, ids)
+        has_next = has_next_all
+        rows = data.counted(l, n)  # an expert: the tokens routed to it
+        if rows is not None:
+            x, is_next, is_top, has_next = x[rows], is_next[rows], is_top[rows], has_next[rows]
         ev = {"token": strings[tok], "tokens": [strings[t] for t in ids], "token_ids": ids.tolist(),
               "tokens_z": [round(z, 3) for z in tail_z], "tail_cut_z": round(tails.cut, 3), "tail_size": n_tail,
               "auroc_next": _auroc(x[has_next], is_next[has_next]), "auroc_top_prediction": _auroc(x, is_top),
               "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
+        if rows is not None:
+            ev.update(counted_tokens=len(x), held_out_tokens=data.tokens)
         ev.update(_curve_trend(curves.get((l, n, tok))))
-        controls = [int(c) for c in rng.choice([i for i in range(N) if i != n], size=min(cfg.controls, N - 1),
-                                               replace=False)]
+        # controls: same-layer neurons; for an expert, of the same expert (the same routed tokens)
+        pool = [i for i in range(N) if i != n and (data.group is None or data.group[i] == data.group[n])]
+        controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
         eff, n_pos = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
         sign = -1.0 if role == "prediction" else 1.0  # the expected direction of the change of log p(X)
         if n_pos == 0:
@@ -257,7 +283,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
         z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
         ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
-                  control_sd=sd, ablation_z=z, controls=[f"L{l}.N{c}" for c in controls])
+                  control_sd=sd, ablation_z=z, controls=[view.layout.name(l, c) for c in controls])
         directed = sign * z if np.isfinite(z) else float("nan")
         if role == "prediction":
             ok_curve = np.isfinite(ev["auroc_next"]) and ev["auroc_next"] >= cfg.pred_auroc
@@ -445,12 +471,15 @@ def query_verdicts(store, model: str, *, verdict: str | None = None, kind: str |
         f"SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses WHERE {' AND '.join(where)} "
         "ORDER BY CASE verdict WHEN 'confirmed' THEN 0 WHEN 'inconclusive' THEN 1 ELSE 2 END, "
         "kind, layer, neuron", params).fetchall()
+    from discover.names import layout_of
+
+    layout = layout_of(ckpt)
     items = []
     for l, n, k, subj, v, why, ev in rows:
         ev = json.loads(ev)
         strength = ev.get("auroc") if k == "feature" else ev.get("auroc_next")
         strength = float(strength) if strength is not None else float("nan")
-        items.append({"neuron": f"L{l}.N{n}", "layer": l, "neuron_index": n, "kind": k, "subject": subj,
+        items.append({"neuron": layout.name(l, n), "layer": l, "neuron_index": n, "kind": k, "subject": subj,
                       "verdict": v, "decided_by": why, "evidence": ev, "strength": strength})
     order = {"confirmed": 0, "inconclusive": 1, "rejected": 2}
     items.sort(key=lambda x: (order[x["verdict"]], -(x["strength"] if np.isfinite(x["strength"]) else -1)))

@@ -143,7 +143,7 @@ def test_batched_padding_does_not_leak(env):
     seqs = env.ref.seqs[:BATCH]
     T = max(len(s[3]) for s in seqs)
     ids = torch.tensor([s[3] + [0] * (T - len(s[3])) for s in seqs])
-    acts, inv, pred = runner.forward(ids)
+    acts, inv, pred, _ = runner.forward(ids)
     for b, s in enumerate(seqs):
         m = (env.ref.seq == b)
         pos = env.ref.pos[m]
@@ -188,7 +188,7 @@ def test_moments_are_exact_for_the_same_batches(env):
         K.activation_update(
             x, x.view(np.int32), np.full(B, T, np.int32), 1, np.arange(B, dtype=np.int64) + 10 * i,
             np.full((B, T), -1, np.int32), np.ones((B, T), np.float32), np.zeros((1, N), np.float32),
-            state.meta["tokens"], a["mean"][0], a["m2"][0], a["m3"][0], a["m4"][0], a["amin"][0], a["amax"][0],
+            np.ones((B, T, 1), np.float32), np.zeros(N, np.int32), a["count"][0], a["mean"][0], a["m2"][0], a["m3"][0], a["m4"][0], a["amin"][0], a["amax"][0],
             a["n_pos"][0], a["hist"][0], a["av"][0], a["adoc"][0], np.full((N, k), -1, np.int32), a["apos"][0],
             a["dv"][0], a["ddoc"][0], np.full((N, k), -1, np.int32), a["dpos"][0])
         state.meta["tokens"] += B * (T - 1)
@@ -498,7 +498,7 @@ def test_dla_scale_includes_a_post_mlp_norm(post_norm):
     view = from_model(model, make_tokenizer())
     runner = A._Pass(view, A.ActivationConfig(), [], 16, 2)
     ids = torch.randint(1, 97, (2, 9))
-    acts, inv, _ = runner.forward(ids)
+    acts, inv, _, _ = runner.forward(ids)
     U = view.processed_unembed().double()
     nxt = ids[:, 1:]
     for layer in range(view.n_layers):

@@ -148,23 +148,28 @@ def check_architecture(model_dir: Path) -> str:
     return cfg.get("model_type")
 
 
-def require_statistics(spec: str) -> None:
+def require_statistics(spec: str, correlations: bool = False) -> None:
     """Refuse (one line), from the config or GGUF header alone, before any weight is hashed or
-    loaded, a local model whose corpus-pass statistics are not defined yet (experts). Hub ids not
-    on disk are checked after loading (`ModelView.require_statistics`)."""
+    loaded, a local model whose corpus-pass statistics (with `correlations`: universality's
+    correlations, not defined for experts) are not defined. Hub ids not on disk are checked
+    after loading (`ModelView.require_statistics`)."""
     from discover.adapter import gguf
     from discover.adapter.families import family_for
 
     found = gguf.find(spec)
     if found is not None:
-        family_for({"model_type": gguf.model_type(gguf.read_header(found), found)}).require_statistics()
-        return
-    cfg = Path(spec).expanduser() / "config.json"
-    if cfg.is_file():
+        fam = family_for({"model_type": gguf.model_type(gguf.read_header(found), found)})
+    else:
+        cfg = Path(spec).expanduser() / "config.json"
+        if not cfg.is_file():
+            return
         try:
-            family_for(json.loads(cfg.read_text()), where=str(cfg.parent)).require_statistics()
+            fam = family_for(json.loads(cfg.read_text()), where=str(cfg.parent))
         except json.JSONDecodeError:
             return  # identify says so, in its own words
+    fam.require_statistics()
+    if correlations:
+        fam.require_correlations()
 
 
 def identify(spec: str, *, allow_pickle: bool = False) -> tuple[str, str, Path]:

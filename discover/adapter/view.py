@@ -123,11 +123,14 @@ class ModelView:
         patches them calls this before it touches the store."""
         self.act_module(0)
 
-    def require_statistics(self) -> None:
-        """Raise (one line) unless the corpus pass's statistics are defined for this model: the
-        corpus pass, verification and universality call this before they touch the store."""
+    def require_statistics(self, correlations: bool = False) -> None:
+        """Raise (one line) unless the corpus pass's statistics (and, with `correlations`, the
+        correlations universality needs) are defined for this model: the corpus pass,
+        verification and universality call this before they touch the store."""
         self.require_activations()
         self.arch.require_statistics()
+        if correlations:
+            self.arch.require_correlations()
 
     def mlp_input_module(self, layer: int):
         """What to register hooks on to see the MLP's input as (batch, pos, d_model)."""

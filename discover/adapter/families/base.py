@@ -107,7 +107,11 @@ class Family:
         return DENSE
 
     def require_statistics(self) -> None:
-        """Raise UnsupportedModel where the corpus pass's statistics are not defined yet (experts)."""
+        """Raise UnsupportedModel where the corpus pass's statistics are not defined."""
+
+    def require_correlations(self) -> None:
+        """Raise UnsupportedModel where neuron-to-neuron correlations over common tokens (universality)
+        are not defined (experts)."""
 
     def site_module(self, model, block, path: str):
         """What hooks on the module at `path` (inside `block`) are registered on: the module

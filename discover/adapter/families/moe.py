@@ -18,8 +18,9 @@ router chose for that input: `sum_e w_e(x) * a_e W_out_e` (+ the shared expert's
 `sigmoid(g x) * a_s W_out_s`). An activation is defined for every expert at every position (what
 the expert computes there); a patched activation of an expert the token was not routed to
 writes nothing (its weight is 0): patching holds the routing of the run it patches, as freezing a
-norm's scale. The corpus pass and verification still need statistics over routed tokens only
-and refuse in one line (`require_statistics`). Layers must all be mixtures with one shape
+norm's scale. Forward hooks also receive that scale: the corpus pass and verification count, for
+each expert, only the tokens routed to it. Universality refuses in one line
+(`require_correlations`). Layers must all be mixtures with one shape
 (Qwen's `mlp_only_layers` / `decoder_sparse_step` mixes are refused)."""
 
 from discover.adapter.families.base import Family
@@ -108,11 +109,11 @@ class MoE(Family):
             scale = torch.cat([scale, g.expand(-1, shared.gate_proj.weight.shape[0])], 1)
         return scale
 
-    def require_statistics(self) -> None:
+    def require_correlations(self) -> None:
         raise UnsupportedModel(
-            f"statistics over the tokens routed to each expert are not supported yet for {self.model_type}, so "
-            "the corpus pass, verification and universality of mixture-of-experts models refuse; scan, query "
-            "and patch work")
+            f"universality is not defined for {self.model_type}'s experts: an expert's neuron has an activation "
+            "only on the tokens routed to it, so neurons of two models share no common set of tokens to correlate "
+            "over, and the rotated baseline would mix experts; scan, query, activations, verify and patch work")
 
 
 class _Handle:
