@@ -274,14 +274,12 @@ def _cmd_query_neuron(args) -> int:
 
 
 def _neuron_history(args) -> int:
-    from discover.query import parse_neuron
     from discover.track import neuron_history
 
     if not args.model:
         raise DiscoverError("--history needs --model RUN_DIR: the directory `discover watch` processed")
-    layer, neuron = parse_neuron(args.neuron)
     with _open_store(args, read_only=True) as store:
-        res = neuron_history(store, args.model, layer, neuron, at=args.at)
+        res = neuron_history(store, args.model, args.neuron, at=args.at)
     if args.json:
         _print_json(res)
         return 0

@@ -21,7 +21,8 @@ def parse_neuron(text: str, layout: Layout = DENSE) -> tuple[int, int]:
     return layout.parse(text)
 
 
-def _check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
+def check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
+    """Raise QueryError (one line, in the model's own neuron names) unless the neuron exists."""
     if not (0 <= layer < ckpt["n_layers"] and 0 <= neuron < ckpt["d_mlp"]):
         layout = layout_of(ckpt)
         per_layer = (f"experts 0-{layout.experts - 1} of neurons 0-{layout.expert_size - 1}" if layout.moe
@@ -159,7 +160,7 @@ def query_neuron(store: Store, model: str, neuron: str, *, similar: bool = False
     ckpt = store.resolve_model(model)
     layout = layout_of(ckpt)
     layer, idx = parse_neuron(neuron, layout)
-    _check_neuron(ckpt, layer, idx)
+    check_neuron(ckpt, layer, idx)
     cid = ckpt["checkpoint_id"]
     cur = store.con.execute(
         "SELECT * EXCLUDE (checkpoint_id) FROM neurons WHERE checkpoint_id = ? AND layer = ? AND neuron = ?",

@@ -297,7 +297,10 @@ def checkpoint_changes(store, r: dict, *, top: int = 10) -> dict:
              "verdicts": [], "moved": [], "match": None}
     if not r["prev_checkpoint_id"]:
         return entry
+    from discover.names import layout_of
+
     key = [r["checkpoint_id"], r["prev_checkpoint_id"]]
+    layout = layout_of(store.checkpoint(r["checkpoint_id"]))
     entry["prev_step"] = (store.con.execute("SELECT step FROM watch_checkpoints WHERE checkpoint_id = ? AND "
                                             "series = ?", [key[1], r["series"]]).fetchone() or [None])[0]
     q = "FROM neuron_changes WHERE checkpoint_id = ? AND prev_checkpoint_id = ?"
@@ -308,10 +311,10 @@ def checkpoint_changes(store, r: dict, *, top: int = 10) -> dict:
         entry["roles"].setdefault(subject, {"gained": 0, "lost": 0})[change[5:]] = c
     cur = store.con.execute(f"SELECT * {q} AND change LIKE 'verdict_%' ORDER BY change, layer, neuron", key)
     cols = [c[0] for c in cur.description]
-    entry["verdicts"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
+    entry["verdicts"] = [_change_row(dict(zip(cols, v)), layout) for v in cur.fetchall()]
     cur = store.con.execute(f"SELECT * {q} AND change = 'moved' ORDER BY score DESC LIMIT ?", [*key, top])
     cols = [c[0] for c in cur.description]
-    entry["moved"] = [_change_row(dict(zip(cols, v))) for v in cur.fetchall()]
+    entry["moved"] = [_change_row(dict(zip(cols, v)), layout) for v in cur.fetchall()]
     entry["match"] = dict(zip(("similarity_median", "similarity_min", "mutual_fraction", "same_index"),
                               store.con.execute(
         "SELECT median(similarity), min(similarity), avg(mutual::INT), avg((neuron = prev_neuron)::INT) "
@@ -334,18 +337,20 @@ def report_changes(store, checkpoint_id: str, *, top: int = 10) -> dict | None:
     return {**checkpoint_changes(store, r, top=top), "along_run": role_counts_by_step(store, series)}
 
 
-def _change_row(r: dict) -> dict:
+def _change_row(r: dict, layout) -> dict:
     r = {k: v for k, v in r.items() if k not in ("checkpoint_id", "prev_checkpoint_id")}
-    r["neuron_name"] = None if r["neuron"] is None else f"L{r['layer']}.N{r['neuron']}"
-    r["prev_name"] = f"L{r['layer']}.N{r['prev_neuron']}"
+    r["neuron_name"] = None if r["neuron"] is None else layout.name(r["layer"], r["neuron"])
+    r["prev_name"] = layout.name(r["layer"], r["prev_neuron"])
     return r
 
 
-def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | None = None) -> dict:
-    """Follow one neuron through the checkpoints of one series: back through its matches from the
-    checkpoint at step `at` (default: the newest), and forward through the best match of each step."""
+def neuron_history(store, run_dir: str, name: str, *, at: int | None = None) -> dict:
+    """Follow one neuron (its name, e.g. L3.N120 or L3.E2.N17) through the checkpoints of one
+    series: back through its matches from the checkpoint at step `at` (default: the newest), and
+    forward through the best match of each step."""
     from discover.errors import QueryError
-    from discover.query import _check_neuron
+    from discover.names import layout_of
+    from discover.query import check_neuron
 
     rows = series_rows(store, run_dir)
     series = {r["series"] for r in rows}
@@ -361,7 +366,9 @@ def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | No
                              + ", ".join(str(r["step"]) for r in rows))
         s = hits[0]
     start = store.checkpoint(rows[s]["checkpoint_id"])
-    _check_neuron(start, layer, neuron)
+    layout = layout_of(start)
+    layer, neuron = layout.parse(name)
+    check_neuron(start, layer, neuron)
     by_id = {r["checkpoint_id"]: j for j, r in enumerate(rows)}
     chain: dict[int, tuple[int, float | None]] = {s: (neuron, None)}
     j, cur = s, neuron
@@ -407,7 +414,7 @@ def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | No
             "SELECT role FROM roles WHERE checkpoint_id = ? AND layer = ? AND neuron = ? ORDER BY role",
             [ck, layer, nid]).fetchall()]
         points.append({
-            "step": r["step"], "path": r["path"], "checkpoint_id": ck, "neuron": f"L{layer}.N{nid}",
+            "step": r["step"], "path": r["path"], "checkpoint_id": ck, "neuron": layout.name(layer, nid),
             "similarity_to_previous": sim, "roles": roles, "role": st[0] if st else None,
             "vocab_kurt": st[1] if st else None, "vocab_skew": st[2] if st else None,
             "w_out_norm": st[3] if st else None,
@@ -415,7 +422,7 @@ def neuron_history(store, run_dir: str, layer: int, neuron: int, *, at: int | No
             "act_max": act[2] if act else None, "confirmed": confirmed,
         })
     return {"run_dir": run_dir, "series": rows[0]["series"], "start": {"step": rows[s]["step"],
-            "neuron": f"L{layer}.N{neuron}"}, "history": points,
+            "neuron": layout.name(layer, neuron)}, "history": points,
             "complete": len(points) == len(rows)}
 
 

@@ -3,8 +3,9 @@ flattened expert weights rebuild the MoE block's own forward pass; planted exper
 shared-expert neurons are found top-1 under their names `L1.E2.N5` / `L1.S.N3`; a dense name on a
 mixture-of-experts layer is one clear error naming the right form; the hooked expert activations
 equal a manual computation and the recomputed block equals the model's; batched patching (writes
-through the corrupted run's routing) equals one hooked forward pass per neuron; stages that need
-statistics over routed tokens (corpus pass, verify) refuse with one line, store unchanged."""
+through the corrupted run's routing) equals one hooked forward pass per neuron; universality, whose
+correlations need tokens every neuron sees, refuses with one line, store unchanged (statistics
+over routed tokens: test_moe_statistics.py)."""
 
 from __future__ import annotations
 
@@ -184,7 +185,9 @@ def test_last_position_patching_with_prompts_of_different_lengths(arch):
         np.testing.assert_allclose(res.recovery[layer][neurons], ref, atol=1e-4)
 
 
-def test_stages_that_need_routed_statistics_refuse_in_one_line(tmp_path, capsys):
+def test_universality_refuses_experts_from_the_config(tmp_path, capsys):
+    """Universality correlates neurons over common tokens, which experts do not share: one line,
+    store unchanged, decided from the config before any weight is read."""
     path = save(tiny("mixtral"), tmp_path / "mixtral")
     store = tmp_path / "store"
     rc, _, err = run(capsys, "scan", str(path), "--store", str(store))
@@ -194,18 +197,12 @@ def test_stages_that_need_routed_statistics_refuse_in_one_line(tmp_path, capsys)
     corpus.mkdir()
     (corpus / "a.txt").write_text("I climbed up the apple tree and picked an apple . " * 30)
     other = save(tiny("mixtral"), tmp_path / "other")
-    for argv in (["activations", str(path), "--corpus", str(corpus), "--tokens", "200"],
-                 ["verify", str(path), "--corpus", str(corpus), "--tokens", "200"],
-                 ["run", str(path), "--corpus", str(corpus), "--tokens", "200", "--out", str(tmp_path / "r.html")],
-                 ["universality", str(path), str(other), "--corpus", str(corpus), "--tokens", "200"]):
-        rc, _, err = run(capsys, *argv, "--store", str(store))
-        assert_one_error_line(rc, err, "routed to each expert", "not supported yet", "scan, query and patch work")
-        assert snapshot(store) == before
-    # refused from the config alone: no weight file is read (here: there is none left to read)
-    for f in path.glob("*.safetensors"):
+    for f in path.glob("*.safetensors"):  # there is no weight file left to read
         f.unlink()
-    rc, _, err = run(capsys, "activations", str(path), "--corpus", str(corpus), "--store", str(store))
-    assert_one_error_line(rc, err, "routed to each expert")
+    rc, _, err = run(capsys, "universality", str(path), str(other), "--corpus", str(corpus), "--tokens", "200",
+                     "--store", str(store))
+    assert_one_error_line(rc, err, "universality is not defined", "routed to it", "activations, verify and patch work")
+    assert snapshot(store) == before
 
 
 def test_report_cards_carry_expert_names(tmp_path, capsys):
