@@ -388,7 +388,7 @@ function card(c){const d=el("div",{class:"card"});d.appendChild(el("h3",{},c.neu
  if(c.vocab_effect){const p=el("div");p.appendChild(el("b",{},"direct effect on every token, w_out \\u00b7 U"));const e=c.vocab_effect.edges;
   p.appendChild(bars(c.vocab_effect.counts.map(x=>Math.log10(1+x)),e.slice(0,-1).map((x,i)=>fmt(x)+".."+fmt(e[i+1])),"#546e7a",330,150,"w_out \\u00b7 U[:, t]","log10(1+tokens)",e[0],e[e.length-1]));grid.appendChild(p);}
  const tk=el("div");tk.appendChild(el("b",{},"top tokens"));tk.appendChild(tokenList(c.top_tokens));tk.appendChild(el("b",{},"bottom tokens"));tk.appendChild(tokenList(c.bottom_tokens));
- const st=el("small",{},"vocab kurtosis "+fmt(c.stats.vocab_kurt)+", skew "+fmt(c.stats.vocab_skew)+(c.activation?"; activation mean "+fmt(c.activation.act_mean)+", kurtosis "+fmt(c.activation.act_kurt)+", freq>0 "+fmt(c.activation.act_freq):""));tk.appendChild(st);grid.appendChild(tk);
+ const st=el("small",{},"vocab kurtosis "+fmt(c.stats.vocab_kurt)+", skew "+fmt(c.stats.vocab_skew)+(c.activation?"; activation mean "+fmt(c.activation.act_mean)+", kurtosis "+fmt(c.activation.act_kurt)+", freq>0 "+fmt(c.activation.act_freq)+(c.activation.act_tokens!=null?", over "+c.activation.act_tokens+" tokens":""):""));tk.appendChild(st);grid.appendChild(tk);
  (c.curves||[]).forEach(cv=>{const p=el("div");p.appendChild(el("b",{},"activation vs top prediction of "+showTok(cv.token)));p.appendChild(curvePlot(cv));grid.appendChild(p);});
  d.appendChild(grid);
  if(c.patching&&c.patching.length){d.appendChild(el("b",{},"activation patching (denoising; recovery of logit(target) \u2212 logit(contrast))"));const t=el("table");const hr=el("tr");

@@ -36,7 +36,7 @@ def _cat(parts):
 class MoE(Family):
     name = "moe"
     model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-    label = "mixtures of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (scan, query, patch)"
+    label = "mixtures of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE (all but universality)"
     in_proj, up_proj, out_proj = "", "experts", "experts"  # the MoE block's input is what neurons read
 
     def check_config(self, cfg: dict, where: str) -> None:
