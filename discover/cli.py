@@ -10,81 +10,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from discover.cli_causal import add_patch, add_study
+from discover.cli_common import (add_model_arg as _add_model_arg, add_store as _add_store,  # noqa: F401
+                                 default_model as _default_model, fmt as _fmt, json_default as _json_default,
+                                 open_store as _open_store, print_json as _print_json, settings as _settings,
+                                 table as _table, toks as _toks, verb as _verb)
 from discover.errors import DiscoverError, first_line
-
-
-def _print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=_json_default)
-    sys.stdout.write("\n")
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="hub id or local model directory (default: the embedded default model)")
-
-
-def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        metavar="DIR",
-        default=None,
-        help="store directory (default: $DISCOVER_STORE, else ./indexes)",
-    )
-
-
-def _verb(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(
-        name,
-        help=help,
-        description=help,
-        epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def _settings(verb: str, make: Callable, error=DiscoverError):
-    """Build a verb's settings object; its ValueError becomes one user-facing error line."""
-    try:
-        return make()
-    except ValueError as e:
-        raise error(f"{e} (see discover {verb} --help)") from None
-
-
-def _open_store(args, read_only: bool):
-    from discover.store import Store
-
-    return Store(args.store, read_only=read_only)
-
-
-def _fmt(x, nd=3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, str):  # token strings hold newlines and tabs: keep one row per line
-        return x.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    if isinstance(x, float):
-        return f"{x:.{nd}g}" if abs(x) < 1e4 else f"{x:.3e}"
-    return str(x)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def _toks(tokens: list[str], n: int = 6) -> str:
-    return " ".join(repr(t) for t in tokens[:n])
 
 
 # ------------------------------------------------------------------------ scan ----
@@ -210,12 +141,6 @@ def _add_model_opt(p) -> None:
                    help="the hub id or path that was scanned (default: the embedded default model)")
     _add_store(p)
     p.add_argument("--json", action="store_true", help="JSON on stdout, nothing else")
-
-
-def _default_model() -> str:
-    from discover.scan import default_model_spec
-
-    return default_model_spec()
 
 
 def _model(args) -> str:
@@ -530,91 +455,6 @@ def _cmd_activations(args) -> int:
         print(f"the corpus ended before --tokens {args.tokens:,}: every document was read")
     print(f"activation-vs-prediction curves: {res.pairs} neuron-token pairs")
     print("see: discover query neuron L0.N0 --examples   |   discover sql \"SELECT * FROM neuron_activations LIMIT 5\"")
-    return 0
-
-
-# ------------------------------------------------------------------------ patch ----
-AN_CLEAN = "I climbed up the pear tree and picked a pear. I climbed up the apple tree and picked"
-
-
-def _add_patch(sub) -> None:
-    p = _verb(sub, "patch",
-              "Neuron activation patching: the exact logit-difference recovery of every neuron of the chosen "
-              "layers (batched), plus an attribution-patching screen over all layers.",
-              f"discover patch gpt2-large --clean \"{AN_CLEAN}\" --corrupted \"{AN_CLEAN.replace('apple', 'lemon')}\" "
-              "--target \" an\" --contrast \" a\" --layers 31")
-    _add_model_arg(p)
-    p.add_argument("--clean", required=True, metavar="TEXT", help="the prompt whose activations are patched in")
-    p.add_argument("--corrupted", required=True, metavar="TEXT", help="the prompt that is run and patched")
-    p.add_argument("--target", required=True, metavar="TOK", help="the token whose logit the clean prompt favours")
-    p.add_argument("--contrast", required=True, metavar="TOK", help="the token it is compared with")
-    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
-                   help="layers patched exactly (default: all)")
-    p.add_argument("--positions", choices=("last", "all"), default="last",
-                   help="patch the final position only (default) or every position (equal-length prompts)")
-    p.add_argument("--top", type=int, default=15, help="neurons listed (15)")
-    p.add_argument("--batch-size", type=int, default=512, help="neurons per forward pass (512)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
-    _add_store(p)
-    p.add_argument("--no-store", action="store_true", help="only print: do not record the experiment in the store")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
-    p.add_argument("--json", action="store_true", help="every neuron's numbers as JSON")
-    p.set_defaults(func=_cmd_patch)
-
-
-def _cmd_patch(args) -> int:
-    import numpy as np
-
-    from discover.adapter import load_model
-    from discover.patch import PatchConfig, patch_neurons
-
-    if args.top < 1:
-        raise DiscoverError("--top must be at least 1")
-    cfg = _settings("patch", lambda: PatchConfig(layers=tuple(args.layers) if args.layers else None,
-                                                 positions=args.positions, batch_size=args.batch_size,
-                                                 bos=not args.no_bos))
-    view = load_model(args.model or _default_model(), allow_pickle=args.allow_pickle)
-    res = patch_neurons(view, args.clean, args.corrupted, args.target, args.contrast, cfg, progress=not args.json)
-    experiment = None
-    if not args.no_store:
-        from discover.patch import store_result
-
-        with _open_store(args, read_only=False) as store:
-            experiment = store_result(store, view, res, args.clean, args.corrupted, cfg.layers)
-    N = view.d_mlp
-    exact = [(l, n, float(v)) for l, arr in res.recovery.items() for n, v in enumerate(arr)]
-    exact.sort(key=lambda x: -abs(x[2]))
-    att = res.attribution
-    meta = {"model": view.spec, "checkpoint_id": view.checkpoint_id, "experiment_id": experiment, "direction": "denoising",
-            "ablation": "clean activation patched into the corrupted run", "positions": res.positions,
-            "target": {"id": res.target[0], "token": res.target[1]},
-            "contrast": {"id": res.contrast[0], "token": res.contrast[1]},
-            "clean_tokens": len(res.clean_tokens), "corrupted_tokens": len(res.corrupted_tokens),
-            "m_clean": res.m_clean, "m_corrupted": res.m_corrupted, "seconds": res.seconds,
-            # experts: how the flat neuron indices below map to L{l}.E{e}.N{n} (None: dense)
-            "neuron_layout": view.layout.to_dict() if view.layout.moe else None}
-    if args.json:
-        _print_json({**meta, "layers": {str(l): {"recovery": arr.tolist(), "attribution": att[l].tolist()}
-                                        for l, arr in res.recovery.items()},
-                     "attribution_all_layers": att.tolist()})
-        return 0
-    print(f"{view.spec}: m = logit({res.target[1]!r}) - logit({res.contrast[1]!r}) at the final position: "
-          f"clean {res.m_clean:.4g}, corrupted {res.m_corrupted:.4g}")
-    print(f"denoising: each neuron's clean activation patched into the corrupted run at "
-          f"{'the final position' if res.positions == 'last' else 'every position'}; "
-          f"recovery = (m_patched - m_corrupted) / (m_clean - m_corrupted) ({res.seconds:.1f} s)")
-    print(f"\nexact, layers {', '.join(map(str, res.recovery))} ({len(exact):,} neurons), largest |recovery|:")
-    print(_table(["neuron", "recovery", "attribution"],
-                 [[view.layout.name(l, n), v, float(att[l, n])] for l, n, v in exact[:args.top]]))
-    for l, arr in res.recovery.items():
-        corr = float(np.corrcoef(arr, att[l])[0, 1]) if np.std(arr) > 0 and np.std(att[l]) > 0 else float("nan")
-        print(f"L{l}: sum of recoveries {arr.sum():.3g}, max {arr.max():.3g}, min {arr.min():.3g}; "
-              f"attribution vs exact: r = {corr:.3f}")
-    flat = np.argsort(-np.abs(att).ravel())[:args.top]
-    print("\nattribution screen over all layers (first order; confirm with exact patching):")
-    print(_table(["neuron", "attribution", "exact"],
-                 [[view.layout.name(g // N, g % N), float(att.ravel()[g]),
-                   float(res.recovery[g // N][g % N]) if g // N in res.recovery else None] for g in flat]))
     return 0
 
 
@@ -1015,7 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan(sub)
     _add_query(sub)
     _add_activations(sub)
-    _add_patch(sub)
+    add_patch(sub)
+    add_study(sub)
     _add_verify(sub)
     _add_report(sub)
     _add_sql(sub)

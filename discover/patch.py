@@ -208,44 +208,66 @@ def patch_neurons(view, clean: str, corrupted: str, target: str, contrast: str,
     t0 = time.perf_counter()
     layers = _check_layers(view, config.layers)
     r = _runner(view, clean, corrupted, target, contrast, config)
-    torch = r.torch
-    denom = r.m_clean - r.m_corr
     res = PatchResult(
         clean_tokens=r.clean_ids, corrupted_tokens=r.corr_ids,
         target=(single_token(view, target, "--target"), target), contrast=(single_token(view, contrast, "--contrast"), contrast),
         positions=config.positions, m_clean=r.m_clean, m_corrupted=r.m_corr)
-    N = view.d_mlp
-    bar = tqdm(total=len(layers) * N, unit="neuron", desc="patch", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for l in layers:
-            # the patched positions that can change anything: the last, or (all) every position
-            # from the first one where the prompts differ; earlier ones come from the KV cache
-            if config.positions == "last":  # the prompts may differ in length: last with last
-                start = r.T - 1
-                da = (r.a_clean[l][-1:] - r.a_corr[l][-1:]).T  # (N, 1)
-            else:  # equal lengths
-                start = min(r.first_difference(), r.T - 1)
-                da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
-            if r.corr.scales is not None:  # experts: each write goes through the corrupted run's routing
-                da = da * r.corr.scales[l][0, start:].T
-            # a neuron whose write does not change (equal activations, or an expert the corrupted
-            # run did not route these positions to) changes nothing: its recovery is exactly 0
-            out = np.zeros(N)
-            moved = torch.nonzero((da != 0).any(1)).flatten()
-            bar.update(N - len(moved))
-            for c0 in range(0, len(moved), config.batch_size):
-                idx = moved[c0:c0 + config.batch_size]
-                W = r.W_out[l][idx]  # (B, d)
-                hidden = r.patched(l, start, da[idx, :, None] * W[:, None, :])  # (B, S, d)
-                h = r.run_suffix_from(l, hidden, start) if start > 0 else r.run_from(l, hidden)
-                out[idx.numpy()] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
-                bar.update(len(idx))
-            res.recovery[l] = out
+    bar = tqdm(total=len(layers) * view.d_mlp, unit="neuron", desc="patch", disable=not progress, leave=False)
+    with r.torch.inference_mode():
+        res.recovery = recover_neurons(view, r, layers, config, bar)
     bar.close()
     if attribution:
         res.attribution = attribution_patching(view, r, config.positions)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def patch_token_ids(view, clean_ids: list, corr_ids: list, target_id: int, contrast_id: int,
+                    config: PatchConfig | None = None, bar=None) -> tuple[dict, float, float]:
+    """`patch_neurons` on token ids (the token study's mined pairs): (recovery per layer, m_clean,
+    m_corrupted). The prompts are used as given (no BOS is added)."""
+    config = config or PatchConfig()
+    r = _Runner(view, list(clean_ids), list(corr_ids), int(target_id), int(contrast_id))
+    if abs(r.m_clean - r.m_corr) < 1e-6:
+        return {l: np.zeros(view.d_mlp) for l in _check_layers(view, config.layers)}, r.m_clean, r.m_corr
+    with r.torch.inference_mode():
+        rec = recover_neurons(view, r, _check_layers(view, config.layers), config, bar)
+    return rec, r.m_clean, r.m_corr
+
+
+def recover_neurons(view, r: _Runner, layers: list, config: PatchConfig, bar=None) -> dict:
+    """Exact recovery of every neuron of `layers` for the prompt pair of runner `r`."""
+    torch = r.torch
+    denom = r.m_clean - r.m_corr
+    N = view.d_mlp
+    recovery = {}
+    for l in layers:
+        # the patched positions that can change anything: the last, or (all) every position
+        # from the first one where the prompts differ; earlier ones come from the KV cache
+        if config.positions == "last":  # the prompts may differ in length: last with last
+            start = r.T - 1
+            da = (r.a_clean[l][-1:] - r.a_corr[l][-1:]).T  # (N, 1)
+        else:  # equal lengths
+            start = min(r.first_difference(), r.T - 1)
+            da = (r.a_clean[l][start:] - r.a_corr[l][start:]).T  # (N, S)
+        if r.corr.scales is not None:  # experts: each write goes through the corrupted run's routing
+            da = da * r.corr.scales[l][0, start:].T
+        # a neuron whose write does not change (equal activations, or an expert the corrupted
+        # run did not route these positions to) changes nothing: its recovery is exactly 0
+        out = np.zeros(N)
+        moved = torch.nonzero((da != 0).any(1)).flatten()
+        if bar is not None:
+            bar.update(N - len(moved))
+        for c0 in range(0, len(moved), config.batch_size):
+            idx = moved[c0:c0 + config.batch_size]
+            W = r.W_out[l][idx]  # (B, d)
+            hidden = r.patched(l, start, da[idx, :, None] * W[:, None, :])  # (B, S, d)
+            h = r.run_suffix_from(l, hidden, start) if start > 0 else r.run_from(l, hidden)
+            out[idx.numpy()] = ((r.metric(h).double().numpy()) - r.m_corr) / denom
+            if bar is not None:
+                bar.update(len(idx))
+        recovery[l] = out
+    return recovery
 
 
 def attribution_patching(view, r: _Runner, positions: str) -> np.ndarray:

@@ -223,6 +223,32 @@ CREATE TABLE IF NOT EXISTS patch_results (
     recovery        DOUBLE,               -- exact; NULL where the layer was not patched exactly
     attribution     DOUBLE                -- the first-order screen, every layer
 );
+CREATE TABLE IF NOT EXISTS study_runs (
+    study_id        VARCHAR PRIMARY KEY,
+    checkpoint_id   VARCHAR,
+    target          VARCHAR,              -- the token studied
+    target_id       INTEGER,
+    contrast        VARCHAR,              -- what the corrupted prompts predict instead
+    contrast_id     INTEGER,
+    corpus          JSON,                 -- the corpus mined (NULL: prompts given by hand)
+    settings        JSON,
+    counts          JSON,                 -- positions, predicted, occurs, predicted_and_next, prompts, tried, found
+    pairs           JSON,                 -- [{clean, corrupted (token ids), position, m_clean, m_corrupted, source}]
+    logit_lens      JSON,                 -- {clean, corrupted}: mean logit difference after each block
+    layer_patching  JSON,                 -- {attn, mlp}: mean recovery per layer
+    neurons         JSON,                 -- the top neurons with congruence and token rank
+    seconds         JSON,                 -- per part
+    created_at      TIMESTAMP,
+    discover_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS study_neurons (
+    study_id        VARCHAR,
+    checkpoint_id   VARCHAR,
+    layer           SMALLINT,
+    neuron          INTEGER,
+    recovery        DOUBLE,               -- mean exact recovery over the study's pairs
+    recovery_sd     DOUBLE                -- its standard deviation (NULL with one pair)
+);
 CREATE TABLE IF NOT EXISTS watch_runs (
     run_id          VARCHAR PRIMARY KEY,
     watch_dir       VARCHAR,              -- the directory watched (absolute)

@@ -118,6 +118,10 @@ class ModelView:
         stand-in where hooks must see (batch, pos, neuron) and the module does not (OPT)."""
         return self.arch.site_module(self.model, self._blocks[layer], self.act_site(layer))
 
+    def attention_module(self, layer: int):
+        """The block's attention module (its output is what attention adds to the residual)."""
+        return self.arch.attention(self._blocks[layer])
+
     def require_activations(self) -> None:
         """Raise (one line) unless the neuron activations can be hooked: every stage that reads or
         patches them calls this before it touches the store."""

@@ -99,6 +99,17 @@ class Family:
     def mlp(self, block):
         return block.get_submodule(self.mlp_path)
 
+    attn_paths: tuple = ("self_attn", "attn", "attention", "self_attention")
+
+    def attention(self, block):
+        """The block's attention module: the first of `attn_paths` the block has."""
+        for p in self.attn_paths:
+            try:
+                return block.get_submodule(p)
+            except AttributeError:
+                continue
+        raise UnsupportedModel(f"no attention module at {' or '.join(self.attn_paths)} in a {self.model_type} block")
+
     def layout(self, model):
         """How each layer's neuron axis is laid out (`names.Layout`): dense unless the family has
         experts."""
