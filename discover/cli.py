@@ -4,17 +4,22 @@ format the result. Every user error becomes one line on stderr and a non-zero ex
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from discover.cli_causal import add_patch, add_study
-from discover.cli_common import (add_model_arg as _add_model_arg, add_store as _add_store,  # noqa: F401
-                                 default_model as _default_model, fmt as _fmt, json_default as _json_default,
-                                 open_store as _open_store, print_json as _print_json, settings as _settings,
-                                 table as _table, toks as _toks, verb as _verb)
+from discover.cli_common import add_model_arg as _add_model_arg  # noqa: F401
+from discover.cli_common import add_store as _add_store
+from discover.cli_common import default_model as _default_model
+from discover.cli_common import fmt as _fmt
+from discover.cli_common import open_store as _open_store
+from discover.cli_common import print_json as _print_json
+from discover.cli_common import settings as _settings
+from discover.cli_common import table as _table
+from discover.cli_common import toks as _toks
+from discover.cli_common import verb as _verb
 from discover.errors import DiscoverError, first_line
 
 

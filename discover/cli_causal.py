@@ -3,7 +3,16 @@ whole investigation of one token, prompts mined from a corpus)."""
 
 from __future__ import annotations
 
-from discover.cli_common import add_model_arg, add_store, default_model, open_store, print_json, settings, table, verb
+from discover.cli_common import (
+    add_model_arg,
+    add_store,
+    default_model,
+    open_store,
+    print_json,
+    settings,
+    table,
+    verb,
+)
 from discover.errors import DiscoverError
 
 # ------------------------------------------------------------------------ patch ----

@@ -24,7 +24,7 @@ import scipy.stats
 import torch
 from conftest import VOCAB, save
 from test_cli import assert_one_error_line, run, snapshot, sql_rows
-from test_family_moe import E, I, S, tiny
+from test_family_moe import E, I, tiny
 
 import discover.activations as A
 from discover import _act_kernels as K

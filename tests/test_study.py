@@ -9,7 +9,6 @@ default model."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +105,8 @@ def test_recovery_equals_one_hooked_forward_pass_per_neuron(planted):
 def test_logit_lens_ends_at_the_models_logits(planted):
     view, _, _, res = planted
     for which in ("clean", "corrupted"):
-        want = np.mean([float((lambda l: l[TREE] - l[PEAR])(_logits(view, getattr(p, which)))) for p in res.pairs])
+        lg = [_logits(view, getattr(p, which)) for p in res.pairs]
+        want = np.mean([float(lgt[TREE] - lgt[PEAR]) for lgt in lg])
         assert res.logit_lens[which][-1] == pytest.approx(want, abs=1e-4)
     assert res.logit_lens["clean"][-1] > 0 > res.logit_lens["corrupted"][-1]
 
@@ -117,7 +117,7 @@ def test_cli_stores_the_study_and_prints_json(planted, tmp_path, capsys):
     out = run_json(capsys, "study", "tree", str(path), "--corpus", str(corpus), "--tokens", "3000", "--window", "8",
                    "--pairs", "6", "--top", "5", "--store", store, "--json")
     assert out["target"]["token"] == "tree" and out["contrast"]["token"] == "pear"
-    assert [n["neuron"] for n in out["neurons"]][0] == "L1.N7" and out["neurons"][0]["recovery"] > 0.9
+    assert out["neurons"][0]["neuron"] == "L1.N7" and out["neurons"][0]["recovery"] > 0.9
     assert len(out["pairs"]) == len(res.pairs) and all("clean" in p and "corrupted" in p for p in out["pairs"])
     sid = out["study_id"]
     (n_rows, best), = sql_rows(store, "SELECT count(*), arg_max(layer || '.' || neuron, recovery) FROM study_neurons "
