@@ -125,6 +125,10 @@ def add_study(sub) -> None:
     p.add_argument("--positions", choices=("last", "all"), default="last",
                    help="neuron patching at the final position (default) or every position")
     p.add_argument("--top", type=int, default=20, metavar="N", help="neurons listed (20)")
+    p.add_argument("--examine", type=int, default=5, metavar="N",
+                   help="top neurons examined further: a corpus pass for their curves and examples, mean ablation "
+                        "against same-layer neurons, a verdict (5; needs the store and a corpus)")
+    p.add_argument("--controls", type=int, default=20, metavar="N", help="same-layer neurons in the ablation baseline (20)")
     p.add_argument("--clean", metavar="TEXT", default=None, help="a hand-written clean prompt (with --corrupted)")
     p.add_argument("--corrupted", metavar="TEXT", default=None, help="its corrupted twin, of equal length in tokens")
     add_store(p)
@@ -135,28 +139,34 @@ def add_study(sub) -> None:
 
 
 def cmd_study(args) -> int:
-    from discover.adapter import load_model
-    from discover.study import StudyConfig, store_study, study, to_json
+    from discover.adapter import identify, load_model
+    from discover.study import StudyConfig, examine, store_study, study, to_json
 
     cfg = settings("study", lambda: StudyConfig(tokens=args.tokens, window=args.window, prompts=args.prompts,
                                                 proposals=args.proposals, pairs=args.pairs, top=args.top,
-                                                positions=args.positions, split=args.split))
+                                                positions=args.positions, split=args.split, examine=args.examine,
+                                                controls=args.controls))
     corp, described = None, None
-    if args.clean is None and args.corrupted is None:
+    hand = args.clean is not None or args.corrupted is not None
+    if not hand or args.corpus is not None:  # mined prompts, or a corpus for the examination
         from discover.corpus import open_corpus
 
         corp = open_corpus(args.corpus, text_field=args.text_field)
         described = corp.describe()
-    view = load_model(args.model or default_model(), allow_pickle=args.allow_pickle)
-    res = study(view, corp, args.token, cfg, contrast_text=args.contrast, clean=args.clean, corrupted=args.corrupted,
-                progress=not args.json)
+    spec = args.model or default_model()
+    identity = identify(spec, allow_pickle=args.allow_pickle)
+    view = load_model(spec, allow_pickle=args.allow_pickle, identity=identity)
+    res = study(view, None if hand else corp, args.token, cfg, contrast_text=args.contrast, clean=args.clean,
+                corrupted=args.corrupted, progress=not args.json)
     sid = None
     if not args.no_store:
         from discover.scan import scan_model
 
         with open_store(args, read_only=False) as store:
             if store.checkpoint(view.checkpoint_id) is None:
-                scan_model(view.spec, store, progress=not args.json, view=view)
+                scan_model(view.spec, store, progress=not args.json, identity=identity, view=view)
+            if cfg.examine and corp is not None:
+                examine(store, view, identity, res, corp, described, cfg, progress=not args.json)
             sid = store_study(store, view, res, cfg, described)
     out = to_json(res, view, sid)
     if args.json:
@@ -180,8 +190,13 @@ def cmd_study(args) -> int:
                  for l in range(len(lens["clean"]))]))
     print(f"\nneurons by mean exact recovery over {len(out['pairs'])} pair(s) "
           f"({'final position' if args.positions == 'last' else 'every position'}):")
-    print(table(["neuron", "recovery", "sd", f"congruence with {t!r}", "token rank"],
-                [[n["neuron"], n["recovery"], n["recovery_sd"], n["congruence"], n["token_rank"]] for n in out["neurons"]]))
+    print(table(["neuron", "recovery", "sd", f"congruence with {t!r}", "token rank", "ablation z", "verdict"],
+                [[n["neuron"], n["recovery"], n["recovery_sd"], n["congruence"], n["token_rank"],
+                  n.get("evidence", {}).get("ablation_z"), n.get("verdict")] for n in out["neurons"]]))
+    if any("verdict" in n for n in out["neurons"]):
+        print("verdicts: confirmed = patching restores >= 10% consistently over the pairs and mean ablation lowers "
+              f"log p({t!r}) where it is next (z <= -3 against same-layer neurons); curves and examples: "
+              "discover query neuron NEURON --examples")
     secs = out["seconds"]
     print("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     if sid:

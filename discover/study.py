@@ -54,13 +54,19 @@ class StudyConfig:
     positions: str = "last"  # neuron patching: the last position, or every position
     split: str = "all"
     context: int | None = None  # tokens per mined corpus piece incl. BOS; None: min(model's, 256)
+    examine: int = 5  # top neurons examined further (corpus pass curve and examples, mean ablation, verdict)
+    controls: int = 20  # same-layer random neurons ablated as the baseline
+    ablation_sequences: int = 32  # mined pieces where TOKEN is next, for the mean ablation
+    seed: int = 0
 
     def __post_init__(self):
-        for name in ("tokens", "window", "prompts", "proposals", "pairs", "top", "batch_size"):
+        for name in ("tokens", "window", "prompts", "proposals", "pairs", "top", "batch_size", "ablation_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.positions not in ("last", "all"):
             raise ValueError(f"positions must be last or all, got {self.positions!r}")
+        if self.examine < 0 or self.controls < 3:
+            raise ValueError("examine must be >= 0 and controls >= 3 (the ablation's baseline)")
         if self.split not in ("all", "train", "heldout"):
             raise ValueError(f"split must be all, train or heldout, got {self.split!r}")
 
@@ -87,6 +93,8 @@ class StudyResult:
     recovery_sd: np.ndarray  # (L, N)
     top: list = field(default_factory=list)  # ranked neurons (dicts)
     seconds: dict = field(default_factory=dict)  # per part
+    pieces: list = field(default_factory=list, repr=False)  # mined (ids with BOS, next token after) where TOKEN is next
+    pass_id: str | None = None  # the corpus pass that examined the top neurons
 
 
 # ----------------------------------------------------------------------------- batches
@@ -119,8 +127,9 @@ def _rows_of_logits(head, h, d_vocab, fn):
 
 
 # ----------------------------------------------------------------------------- mining
-def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) -> tuple[dict, list, list]:
-    """(counts, clean prompts, their second choices): see the module docstring, step 1."""
+def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) -> tuple[dict, list, list, list]:
+    """(counts, clean prompts, their second choices, up to `ablation_sequences` corpus pieces
+    where TOKEN is the next token): see the module docstring, step 1."""
     import torch
     from tqdm import tqdm
 
@@ -135,6 +144,7 @@ def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) ->
     head = view.model.get_output_embeddings()
     counts = Counter()
     found = []  # (is next, margin, prompt ids)
+    pieces = []  # (ids with BOS, the token after the piece) where TOKEN is next somewhere
     bar = tqdm(total=cfg.tokens, unit="tok", desc="study: mining", disable=not progress, leave=False)
     batch: list = []
 
@@ -162,7 +172,9 @@ def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) ->
             _rows_of_logits(head, flat, view.d_vocab, take)
         top, margin = top.reshape(B, T), margin.reshape(B, T)
         n = 0
-        for b, (_, _, _, seq, _) in enumerate(batch):
+        for b, (_, _, _, seq, after) in enumerate(batch):
+            if len(pieces) < cfg.ablation_sequences and (nxt[b, start:len(seq)] == target).any():
+                pieces.append((list(seq), int(after)))
             for t in range(start, len(seq)):
                 n += 1
                 pred, is_next = top[b, t] == target, nxt[b, t] == target
@@ -210,7 +222,7 @@ def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) ->
         if len(keep) == cfg.prompts:
             break
     counts["prompts"] = len(keep)
-    return dict(counts), keep, second
+    return dict(counts), keep, second, pieces
 
 
 # ----------------------------------------------------------------------- counterfactuals
@@ -355,7 +367,7 @@ def study(view, corpus, target_text: str, cfg: StudyConfig | None = None, *, con
     else:
         if corpus is None:
             raise QueryError("the study mines prompts from a corpus; give --corpus (or --clean and --corrupted)")
-        counts, prompts, second = mine(view, corpus, target, cfg, progress)
+        counts, prompts, second, pieces = mine(view, corpus, target, cfg, progress)
         secs["mining"] = time.perf_counter() - t0
         if not prompts:
             raise QueryError(
@@ -392,7 +404,8 @@ def study(view, corpus, target_text: str, cfg: StudyConfig | None = None, *, con
     mean, sd = rec.mean(0), rec.std(0, ddof=1) if len(pairs) > 1 else np.full((L, N), np.nan)
     strings = view.token_strings()
     res = StudyResult(target=(target, strings[target]), contrast=(contrast, strings[contrast]), counts=counts,
-                      pairs=pairs, logit_lens=lens, layers=layers, recovery_mean=mean, recovery_sd=sd)
+                      pairs=pairs, logit_lens=lens, layers=layers, recovery_mean=mean, recovery_sd=sd,
+                      pieces=pieces if clean is None else [])
     res.top = top_neurons(view, mean, sd, target, cfg.top)
     secs["total"] = time.perf_counter() - t0
     res.seconds = secs
@@ -418,6 +431,99 @@ def top_neurons(view, mean: np.ndarray, sd: np.ndarray, target: int, top: int) -
                     "recovery": float(mean[l, n]), "recovery_sd": float(sd[l, n]),
                     "congruence": float(c[target]), "token_rank": int((c > c[target]).sum()) + 1})
     return out
+
+
+# ------------------------------------------------------------------------ examination
+def _pieces_from_corpus(view, corpus, target: int, cfg: StudyConfig) -> list:
+    """Corpus pieces where `target` is the next token somewhere (tokenization only)."""
+    from discover.activations import _bos_id, model_context, sequences
+
+    bos = _bos_id(view.tokenizer)
+    out = []
+    for _, _, _, seq, after in sequences(corpus, cfg.split, view.tokenizer, cfg.context or min(model_context(view), 256),
+                                         bos):
+        if target in seq[1:] or after == target:
+            out.append((list(seq), int(after)))
+            if len(out) >= cfg.ablation_sequences:
+                break
+    return out
+
+
+def examine(store, view, identity, res: StudyResult, corpus, described: dict, cfg: StudyConfig,
+            progress: bool = False) -> str | None:
+    """For the `cfg.examine` top neurons: a corpus pass over `cfg.tokens` tokens that records
+    their activation-vs-prediction curves for TOKEN and their max-activating examples (its
+    pass id is returned), the mean ablation of each (activation set to its corpus-pass mean at
+    every position of the pieces where TOKEN is next) on log p(TOKEN) there against `controls`
+    random same-layer neurons, and a verdict; written into `res.top`."""
+    from types import SimpleNamespace
+
+    from discover.activations import ActivationConfig, Plan, auto_batch_size, model_context, run_activations
+    from discover.verify import Ablator, curve_trend, pass_curves
+
+    top = res.top[:cfg.examine]
+    if not top or corpus is None:
+        return None
+    t0 = time.perf_counter()
+    T = res.target[0]
+    context = cfg.context or min(model_context(view), 256)
+    plan = Plan(view.spec, identity, view, [(t["layer"], t["neuron_index"], T, "study") for t in top], context,
+                auto_batch_size(view, context), corpus, described)
+    acfg = ActivationConfig(tokens=cfg.tokens, split=cfg.split, context=context)
+    summary = run_activations(view.spec, store, acfg, plan=plan, progress=progress)
+    L, N = view.n_layers, view.d_mlp
+    rows = store.con.execute("SELECT layer, neuron, act_mean FROM neuron_activations WHERE pass_id = ?",
+                             [summary.pass_id]).fetchnumpy()
+    means = np.full((L, N), np.nan)
+    means[rows["layer"].astype(int), rows["neuron"].astype(int)] = np.asarray(rows["act_mean"], np.float64)
+    curves = pass_curves(store, view.checkpoint_id)
+    pieces = res.pieces or _pieces_from_corpus(view, corpus, T, cfg)
+    seqs, nxt, row = [], [], 0
+    for seq, after in pieces:
+        m = len(seq) - 1
+        seqs.append((seq, row, m))
+        nxt.extend(seq[2:] + [after])
+        row += m
+    data = SimpleNamespace(seqs=seqs, next_token=np.array(nxt, np.int64))
+    abl = Ablator(view, data) if seqs else None
+    rng = np.random.default_rng(cfg.seed)
+    for t in top:
+        l, n = t["layer"], t["neuron_index"]
+        ev = curve_trend(curves.get((l, n, T)))
+        ev["act_mean"] = float(means[l, n])
+        if abl is not None:
+            pool = [i for i in range(N) if i != n]
+            controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
+            eff, n_pos = abl.effects([T], [(l, n)] + [(l, c) for c in controls], means, len(seqs))
+            ctrl = eff[1:]
+            sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
+            z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
+            ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
+                      control_sd=sd, ablation_z=z)
+        t["evidence"] = ev
+        t["verdict"], t["decided_by"] = study_verdict(t, len(res.pairs))
+    res.seconds["examination"] = time.perf_counter() - t0
+    res.seconds["total"] = res.seconds.get("total", 0.0) + res.seconds["examination"]
+    res.pass_id = summary.pass_id
+    return summary.pass_id
+
+
+def study_verdict(t: dict, n_pairs: int) -> tuple[str, str]:
+    """The verdict on "this neuron carries TOKEN's prediction in this behaviour":
+    `confirmed` when patching it restores at least 10% of the logit difference consistently over
+    the pairs (mean >= 2 standard errors; one pair: mean >= 0.1) and mean-ablating it lowers log
+    p(TOKEN) where TOKEN is next with z <= -3 against same-layer neurons; `rejected` when neither
+    holds (recovery < 0.05 and z > -2); `inconclusive` otherwise."""
+    rec, sd = t["recovery"], t["recovery_sd"]
+    steady = rec >= 0.1 and (n_pairs < 2 or not np.isfinite(sd) or sd == 0 or rec >= 2 * sd / np.sqrt(n_pairs))
+    z = t.get("evidence", {}).get("ablation_z")
+    lowers = z is not None and np.isfinite(z) and z <= -3
+    if steady and lowers:
+        return "confirmed", ("patching restores >= 10% of the logit difference, consistently over the pairs, and mean "
+                             "ablation lowers log p(TOKEN) where it is next, z <= -3 against same-layer neurons")
+    if rec < 0.05 and not (z is not None and np.isfinite(z) and z <= -2):
+        return "rejected", "recovery < 0.05 and ablation z > -2"
+    return "inconclusive", "one test passed, the other did not (or no position had TOKEN next)"
 
 
 # -------------------------------------------------------------------------------- store
@@ -462,4 +568,5 @@ def to_json(res: StudyResult, view, study_id: str | None = None) -> dict:
                    "substituted": [strings[p.clean[p.position]], strings[p.corrupted[p.position]]],
                    "m_clean": p.m_clean, "m_corrupted": p.m_corrupted, "source": p.source} for p in res.pairs],
         "logit_lens": res.logit_lens, "layer_patching": res.layers, "neurons": res.top, "seconds": res.seconds,
+        "pass_id": res.pass_id,
     }

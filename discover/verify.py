@@ -117,7 +117,7 @@ def feature_hypotheses(scores, N: int, cfg: VerifyConfig) -> list[Hypothesis]:
 
 
 # -------------------------------------------------------------------- prediction tests
-def _auroc(x: np.ndarray, y: np.ndarray) -> float:
+def auroc_score(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import rankdata
 
     n1 = int(y.sum())
@@ -128,7 +128,7 @@ def _auroc(x: np.ndarray, y: np.ndarray) -> float:
     return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-class _Ablator:
+class Ablator:
     """Mean ablation of neurons on the held-out sequences where a token is next, from the
     residual stream cached after the neuron's layer (`ModelView.run_blocks`)."""
 
@@ -247,9 +247,9 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     means = counted_means(data).reshape(L, N)
     has_next_all = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)
-    abl = _Ablator(view, data)
+    abl = Ablator(view, data)
     strings = view.token_strings()
-    curves = _pass_curves(store, ckpt_id)
+    curves = pass_curves(store, ckpt_id)
     tails = _Tails(view, cfg.tail_alpha)
     out = []
     for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
@@ -263,11 +263,11 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
             x, is_next, is_top, has_next = x[rows], is_next[rows], is_top[rows], has_next[rows]
         ev = {"token": strings[tok], "tokens": [strings[t] for t in ids], "token_ids": ids.tolist(),
               "tokens_z": [round(z, 3) for z in tail_z], "tail_cut_z": round(tails.cut, 3), "tail_size": n_tail,
-              "auroc_next": _auroc(x[has_next], is_next[has_next]), "auroc_top_prediction": _auroc(x, is_top),
+              "auroc_next": auroc_score(x[has_next], is_next[has_next]), "auroc_top_prediction": auroc_score(x, is_top),
               "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
         if rows is not None:
             ev.update(counted_tokens=len(x), held_out_tokens=data.tokens)
-        ev.update(_curve_trend(curves.get((l, n, tok))))
+        ev.update(curve_trend(curves.get((l, n, tok))))
         # controls: same-layer neurons; for an expert, of the same expert (the same routed tokens)
         pool = [i for i in range(N) if i != n and (data.group is None or data.group[i] == data.group[n])]
         controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
@@ -306,7 +306,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     return out
 
 
-def _pass_curves(store, ckpt_id: str) -> dict:
+def pass_curves(store, ckpt_id: str) -> dict:
     """{(layer, neuron, token): [(bin lo, bin hi, positions, top_prediction), ...]} of the
     checkpoint's latest corpus pass (empty if it has none)."""
     from discover.query import latest_pass
@@ -322,7 +322,7 @@ def _pass_curves(store, ckpt_id: str) -> dict:
     return out
 
 
-def _curve_trend(bins) -> dict:
+def curve_trend(bins) -> dict:
     """Does the corpus pass's activation-vs-top-prediction curve rise? Spearman correlation of the
     bin order with the fraction, over bins with at least 20 positions (reported as evidence)."""
     if not bins:

@@ -131,7 +131,7 @@ def batched_patching_equals_loop(model, positions: str):
 def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):
     """verify's batched mean ablation (blocks after the layer rerun from the cached residual stream)
     against a full forward pass with a hook that sets the neuron to its mean, per sequence."""
-    from discover.verify import _Ablator
+    from discover.verify import Ablator
 
     view = from_model(model, make_tokenizer())
     g = torch.Generator().manual_seed(1)
@@ -144,7 +144,7 @@ def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):
     rng = np.random.default_rng(0)
     means = rng.normal(0, 0.5, (view.n_layers, view.d_mlp))
     neurons = [(0, 3), (0, 10), (view.n_layers - 1, 7)]
-    got, n_pos = _Ablator(view, data).effects(targets, neurons, means, max_seqs=n_seqs)
+    got, n_pos = Ablator(view, data).effects(targets, neurons, means, max_seqs=n_seqs)
     assert n_pos >= 2 * n_seqs
 
     def logp(layer=None, neuron=None):

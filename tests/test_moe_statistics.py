@@ -223,7 +223,7 @@ def test_verify_rows_and_means_are_per_expert(env, data):
 
 def test_feature_scores_of_an_expert_are_over_its_tokens(env, data):
     from discover.features import score
-    from discover.verify import _auroc
+    from discover.verify import auroc_score
 
     view, d = data
     rng = np.random.default_rng(0)
@@ -237,20 +237,20 @@ def test_feature_scores_of_an_expert_are_over_its_tokens(env, data):
         x = np.asarray(d.acts[g], np.float64)[rows]
         for j in range(2):
             assert s.n_pos[g, j] == labels[rows, j].sum()
-            assert s.auroc[g, j] == pytest.approx(_auroc(x, labels[rows, j]), abs=1e-12)
+            assert s.auroc[g, j] == pytest.approx(auroc_score(x, labels[rows, j]), abs=1e-12)
 
 
 def test_mean_ablation_writes_through_the_routing(env, data):
     """Batched mean ablation of expert neurons equals one hooked forward pass per sequence whose
     expert activation is set to its routed mean: the block writes it through the routing, so
     only positions routed to the expert change."""
-    from discover.verify import _Ablator, counted_means
+    from discover.verify import Ablator, counted_means
 
     view, d = data
     means = counted_means(d).reshape(view.n_layers, view.d_mlp)
     targets = np.array([AN, THE])
     neurons = [(0, I + 3), (1, 2 * I + 5), (1, 0)] + ([(1, E * I + 3)] if env.arch == "qwen2_moe" else [])
-    got, n_pos = _Ablator(view, d).effects(targets, neurons, means, max_seqs=3)
+    got, n_pos = Ablator(view, d).effects(targets, neurons, means, max_seqs=3)
     rows = np.flatnonzero(np.isin(d.next_token, targets))
     row0 = np.array([s[1] for s in d.seqs])
     seq_of = np.searchsorted(row0, rows, side="right") - 1

@@ -119,6 +119,14 @@ def test_cli_stores_the_study_and_prints_json(planted, tmp_path, capsys):
     assert out["target"]["token"] == "tree" and out["contrast"]["token"] == "pear"
     assert out["neurons"][0]["neuron"] == "L1.N7" and out["neurons"][0]["recovery"] > 0.9
     assert len(out["pairs"]) == len(res.pairs) and all("clean" in p and "corrupted" in p for p in out["pairs"])
+    examined = out["neurons"][:5]  # --examine 5: a corpus pass, mean ablation, a verdict each
+    assert [n["verdict"] for n in examined][0] == "confirmed" and out["pass_id"]
+    ev = examined[0]["evidence"]
+    assert ev["ablation_z"] <= -3 and ev["ablation_delta_logp"] < 0 and ev["curve_bins"] > 0
+    assert all(n["verdict"] != "confirmed" for n in examined[1:])
+    curve = sql_rows(store, "SELECT sum(positions), sum(top_prediction) FROM prediction_curves WHERE pass_id = ? AND "
+                            "layer = 1 AND neuron = 7 AND token_id = ? AND source = 'study'", [out["pass_id"], TREE])
+    assert curve[0][0] > 0 and curve[0][1] > 0
     sid = out["study_id"]
     (n_rows, best), = sql_rows(store, "SELECT count(*), arg_max(layer || '.' || neuron, recovery) FROM study_neurons "
                                       "WHERE study_id = ?", [sid])

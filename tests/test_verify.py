@@ -238,7 +238,7 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
     from discover.adapter import load_model
     from discover.corpus import open_corpus
     from discover.features import collect
-    from discover.verify import _Ablator
+    from discover.verify import Ablator
 
     targets = ("tree", "pear")
     corpus = _apple_corpus(tmp_path / "corpus", targets)
@@ -247,7 +247,7 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
     ids = np.array([VOCAB.index(w) for w in targets])
     means = np.asarray(data.acts, np.float64).mean(1).reshape(view.n_layers, view.d_mlp)
     neurons = [(1, 7), (0, 9), (1, 3), (0, 7)]  # planted in layer 1 and in layer 0 (rerun through block 1)
-    got, n_pos = _Ablator(view, data).effects(ids, neurons, means, max_seqs=4)
+    got, n_pos = Ablator(view, data).effects(ids, neurons, means, max_seqs=4)
 
     assert all(len(seq) == m + 1 for seq, _, m in data.seqs)  # each sequence starts with BOS
     rows = np.flatnonzero(np.isin(data.next_token, ids))
