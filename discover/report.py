@@ -114,6 +114,15 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
             if key not in seen:
                 seen.add(key)
                 chosen.append(key)
+    studies = latest_studies(store, cid)
+    if len(chosen) < cards + len(studies) * 3:  # the neurons each study singled out
+        seen = set(chosen)
+        for st in studies:
+            for t in st["neurons"][:3]:
+                key = (t["layer"], t["neuron_index"])
+                if key not in seen:
+                    seen.add(key)
+                    chosen.insert(0, key)
     p = latest_pass(store, ckpt)
     built = []
     for i, (l, n) in enumerate(chosen):
@@ -159,6 +168,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
                         "role": [r if isinstance(r, str) else None for r in stats["role"]]},
         },
         "cards": built,
+        "studies": studies,
         "changes": _changes(store, cid),
         "universality": None if uni is None else {
             "universality_id": uni["universality_id"], "models": uni["models"], "tokens": uni["tokens"],
@@ -168,6 +178,28 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
             "neurons": len(uni["neurons"]),
             "universal": sum(1 for u in uni["neurons"].values() if u["universal"])},
     })
+
+
+def latest_studies(store, cid: str, limit: int = 5) -> list:
+    """The latest token study of each target token of a checkpoint (newest first)."""
+    cur = store.con.execute(
+        "SELECT study_id, target, contrast, counts, pairs, logit_lens, layer_patching, neurons, seconds, created_at "
+        "FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])
+    cols = [c[0] for c in cur.description]
+    out, seen = [], set()
+    for row in cur.fetchall():
+        r = dict(zip(cols, row))
+        if r["target"] in seen:
+            continue
+        seen.add(r["target"])
+        for k in ("counts", "pairs", "logit_lens", "layer_patching", "neurons", "seconds"):
+            r[k] = json.loads(r[k]) if isinstance(r[k], str) else r[k]
+        r["pairs"] = [{k: v for k, v in p.items() if k not in ("clean", "corrupted")} for p in r["pairs"]][:5]
+        r["created_at"] = str(r["created_at"])[:16]
+        out.append(r)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def _changes(store, cid: str) -> dict | None:
@@ -256,6 +288,19 @@ def render_markdown(rep: dict) -> str:
             out += ["", "| neuron | was | statistic | before | after | change / spread |", "|---|---|---|---|---|---|"]
             out += [f"| {v['neuron_name']} | {v['prev_name']} | {v['subject']} | {_num(v['old_value'])} | "
                     f"{_num(v['new_value'])} | {_num(v['score'])} |" for v in ch["moved"]]
+    for st in rep.get("studies") or []:
+        c = st["counts"]
+        out += ["", f"## Token study: <code>{_md(st['target'])}</code> against <code>{_md(st['contrast'])}</code>", ""]
+        if "positions" in c:
+            out.append(f"top prediction {c['predicted']:,} times, next token {c['occurs']:,} times in "
+                       f"{c['positions']:,} corpus tokens (both {c['predicted_and_next']:,}); ")
+        out += [f"{c['found']} pair(s) from {c['tried']:,} substitution(s) tried", "",
+                "| neuron | recovery | sd | congruence | token rank | ablation z | verdict |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {n['neuron']} | {_num(n['recovery'])} | {_num(n['recovery_sd'])} | {_num(n['congruence'])} | "
+                f"{n['token_rank']} | {_num((n.get('evidence') or {}).get('ablation_z'))} | {n.get('verdict') or '-'} |"
+                for n in st["neurons"]]
+        out += ["", "logit lens (clean): " + ", ".join(f"L{i} {_num(v)}" for i, v in enumerate(st["logit_lens"]["clean"])),
+                "", "layer patching, MLP: " + ", ".join(f"L{i} {_num(v)}" for i, v in enumerate(st["layer_patching"]["mlp"]))]
     out += ["", f"## Candidates ({len(rep['cards'])})", ""]
     for c in rep["cards"]:
         out += [f"### {c['neuron']}", ""]
@@ -328,6 +373,7 @@ table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bot
 <div class="panel" id="uni-panel" hidden><h2>Universality</h2><div id="uni"></div></div></div>
 <div class="row" id="changes-row" hidden><div class="panel"><h2 id="changes-title"></h2><div id="changes"></div></div>
 <div class="panel"><h2>Roles along the run</h2><div id="along"></div></div></div>
+<div id="studies"></div>
 <h2 id="cards-title"></h2><div class="pager" id="pager"></div><div id="cards"></div><div class="pager" id="pager2"></div>
 </main>
 <script type="application/json" id="data">__DATA__</script>
@@ -422,6 +468,25 @@ function changesPanel(){const ch=D.changes;if(!ch||!ch.prev_checkpoint_id)return
  for(const r in A.roles){const c=A.roles[r];if(!c.some(x=>x>0))continue;const pts=c.map((x,i)=>X(i)+","+Y(x)).join(" ");g.appendChild(svg("polyline",{points:pts,fill:"none",stroke:COLORS[r]||"#999","stroke-width":2}));
   c.forEach((x,i)=>{const d=svg("circle",{cx:X(i),cy:Y(x),r:A.steps[i]===ch.step?4:2.5,fill:COLORS[r]||"#999"});const tt=svg("title");tt.textContent=r+" at "+A.labels[i]+": "+x;d.appendChild(tt);g.appendChild(d);});}
  axes(g,W,H,P,s0,s1,0,mx,byStep?"step":"checkpoint (in order)","neurons with the role");document.getElementById("along").appendChild(g);}
+function linePlot(series,W,H,xl,yl){const P=34,g=svg("svg",{width:W,height:H,role:"img"});const all=[].concat(...series.map(s=>s.y)).filter(v=>v!==null&&isFinite(v));if(!all.length)return g;
+ const n=Math.max(...series.map(s=>s.y.length)),y0=Math.min(0,...all),y1=Math.max(0,...all),X=i=>P+(W-P-10)*(n<2?0.5:i/(n-1)),Y=v=>H-P-(H-P-8)*(v-y0)/((y1-y0)||1);
+ g.appendChild(svg("line",{x1:P,y1:Y(0),x2:W-5,y2:Y(0),stroke:"#dde1e8"}));
+ series.forEach(s=>{g.appendChild(svg("polyline",{points:s.y.map((v,i)=>X(i)+","+Y(v===null?0:v)).join(" "),fill:"none",stroke:s.color,"stroke-width":2}));
+  s.y.forEach((v,i)=>{const c=svg("circle",{cx:X(i),cy:Y(v===null?0:v),r:2.2,fill:s.color});const t=svg("title");t.textContent=s.name+" L"+i+": "+fmt(v);c.appendChild(t);g.appendChild(c);});});
+ axes(g,W,H,P,0,n-1,y0,y1,xl,yl);const lg=svg("text",{x:W-150,y:12});lg.textContent=series.map(s=>s.name).join(" / ");g.appendChild(lg);return g;}
+function studiesPanel(){const box=document.getElementById("studies");(D.studies||[]).forEach(st=>{const c=st.counts,row=el("div",{class:"row"});
+ const a=el("div",{class:"panel"});const q=t=>"\u201c"+showTok(t)+"\u201d";a.appendChild(el("h2",{},"Token study: "+q(st.target)+" against "+q(st.contrast)+" ("+st.created_at+")"));
+ if(c.positions!==undefined)a.appendChild(el("p",{},q(st.target)+" is the model's top prediction "+c.predicted+" times and the next token "+c.occurs+" times in "+c.positions+" corpus tokens (both at once "+c.predicted_and_next+")."));
+ a.appendChild(el("p",{},c.found+" prompt pair(s) from "+c.tried+" single-token substitution(s) tried."));
+ const pt=el("table");const ph=el("tr");["clean prompt","substitution","m clean \u2192 corrupted"].forEach(h=>ph.appendChild(el("th",{},h)));pt.appendChild(ph);
+ st.pairs.forEach(p=>{const tr=el("tr");[showTok(p.clean_text||""),p.substituted?showTok(p.substituted[0])+" \u2192 "+showTok(p.substituted[1]):"-",fmt(p.m_clean)+" \u2192 "+fmt(p.m_corrupted)].forEach(v=>tr.appendChild(el("td",{},v)));pt.appendChild(tr);});a.appendChild(pt);
+ const nt=el("table");const nh=el("tr");["neuron","recovery","sd","congruence","token rank","ablation z","verdict"].forEach(h=>nh.appendChild(el("th",{},h)));nt.appendChild(nh);
+ st.neurons.forEach(n=>{const tr=el("tr");[n.neuron,fmt(n.recovery),fmt(n.recovery_sd),fmt(n.congruence),n.token_rank,fmt(n.evidence?n.evidence.ablation_z:null)].forEach(v=>tr.appendChild(el("td",{},v)));
+  const td=el("td");if(n.verdict)td.appendChild(el("span",{class:"tag "+n.verdict},n.verdict));tr.appendChild(td);nt.appendChild(tr);});a.appendChild(el("b",{},"neurons by mean exact recovery"));a.appendChild(nt);row.appendChild(a);
+ const b=el("div",{class:"panel"});b.appendChild(el("h2",{},"Logit lens: logit("+showTok(st.target)+") \u2212 logit("+showTok(st.contrast)+") after each block"));
+ b.appendChild(linePlot([{name:"clean",y:st.logit_lens.clean,color:"#2e7d32"},{name:"corrupted",y:st.logit_lens.corrupted,color:"#c62828"}],360,200,"layer","logit difference"));
+ b.appendChild(el("h2",{},"Layer patching: recovery per layer"));
+ b.appendChild(linePlot([{name:"attention",y:st.layer_patching.attn,color:"#1565c0"},{name:"MLP",y:st.layer_patching.mlp,color:"#ef6c00"}],360,200,"layer","recovery"));row.appendChild(b);box.appendChild(row);});}
 const PER=25;let page=0;
 function pager(id){const p=document.getElementById(id);p.textContent="";const n=Math.ceil(D.cards.length/PER);if(n<2)return;
  for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}
@@ -430,6 +495,6 @@ document.getElementById("title").textContent="discover report: "+D.model;
 document.getElementById("sub").textContent="checkpoint "+D.checkpoint_id.slice(0,16)+" \\u00b7 "+D.architecture+(D.source_format==="gguf"?", GGUF "+(D.quantization||"unknown type"):"")+", "+D.n_layers+" layers \\u00d7 "+D.d_mlp+" neurons, vocab "+D.d_vocab+
  (D.corpus_pass?" \\u00b7 corpus pass: "+D.corpus_pass.tokens+" tokens":"")+(D.verify?" \\u00b7 verified on "+D.verify.tokens+" held-out tokens":"")+" \\u00b7 "+D.generated;
 document.getElementById("cards-title").textContent="Candidates, strongest evidence first ("+D.cards.length+")";
-rolesPlot();scatterPlot();verdictPlot();uniPanel();changesPanel();draw();
+rolesPlot();scatterPlot();verdictPlot();uniPanel();changesPanel();studiesPanel();draw();
 </script></body></html>
 """

@@ -546,8 +546,11 @@ def store_study(store, view, res: StudyResult, cfg: StudyConfig, described: dict
         "recovery": res.recovery_mean.ravel(),
         "recovery_sd": pa.array(sd.ravel(), mask=np.isnan(sd.ravel())),
     })
+    strings = view.token_strings()
     pairs = [{"clean": p.clean, "corrupted": p.corrupted, "position": p.position, "m_clean": p.m_clean,
-              "m_corrupted": p.m_corrupted, "source": p.source} for p in res.pairs]
+              "m_corrupted": p.m_corrupted, "source": p.source,
+              "clean_text": "".join(strings[t] for t in p.clean), "corrupted_text": "".join(strings[t] for t in p.corrupted),
+              "substituted": [strings[p.clean[p.position]], strings[p.corrupted[p.position]]]} for p in res.pairs]
     with transaction(store.con) as con:
         con.execute("INSERT INTO study_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
                     [sid, view.checkpoint_id, res.target[1], res.target[0], res.contrast[1], res.contrast[0],

@@ -173,3 +173,31 @@ def test_study_on_the_embedded_default_model(capsys, tmp_path):
     stored = [r[0] for r in sql_rows(tmp_path / "store", "SELECT recovery FROM study_neurons WHERE study_id = ? "
                                                            "ORDER BY recovery DESC LIMIT 5", [out["study_id"]])]
     np.testing.assert_allclose(rec, stored, rtol=1e-12)
+
+
+def test_report_shows_the_study(planted, tmp_path, capsys):
+    """The report's JSON carries the latest study of each token, its neurons get cards, and the
+    HTML page draws the study panel in a real browser (when Chromium is installed)."""
+    import shutil
+    import subprocess
+
+    _, path, corpus, _ = planted
+    store = tmp_path / "store"
+    run_json(capsys, "study", "tree", str(path), "--corpus", str(corpus), "--tokens", "1500", "--window", "8",
+             "--pairs", "3", "--top", "5", "--examine", "2", "--store", store, "--json")
+    out = tmp_path / "r.json"
+    rc, _, err = run(capsys, "report", str(path), "--store", store, "--format", "json", "--out", out)
+    assert rc == 0, err
+    rep = json.loads(out.read_text())
+    (st,) = rep["studies"]
+    assert st["target"] == "tree" and st["neurons"][0]["neuron"] == "L1.N7" and st["pairs"][0]["clean_text"]
+    assert "L1.N7" in {c["neuron"] for c in rep["cards"]}
+    page = tmp_path / "r.html"
+    assert run(capsys, "report", str(path), "--store", store, "--out", page)[0] == 0
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed: run tests/setup_system.sh (CI does)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "Token study: \u201ctree\u201d against \u201cpear\u201d" in dom and "Logit lens" in dom
