@@ -465,15 +465,11 @@ def parse_pair(text: str, view) -> tuple[int, int, int]:
 
 
 def candidate_pairs(store, checkpoint_id: str, limit: int) -> list[tuple[int, int, int, str]]:
-    """The strongest prediction (top token) and suppression (bottom token) candidates."""
-    if limit <= 0:
-        return []
-    rows = store.con.execute(
-        "SELECT r.layer, r.neuron, t.token_id, r.role FROM roles r JOIN neuron_tokens t "
-        "USING (checkpoint_id, layer, neuron) WHERE r.checkpoint_id = ? AND t.rank = 0 AND ("
-        "(r.role = 'prediction' AND t.side = 'top') OR (r.role = 'suppression' AND t.side = 'bottom')) "
-        "ORDER BY r.score DESC, r.layer, r.neuron LIMIT ?", [checkpoint_id, limit]).fetchall()
-    return [(int(l), int(n), int(t), role) for l, n, t, role in rows]
+    """The strongest prediction / suppression candidates (`discover.candidates`, from the catalog
+    alone), as (layer, neuron, token id, role)."""
+    from discover.candidates import candidates
+
+    return [(c["layer"], c["neuron"], c["token_id"], c["role"]) for c in candidates(store, checkpoint_id, limit)]
 
 
 # ------------------------------------------------------------------------------ pipeline

@@ -7,26 +7,36 @@
   `confirmed` if q <= alpha (Benjamini-Hochberg over every (neuron, rule) pair scored) and
   AUROC >= min_auroc and held-out F1 >= min_f1; `rejected` if q > alpha or AUROC < 0.6;
   otherwise `inconclusive` (significant but weak).
-- **prediction / suppression hypotheses**: the scan's `candidates` strongest candidates, each
-  with its tail X: the top (prediction) or bottom (suppression) tokens of the whole vocabulary
-  whose standardised cosine `z = (cos(w_out, U[:, t]) - mean) / sd` is beyond
-  `Phi^-1(1 - tail_alpha / d_vocab)` (the tokens a direction with a Gaussian vocabulary
-  distribution singles out with probability < tail_alpha; 4.1 sd for a 2,048-token vocabulary,
-  4.8 for GPT-2's), and always the scan's strongest token, which names the hypothesis (at most
-  256 tokens, strongest first; `tail_size` is the size of X before that cut). A neuron aimed at one token gets X = {that
-  token}; one aimed at a class (every newline-plus-indentation token, every digit) gets the class,
-  so the test asks what the weights say. Evidence: the AUROC of the activation for "the true next
-  token is in X" and for "the model's top prediction is in X" over the held-out positions (plus,
-  when the checkpoint has a corpus pass, how the pass's activation-vs-top-prediction curve of the
-  strongest token rises: its Spearman correlation over bins with >= 20 positions, as evidence),
-  and a mean ablation: the neuron's activation set to its held-out mean at every position of the
-  sequences where a token of X is next, and the change of log p(X) = log of the summed probability
-  of X's tokens at those positions, compared with `controls` random neurons of the same layer
-  ablated the same way (z = (effect - mean of controls) / sd of controls). Decision rule:
-  `confirmed` if the ablation moves log p(X) the predicted way (down for prediction, up for
-  suppression) with z beyond 3 and, for prediction neurons, AUROC(X next) >= pred_auroc;
-  `rejected` if |z| < 2 and AUROC(X next) < 0.55 (prediction) / |z| < 2 (suppression); otherwise
-  `inconclusive`; `inconclusive` also when no token of X is next in the held-out text.
+- **prediction / suppression hypotheses**: the `candidates` strongest candidates of every source
+  (`discover.candidates`: the scan's roles, neurons whose strongest token stands out of their own
+  vocabulary distribution, the neurons token studies singled out, the most congruent neurons of
+  the tokens most often next in the held-out text; strongest |z| first), each with its tail X:
+  the top (prediction) or bottom (suppression) tokens of the whole vocabulary whose
+  standardised cosine `z = (cos(w_out, U[:, t]) - mean) / sd` is beyond
+  `Phi^-1(1 - tail_alpha / d_vocab)` (4.1 sd for a 2,048-token vocabulary, 4.8 for GPT-2's),
+  and always the candidate's token, which names the hypothesis (at most 256 tokens, strongest
+  first; `tail_size` is the size of X before that cut).
+  **Signed activations**: the hypothesis is stated in the neuron's effective direction `s * w_out`,
+  s = the sign of its strong activations (`tail_sign`: the larger in magnitude of its 0.1% and
+  99.9% quantiles on the held-out text; -1 for a gated neuron that acts through negative
+  activations), so the weights' role flips when s = -1 and the tests read `s * act`.
+  Evidence: the AUROC of `s * act` for "the true next token is in X" and for "the model's top
+  prediction is in X" (plus, when the checkpoint has a corpus pass, how its activation-vs-top-
+  prediction curve rises: Spearman correlation over bins with >= 20 positions), and a mean
+  ablation: the activation set to its held-out mean at every position of the sequences where a
+  token of X is next; the change of log p(X) (log of the summed probability of X's tokens) there
+  is compared with `controls` random neurons of the same layer ablated the same way
+  (z = (effect - mean of controls) / sd of controls) and with the neuron's own effect at up to
+  512 other positions of those sequences (Welch t: is the effect specific to where X is next? A
+  neuron whose w_out merely points at X moves log p(X) wherever it is ablated).
+  Decision rule: `confirmed` if the ablation moves log p(X) the predicted way (down for
+  prediction, up for suppression) with z and t beyond 3 and, for prediction, AUROC(X next) >=
+  pred_auroc; `rejected` if |z| < 2 or |t| < 2 (and AUROC(X next) < 0.55 for prediction);
+  otherwise `inconclusive`, also when no token of X is next in the held-out text. When the
+  ablation contradicts the hypothesis (z and t beyond 3 the other way), the revised hypothesis
+  (direction -s: the other role) is tested by its own rule and, if confirmed, stated with
+  `revised` in the evidence. A suppression verdict says when the neuron acts: `when` = "X is
+  likely" if AUROC(X next) >= 0.7 (it fires where X is next and lowers it: calibration).
 
 Every number that decided a verdict is stored with it (`hypotheses.evidence`, JSON), with the
 decision rule that decided (`decided_by`). One run is one transaction.
@@ -140,15 +150,18 @@ class Ablator:
         self.start = 1 if len(data.seqs) and len(data.seqs[0][0]) > data.seqs[0][2] else 0
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]
 
-    def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int) -> tuple[np.ndarray, int]:
+    def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int, elsewhere: int = 0):
         """Mean change of log p(X) = log sum of p(t), t in `tokens`, at the positions where a token of
-        X is next, per (layer, neuron)."""
+        X is next, per (layer, neuron): (effects, positions). With `elsewhere` > 0 also the first
+        neuron's change at each of those positions and at up to `elsewhere` other positions of the
+        same sequences (evenly spaced; X not next there): (effects, positions, at X-next, elsewhere)."""
         torch, view, data = self.torch, self.view, self.data
         tokens = np.atleast_1d(np.asarray(tokens, np.int64))
         tok_idx = torch.from_numpy(tokens)
         rows = np.flatnonzero(np.isin(data.next_token, tokens))
         if len(rows) == 0:
-            return np.full(len(neurons), np.nan), 0
+            empty = np.zeros(0)
+            return (np.full(len(neurons), np.nan), 0) + ((empty, empty) if elsewhere else ())
         seq_of = np.searchsorted(self.row0, rows, side="right") - 1
         chosen = list(dict.fromkeys(seq_of.tolist()))[:max_seqs]
         keep = np.isin(seq_of, chosen)
@@ -160,6 +173,14 @@ class Ablator:
         T = max(len(s) for s in seqs)
         ids = torch.tensor([s + [s[0]] * (T - len(s)) for s in seqs])
         tr = view.trace(ids)
+        n_next = len(rows)
+        if elsewhere:  # other real positions of the chosen sequences, X not next there
+            is_x = np.zeros((len(seqs), T), bool)
+            is_x[b_idx.numpy(), t_idx.numpy()] = True
+            other = [(b, t) for b, s in enumerate(seqs) for t in range(self.start, len(s)) if not is_x[b, t]]
+            pick = np.linspace(0, len(other) - 1, min(elsewhere, len(other))).astype(int) if other else []
+            b_idx = torch.cat([b_idx, torch.tensor([other[i][0] for i in pick], dtype=torch.long)])
+            t_idx = torch.cat([t_idx, torch.tensor([other[i][1] for i in pick], dtype=torch.long)])
 
         def logp(hidden):
             logits = view.logits(hidden[b_idx, t_idx]).float()
@@ -168,6 +189,7 @@ class Ablator:
         with torch.inference_mode():
             base = logp(tr.hidden)
             out = np.empty(len(neurons))
+            first = None
             for i, (l, n) in enumerate(neurons):
                 m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
                 change = (m if np.isfinite(m) else 0.0) - tr.acts[l][:, :, n]
@@ -176,43 +198,16 @@ class Ablator:
                 delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
                 delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
                 hid = view.run_blocks(tr, l, view.add_to_mlp(l, tr.outs[l], tr.mlp_raw[l], delta))
-                out[i] = float((logp(hid) - base).mean())
-        return out, len(rows)
+                d = (logp(hid) - base).double().numpy()
+                out[i] = float(d[:n_next].mean())
+                if i == 0:
+                    first = d
+        if elsewhere:
+            return out, n_next, first[:n_next], first[n_next:]
+        return out, n_next
 
 
 MAX_TAIL = 256  # tokens of X kept (strongest first); evidence's tail_size is X's size before truncation
-
-
-class _Tails:
-    """Tails X of prediction / suppression candidates, from the processed weights: the cosine of
-    the neuron's w_out with every column of U, standardised over the whole vocabulary (the scan's
-    `c_t`), and the tokens beyond Phi^-1(1 - tail_alpha / d_vocab) on the candidate's side."""
-
-    def __init__(self, view, tail_alpha: float):
-        import torch
-        from scipy.stats import norm
-
-        U = view.processed_unembed().float()
-        n = U.norm(dim=0)
-        self.U = U / torch.where(n > 0, n, torch.ones_like(n))
-        self.cut = float(norm.isf(tail_alpha / U.shape[1]))
-        self.view, self.W = view, {}
-
-    def __call__(self, layer: int, neuron: int, role: str, strongest: int) -> tuple[list, list, int]:
-        """(token ids, their z, the size of X before truncation to MAX_TAIL); `strongest` (the
-        scan's top / bottom token by congruence) comes first, then the others by |z|."""
-        if layer not in self.W:
-            self.W[layer] = self.view.processed_W_out(layer)
-        w = self.W[layer][neuron].float()
-        c = ((w / w.norm().clamp_min(1e-30)) @ self.U).double()
-        sd = float(c.std(unbiased=False))
-        z = ((c - c.mean()) / sd).numpy() if sd > 0 else np.zeros(c.shape[0])
-        signed = z if role == "prediction" else -z
-        passed = np.flatnonzero(signed > self.cut)
-        order = passed[np.argsort(-signed[passed], kind="stable")]
-        tail = [int(strongest)] + [int(t) for t in order if t != strongest]
-        ids = tail[:MAX_TAIL]
-        return ids, [float(z[t]) for t in ids], len(tail)
 
 
 def counted_means(data, block: int = 1024) -> np.ndarray:
@@ -237,9 +232,13 @@ def subject_label(subject: str, evidence: dict) -> str:
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
     from tqdm import tqdm
 
-    from discover.activations import candidate_pairs
+    from collections import Counter
 
-    cands = candidate_pairs(store, ckpt_id, cfg.candidates)
+    from discover.candidates import Tails, candidates
+
+    tails = Tails(view, cfg.tail_alpha)
+    counts = Counter(data.next_token[data.next_token >= 0].tolist())
+    cands = candidates(store, ckpt_id, cfg.candidates, tail_alpha=cfg.tail_alpha, tails=tails, next_counts=counts)
     if not cands:
         return []
     N, L = view.d_mlp, view.n_layers
@@ -250,10 +249,10 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     abl = Ablator(view, data)
     strings = view.token_strings()
     curves = pass_curves(store, ckpt_id)
-    tails = _Tails(view, cfg.tail_alpha)
     out = []
-    for l, n, tok, role in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
-        tail, tail_z, n_tail = tails(l, n, role, tok)
+    for c in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
+        l, n, tok, role = c["layer"], c["neuron"], c["token_id"], c["role"]
+        tail, tail_z, n_tail = tails(l, n, role, tok, MAX_TAIL)
         ids = np.array(tail, np.int64)
         x = np.asarray(acts[l * N + n], dtype=np.float64)
         is_next, is_top = np.isin(data.next_token, ids), np.isin(data.top_pred, ids)
@@ -261,9 +260,10 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         rows = data.counted(l, n)  # an expert: the tokens routed to it
         if rows is not None:
             x, is_next, is_top, has_next = x[rows], is_next[rows], is_top[rows], has_next[rows]
+        s = tail_sign(x)  # the side of its strong activations: its effective direction is s * w_out
         ev = {"token": strings[tok], "tokens": [strings[t] for t in ids], "token_ids": ids.tolist(),
               "tokens_z": [round(z, 3) for z in tail_z], "tail_cut_z": round(tails.cut, 3), "tail_size": n_tail,
-              "auroc_next": auroc_score(x[has_next], is_next[has_next]), "auroc_top_prediction": auroc_score(x, is_top),
+              "weights_role": role, "tail_sign": s, "sources": c["sources"], "candidate_z": c["z"],
               "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
         if rows is not None:
             ev.update(counted_tokens=len(x), held_out_tokens=data.tokens)
@@ -271,39 +271,96 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         # controls: same-layer neurons; for an expert, of the same expert (the same routed tokens)
         pool = [i for i in range(N) if i != n and (data.group is None or data.group[i] == data.group[n])]
         controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
-        eff, n_pos = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means, cfg.max_ablation_sequences)
-        sign = -1.0 if role == "prediction" else 1.0  # the expected direction of the change of log p(X)
-        if n_pos == 0:
-            ev.update(ablation_positions=0)
-            what = f"{strings[tok]!r} is" if len(ids) == 1 else f"no token of X ({len(ids)} tokens) is"
-            out.append(Hypothesis(l, n, role, strings[tok], tok, "inconclusive",
-                                  f"{what} never the next token in the held-out text", ev))
-            continue
-        ctrl = eff[1:]
-        sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
-        z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
-        ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
-                  control_sd=sd, ablation_z=z, controls=[view.layout.name(l, c) for c in controls])
-        directed = sign * z if np.isfinite(z) else float("nan")
-        if role == "prediction":
-            ok_curve = np.isfinite(ev["auroc_next"]) and ev["auroc_next"] >= cfg.pred_auroc
-            if directed >= 3 and ok_curve:
-                v, why = "confirmed", (f"mean ablation lowers log p(X) where X is next, z <= -3 against "
-                                       f"{len(ctrl)} same-layer neurons, and AUROC(X next) >= {cfg.pred_auroc}")
-            elif abs(z) < 2 and ev["auroc_next"] < 0.55:
-                v, why = "rejected", "ablation |z| < 2 and AUROC(X next) < 0.55"
-            else:
-                v, why = "inconclusive", "one test passed, the other did not, or weakly"
+        eff, n_pos, at_x, other = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means,
+                                              cfg.max_ablation_sequences, elsewhere=ELSEWHERE)
+        z = t = float("nan")
+        if n_pos:
+            ctrl = eff[1:]
+            sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
+            z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
+            t = welch_t(at_x, other)
+            ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
+                      control_sd=sd, ablation_z=z, controls=[view.layout.name(l, c) for c in controls],
+                      ablation_delta_elsewhere=float(other.mean()) if len(other) else None,
+                      elsewhere_positions=len(other), specificity_t=t)
         else:
-            if directed >= 3:
-                v, why = "confirmed", (f"mean ablation raises log p(X) where X is next, z >= 3 against "
-                                       f"{len(ctrl)} same-layer neurons")
-            elif abs(z) < 2:
-                v, why = "rejected", "ablation |z| < 2"
-            else:
-                v, why = "inconclusive", "2 <= |z| < 3, or the effect has the wrong sign"
-        out.append(Hypothesis(l, n, role, strings[tok], tok, v, why, ev))
+            ev.update(ablation_positions=0)
+        kind, v, why = _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg)
+        if n_pos == 0:
+            what = f"{strings[tok]!r} is" if len(ids) == 1 else f"no token of X ({len(ids)} tokens) is"
+            why = f"{what} never the next token in the held-out text"
+        out.append(Hypothesis(l, n, kind, strings[tok], tok, v, why, ev))
     return out
+
+
+FLIP = {"prediction": "suppression", "suppression": "prediction"}
+ELSEWHERE = 512  # positions where X is not next, for the ablation's specificity test
+
+
+def welch_t(a: np.ndarray, b: np.ndarray) -> float:
+    """Welch's t of mean(a) - mean(b) (NaN when either side has fewer than 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return float((a.mean() - b.mean()) / se) if se > 0 else float("nan")
+
+
+def tail_sign(x: np.ndarray) -> int:
+    """+1 if a neuron's strong activations are positive, -1 if negative: the sign of the larger
+    of its 0.1% and 99.9% quantiles in magnitude (GELU neurons: +1; gated ones either)."""
+    if len(x) == 0:
+        return 1
+    lo, hi = np.quantile(x, [0.001, 0.999])
+    return 1 if hi >= -lo else -1
+
+
+def _rule(kind: str, z: float, t: float, auc: float, cfg) -> tuple[str, str]:
+    """The verdict of an effective hypothesis from its ablation z (against same-layer neurons),
+    the ablation's specificity t (where X is next against elsewhere) and AUROC(X next)."""
+    specific = (t <= -3) if kind == "prediction" else (t >= 3)
+    if kind == "prediction":
+        if z <= -3 and specific and np.isfinite(auc) and auc >= cfg.pred_auroc:
+            return "confirmed", (f"mean ablation lowers log p(X) where X is next, z <= -3 against same-layer "
+                                 f"neurons and t <= -3 against elsewhere, and AUROC(X next) >= {cfg.pred_auroc}")
+        if (abs(z) < 2 or abs(t) < 2) and not (auc >= 0.55):
+            return "rejected", "ablation |z| < 2 or |t| < 2, and AUROC(X next) < 0.55"
+        return "inconclusive", "one test passed, the other did not, or weakly"
+    if z >= 3 and specific:
+        return "confirmed", ("mean ablation raises log p(X) where X is next, z >= 3 against same-layer neurons and "
+                             "t >= 3 against elsewhere")
+    if abs(z) < 2 or abs(t) < 2:
+        return "rejected", "ablation |z| < 2 or |t| < 2"
+    return "inconclusive", "2 <= |z| < 3, the effect is not specific to where X is next, or it has the wrong sign"
+
+
+def _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg) -> tuple[str, str, str]:
+    """(kind, verdict, decided_by). The hypothesis is stated in the neuron's effective direction
+    d * w_out, d = its tail sign s: the weights' role, flipped when its strong activations are
+    negative, tested with the activation d * x. When the ablation contradicts it strongly (|z| >= 3
+    the other way), the revised hypothesis (direction -s: the other role, its own AUROC) is tested
+    instead and, if its rule confirms it, stated with `revised` in the evidence."""
+    def state(d):
+        kind = role if d > 0 else FLIP[role]
+        xd = d * x
+        auc = auroc_score(xd[has_next], is_next[has_next])
+        return kind, auc, auroc_score(xd, is_top)
+
+    kind, auc, auc_top = state(s)
+    ev.update(direction=s, auroc_next=auc, auroc_top_prediction=auc_top)
+    if n_pos == 0 or not np.isfinite(z):
+        return kind, "inconclusive", "no ablation test possible"
+    v, why = _rule(kind, z, t, auc, cfg)
+    contradicted = (z >= 3 and t >= 3) if kind == "prediction" else (z <= -3 and t <= -3)
+    if v != "confirmed" and contradicted:
+        kind2, auc2, auc_top2 = state(-s)
+        v2, why2 = _rule(kind2, z, t, auc2, cfg)
+        if v2 == "confirmed":
+            ev.update(revised=True, revised_from=kind, direction=-s, auroc_next=auc2, auroc_top_prediction=auc_top2)
+            kind, v, why = kind2, v2, f"revised from {kind} (the ablation contradicted it, z = {z:+.3g}): {why2}"
+    if kind == "suppression" and np.isfinite(ev["auroc_next"]):
+        # a suppression neuron active where X is next lowers p(X) when X is likely (calibration)
+        ev["when"] = "X is likely" if ev["auroc_next"] >= 0.7 else "X is unlikely" if ev["auroc_next"] <= 0.3 else "mixed"
+    return kind, v, why
 
 
 def pass_curves(store, ckpt_id: str) -> dict:

@@ -203,10 +203,10 @@ def test_tail_of_a_suppression_neuron_is_its_bottom_class(tmp_path):
     """X is read from the whole vocabulary on the candidate's side: the bottom tokens for a
     suppression neuron; on the other side only the named token is there (nothing passes)."""
     from discover.adapter import load_model
-    from discover.verify import _Tails
+    from discover.candidates import Tails
 
     view = load_model(str(_prediction_model(tmp_path / "m", ("tree", "pear"), sign=-1.0)))
-    tails = _Tails(view, 0.05)
+    tails = Tails(view, 0.05)
     tree, pear = VOCAB.index("tree"), VOCAB.index("pear")
     ids, z, n = tails(1, 7, "suppression", tree)
     assert sorted(ids) == sorted([tree, pear]) and n == 2 and max(z) < -tails.cut
@@ -315,3 +315,67 @@ def test_query_verdicts_before_verify(env, capsys, tmp_path):
     rc, out, err = run(capsys, "query", "verdicts", "--model", env.random, "--store", tmp_path / "s")
     assert_one_error_line(rc, err, "no verdicts", "discover verify")
     np.testing.assert_equal(rc, 2)
+
+
+def _negative_gated_model(out: Path) -> Path:
+    """Tiny Llama (SwiGLU) with L1.N5 planted to act through NEGATIVE activations: its gate reads
+    "apple" (silu(gate) large) and its up row reads it negated, so act = silu(gate) * up is strongly
+    negative after "apple"; its w_out points AGAINST "tree". The weights say "suppresses tree";
+    its effective direction, -w_out, predicts "tree" after "apple"."""
+    torch.manual_seed(0)
+    m = make_model("llama", n_layer=2, d_model=D_MODEL, d_mlp=D_MLP)
+    apple, tree = VOCAB.index("apple"), VOCAB.index("tree")
+    with torch.no_grad():
+        t = m.lm_head.weight[tree] / m.lm_head.weight[tree].norm()
+        u = torch.randn(D_MODEL)
+        u -= t * (t @ u)
+        u /= u.norm()
+        emb = m.model.embed_tokens.weight
+        emb[apple] = 4.0 * emb[apple].norm() * u  # "apple" is mostly u
+        g = m.model.layers[1].post_attention_layernorm.weight
+        mlp = m.model.layers[1].mlp
+        mlp.gate_proj.weight[5] = 0.5 * u / g  # small: p(tree) must not saturate
+        mlp.up_proj.weight[5] = -0.5 * u / g
+        mlp.down_proj.weight[:, 5] = -1.0 * t
+    return save(m, out)
+
+
+def test_gated_neuron_acting_through_negative_activations_is_confirmed_in_its_effective_direction(tmp_path):
+    from discover.scan import RoleThresholds, ScanConfig, scan_model
+
+    corpus = _apple_corpus(tmp_path / "corpus", ("tree",))
+    model = _negative_gated_model(tmp_path / "neg")
+    with Store(tmp_path / "store") as st:
+        scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=8.0)), progress=False)
+        roles = dict(((l, n), r) for l, n, r in st.con.execute("SELECT layer, neuron, role FROM roles").fetchall())
+        assert roles.get((1, 5)) == "suppression"  # what the weights alone say
+        verify_model(str(model), st, VerifyConfig(tokens=3000, split="all", candidates=5, controls=12, per_rule=1),
+                     corpus=str(corpus), progress=False)
+        hyps = query_verdicts(st, str(model))["hypotheses"]
+    h = {x["neuron"]: x for x in hyps if x["kind"] != "feature"}["L1.N5"]
+    ev = h["evidence"]
+    assert (ev["weights_role"], ev["tail_sign"], ev["direction"]) == ("suppression", -1, -1), h
+    assert (h["kind"], h["subject"], h["verdict"]) == ("prediction", "tree", "confirmed"), h
+    assert ev["auroc_next"] > 0.9 and ev["ablation_z"] < -3 and not ev.get("revised")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_random_models_confirm_few_prediction_hypotheses(arch, tmp_path):
+    """Random-init models (3 seeds; GELU and signed SwiGLU activations), every candidate the scan
+    proposes tested with the effective direction and the revision step: at most 5% confirmed."""
+    from discover.scan import RoleThresholds, ScanConfig, scan_model
+
+    corpus = _apple_corpus(tmp_path / "corpus", ("tree",))
+    tested = confirmed = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = save(make_model(arch, n_layer=2, d_model=D_MODEL, d_mlp=D_MLP), tmp_path / f"m{seed}")
+        with Store(tmp_path / f"store{seed}") as st:
+            scan_model(str(model), st, ScanConfig(roles=RoleThresholds(kurtosis=3.5)), progress=False)
+            verify_model(str(model), st, VerifyConfig(tokens=2000, split="all", candidates=20, controls=10, per_rule=1),
+                         corpus=str(corpus), progress=False)
+            hyps = [h for h in query_verdicts(st, str(model), top=1000)["hypotheses"] if h["kind"] != "feature"]
+        tested += len(hyps)
+        confirmed += sum(h["verdict"] == "confirmed" for h in hyps)
+    assert tested >= 30
+    assert confirmed / tested <= 0.05, (confirmed, tested)
