@@ -128,7 +128,7 @@ def add_study(sub) -> None:
     p.add_argument("--examine", type=int, default=5, metavar="N",
                    help="top neurons examined further: a corpus pass for their curves and examples, mean ablation "
                         "against same-layer neurons, a verdict (5; needs the store and a corpus)")
-    p.add_argument("--controls", type=int, default=20, metavar="N", help="same-layer neurons in the ablation baseline (20)")
+    p.add_argument("--controls", type=int, default=10, metavar="N", help="same-layer neurons in the ablation baseline (10)")
     p.add_argument("--clean", metavar="TEXT", default=None, help="a hand-written clean prompt (with --corrupted)")
     p.add_argument("--corrupted", metavar="TEXT", default=None, help="its corrupted twin, of equal length in tokens")
     add_store(p)

@@ -55,8 +55,8 @@ class StudyConfig:
     split: str = "all"
     context: int | None = None  # tokens per mined corpus piece incl. BOS; None: min(model's, 256)
     examine: int = 5  # top neurons examined further (corpus pass curve and examples, mean ablation, verdict)
-    controls: int = 20  # same-layer random neurons ablated as the baseline
-    ablation_sequences: int = 32  # mined pieces where TOKEN is next, for the mean ablation
+    controls: int = 10  # same-layer random neurons ablated as the baseline
+    ablation_sequences: int = 8  # mined pieces where TOKEN is next, for the mean ablation
     seed: int = 0
 
     def __post_init__(self):
@@ -487,7 +487,9 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
     data = SimpleNamespace(seqs=seqs, next_token=np.array(nxt, np.int64))
     abl = Ablator(view, data) if seqs else None
     rng = np.random.default_rng(cfg.seed)
-    for t in top:
+    from tqdm import tqdm
+
+    for t in tqdm(top, desc="study: ablation", unit="neuron", disable=not progress, leave=False):
         l, n = t["layer"], t["neuron_index"]
         ev = curve_trend(curves.get((l, n, T)))
         ev["act_mean"] = float(means[l, n])

@@ -163,3 +163,39 @@ def test_corpus_pass_over_a_few_thousand_tokens(real):
         hk.remove()
     manual = view.activation_fn()(x["in"] @ view.W_in(29).T) * (x["in"] @ view.W_up(29).T)
     torch.testing.assert_close(got["acts"][29], manual, rtol=1e-4, atol=1e-4)
+
+
+def test_study_an_with_the_seed_prompts(real):
+    """`discover study " an"` with the seed's hand-written prompts: the neuron that restores the
+    most of logit(' an') - logit(' a') writes ' an' more than any other token, and the patching
+    agrees with the batched `discover patch` (same prompts, same neurons)."""
+    from discover.study import StudyConfig, study
+
+    view = real["view"]
+    res = study(view, None, " an", StudyConfig(top=5, examine=0), contrast_text=" a", clean=CLEAN, corrupted=CORRUPT)
+    assert res.counts == {"tried": 1, "found": 1} and res.pairs[0].m_clean > res.pairs[0].m_corrupted
+    top = res.top[0]
+    assert top["recovery"] > 0.3 and top["token_rank"] <= 3, res.top
+    lens = res.logit_lens
+    assert lens["clean"][-1] > lens["corrupted"][-1]  # the lens ends at the model's own logit difference
+    assert max(res.layers["attn"]) > 0.5  # some attention layer carries "apple" to the last position
+    print("study (seed prompts):", [(t["neuron"], round(t["recovery"], 3), t["token_rank"]) for t in res.top])
+
+
+def test_study_an_with_mined_prompts(real):
+    """The study mining its own prompts from the built-in corpus: ' an' is predicted far less often
+    than it occurs (the seed's observation on GPT-2 large), pairs flip ' an' to the contrast, and
+    the top neurons' recoveries are ranked."""
+    from discover.corpus import open_corpus
+    from discover.study import StudyConfig, study
+
+    view = real["view"]
+    res = study(view, open_corpus("default"), " an", StudyConfig(tokens=12_000, pairs=2, top=5, examine=0, prompts=8))
+    c = res.counts
+    assert 0 < c["predicted"] < c["occurs"] and c["predicted_and_next"] <= c["predicted"]
+    assert c["found"] == len(res.pairs) >= 1
+    for p in res.pairs:
+        assert len(p.clean) == len(p.corrupted) and p.m_clean > 0 > p.m_corrupted
+    rec = [t["recovery"] for t in res.top]
+    assert rec == sorted(rec, reverse=True) and rec[0] > 0.05
+    print("study (mined):", c, [(t["neuron"], round(t["recovery"], 3), t["token_rank"]) for t in res.top])
