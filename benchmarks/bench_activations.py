@@ -62,7 +62,7 @@ def setup(model_dir: str, args):
               "bench") for _ in range(args.pairs)]
     cfg = A.ActivationConfig(tokens=10**12, batch_size=batch, context=context)
     runner = A._Pass(view, cfg, pairs, context, batch)
-    seqs = A.sequences(open_corpus(None), "all", view.tokenizer, context, A._bos_id(view.tokenizer))
+    seqs = A.sequences(open_corpus(None), "all", view.tokenizer, context, A.bos_id(view.tokenizer))
     batches = []
     for _ in range(args.batches + 1):  # + the warm-up batch
         batches.append([next(seqs) for _ in range(batch)])

@@ -69,6 +69,7 @@ class ActivationConfig:
     max_candidates: int = 256  # strongest prediction + suppression candidates that get curves
     save_every: float = 30.0  # seconds between saves of the resumable state
     device: str = "cpu"
+    purpose: str = "corpus"  # "study": a token study's pass, which `query.latest_pass` passes over
 
     def __post_init__(self):
         if not (isinstance(self.tokens, int) and self.tokens > 0):
@@ -105,7 +106,7 @@ class PassSummary:
 
 
 # ------------------------------------------------------------------------------ stream
-def _bos_id(tokenizer) -> int | None:
+def bos_id(tokenizer) -> int | None:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -303,7 +304,7 @@ class _Pass:
         """Fold one batch of sequences [(ordinal, doc_id, chunk, ids, next), ...] into `state`."""
         torch = self.torch
         B, T = len(batch), max(len(s[3]) for s in batch)
-        start = 1 if _bos_id(self.view.tokenizer) is not None else 0
+        start = 1 if bos_id(self.view.tokenizer) is not None else 0
         pad = batch[0][3][0]
         ids = np.full((B, T), pad, np.int64)
         nxt_tok = np.full((B, T), -1, np.int64)
@@ -539,7 +540,9 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
     pairs = uniq_pairs
     settings = {"context": context, "batch_size": batch_size, "device": str(cfg.device), "top_k": cfg.top_k, "before": cfg.before,
                 "after": cfg.after, "bins": {"exp_lo": K.EXP_LO, "exp_hi": K.EXP_HI, "per_octave": K.SUB},
-                "bos": _bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
+                "bos": bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
+    if cfg.purpose != "corpus":  # (absent for the ordinary pass: its identity is unchanged)
+        settings["purpose"] = cfg.purpose
     key = {"checkpoint_id": ckpt_id, "corpus": described["fingerprint"], "split": cfg.split, **settings}
     pass_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     row = _pass_row(store, ckpt_id, pass_key)
@@ -575,7 +578,7 @@ def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Pat
     """Fold whole batches until the budget is reached or the corpus ends; save periodically."""
     from tqdm import tqdm
 
-    bos = _bos_id(runner.view.tokenizer)
+    bos = bos_id(runner.view.tokenizer)
     target = cfg.tokens
     bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
                desc="activations", disable=not progress, dynamic_ncols=True, leave=False)

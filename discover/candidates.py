@@ -111,7 +111,7 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
     if tails is not None:
         # the neurons token studies singled out
         seen = set()
-        for target, tid, neurons in con.execute(
+        for target, tid, neurons in [] if not store.has_table("study_runs") else con.execute(
                 "SELECT target, target_id, neurons FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC",
                 [checkpoint_id]).fetchall():
             if target in seen:

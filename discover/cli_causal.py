@@ -20,6 +20,7 @@ AN_CLEAN = "I climbed up the pear tree and picked a pear. I climbed up the apple
 
 
 def add_patch(sub) -> None:
+    """The `patch` verb's arguments."""
     p = verb(sub, "patch",
               "Neuron activation patching: the exact logit-difference recovery of every neuron of the chosen "
               "layers (batched), plus an attribution-patching screen over all layers.",
@@ -45,6 +46,7 @@ def add_patch(sub) -> None:
 
 
 def cmd_patch(args) -> int:
+    """Run `discover patch`: exact recovery of every neuron, printed or as JSON, recorded in the store."""
     import numpy as np
 
     from discover.adapter import load_model
@@ -104,6 +106,7 @@ def cmd_patch(args) -> int:
 
 # ------------------------------------------------------------------------ study ----
 def add_study(sub) -> None:
+    """The `study` verb's arguments."""
     p = verb(sub, "study",
              "The token study: mine prompts where the model predicts TOKEN, find single-token counterfactuals "
              "that flip it to the contrast, then the logit lens, layer patching and exact patching of every neuron "
@@ -139,6 +142,7 @@ def add_study(sub) -> None:
 
 
 def cmd_study(args) -> int:
+    """Run `discover study`: the study, its examination (with a store and a corpus), stored and printed."""
     from discover.adapter import identify, load_model
     from discover.study import StudyConfig, examine, store_study, study, to_json
 

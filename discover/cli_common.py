@@ -12,11 +12,28 @@ from discover.errors import DiscoverError
 
 
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=json_default)
+    """One JSON document on stdout (NaN and infinities as null: JSON has no NaN)."""
+    json.dump(finite(obj), sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
 
 
+def finite(x):
+    """`x` with every non-finite float (and numpy float) replaced by None, recursively."""
+    import math
+
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if type(x).__module__ == "numpy" and getattr(x, "shape", None) == () and isinstance(x.item(), float):
+        return finite(x.item())
+    return x
+
+
 def json_default(o):
+    """numpy scalars and arrays as Python values; anything else as its str."""
     import numpy as np
 
     if isinstance(o, np.generic):
@@ -27,11 +44,13 @@ def json_default(o):
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
+    """The optional MODEL positional (default: the embedded model)."""
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="hub id or local model directory (default: the embedded default model)")
 
 
 def add_store(p: argparse.ArgumentParser) -> None:
+    """--store DIR."""
     p.add_argument(
         "--store",
         metavar="DIR",
@@ -41,6 +60,7 @@ def add_store(p: argparse.ArgumentParser) -> None:
 
 
 def verb(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A verb's parser: its help as the description, an example as the epilog."""
     return sub.add_parser(
         name,
         help=help,
@@ -59,12 +79,14 @@ def settings(verb: str, make: Callable, error=DiscoverError):
 
 
 def open_store(args, read_only: bool):
+    """The store `--store` names (a handle: use it in a `with`)."""
     from discover.store import Store
 
     return Store(args.store, read_only=read_only)
 
 
 def fmt(x, nd=3) -> str:
+    """One table cell: numbers to `nd` significant digits, None as -, control characters escaped."""
     if x is None:
         return "-"
     if isinstance(x, str):  # token strings hold newlines and tabs: keep one row per line
@@ -75,6 +97,7 @@ def fmt(x, nd=3) -> str:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table with aligned columns."""
     cells = [[fmt(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -82,10 +105,12 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def toks(tokens: list[str], n: int = 6) -> str:
+    """The first `n` tokens, quoted."""
     return " ".join(repr(t) for t in tokens[:n])
 
 
 def default_model() -> str:
+    """The embedded default model's path."""
     from discover.scan import default_model_spec
 
     return default_model_spec()

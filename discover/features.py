@@ -89,7 +89,7 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     import torch
     from tqdm import tqdm
 
-    from discover.activations import _bos_id, capture, model_context
+    from discover.activations import bos_id, capture, model_context
     from discover.rules import label_tokens, rule_spans
 
     tok = view.tokenizer
@@ -99,7 +99,7 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
         raise ModelLoadError("feature tests align rule spans through character offsets, which need a fast "
                              "(Rust) tokenizer; this model's tokenizer is a slow one: save a tokenizer.json beside it")
     ctx = context or min(model_context(view), 256)
-    bos = _bos_id(tok)
+    bos = bos_id(tok)
     body = ctx - (1 if bos is not None else 0)
     G = view.n_layers * view.d_mlp
     tmp = tempfile.TemporaryDirectory(prefix="discover_features_")

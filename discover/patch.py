@@ -83,10 +83,10 @@ def single_token(view, text: str, what: str) -> int:
 def encode_prompt(view, text: str, bos: bool) -> list[int]:
     if not text:
         raise QueryError("a prompt is empty; give --clean and --corrupted text")
-    from discover.activations import _bos_id
+    from discover.activations import bos_id
 
     ids = view.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is checked below
-    b = _bos_id(view.tokenizer)  # as the corpus pass: BOS, else EOS
+    b = bos_id(view.tokenizer)  # as the corpus pass: BOS, else EOS
     return ([b] if bos and b is not None else []) + [int(i) for i in ids]
 
 

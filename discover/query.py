@@ -297,10 +297,12 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
 
 # ------------------------------------------------------------------ corpus pass (issue 4)
 def latest_pass(store: Store, ckpt: dict) -> dict | None:
-    """The checkpoint's most recently committed activation pass (None if it has none)."""
+    """The checkpoint's most recently committed activation pass (None if it has none); a token
+    study's own pass (settings purpose 'study') only when there is no other."""
     cur = store.con.execute(
         "SELECT * FROM activation_passes WHERE checkpoint_id = ? AND results_dir IS NOT NULL "
-        "ORDER BY updated_at DESC, tokens DESC LIMIT 1", [ckpt["checkpoint_id"]])
+        "ORDER BY coalesce(json_extract_string(settings, '$.purpose'), 'corpus') = 'study', updated_at DESC, "
+        "tokens DESC LIMIT 1", [ckpt["checkpoint_id"]])
     from discover.activations import PASS_JSON
     from discover.store import fetch_dict
 

@@ -182,6 +182,8 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
 
 def latest_studies(store, cid: str, limit: int = 5) -> list:
     """The latest token study of each target token of a checkpoint (newest first)."""
+    if not store.has_table("study_runs"):
+        return []
     cur = store.con.execute(
         "SELECT study_id, target, contrast, counts, pairs, logit_lens, layer_patching, neurons, seconds, created_at "
         "FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])

@@ -468,6 +468,12 @@ class Store:
                         shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- lookups
+    def has_table(self, name: str) -> bool:
+        """Whether the catalog has table `name` (a read-only handle on a catalog written by an
+        older version lacks the newer tables)."""
+        return bool(self.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                                     [name]).fetchone()[0])
+
     def checkpoint(self, checkpoint_id: str) -> dict | None:
         cur = self.con.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
         return fetch_dict(cur, ("config", "scan_settings", "role_thresholds", "neuron_layout"))

@@ -27,7 +27,8 @@ Every step runs in batches of equal-length prompts (no padding):
 6. **Top neurons.** For each: its congruence with TOKEN (`w_out . U[:, TOKEN]`, processed
    weights) and TOKEN's rank among every token by that congruence (1 = the token it writes most).
 
-A study is written to the catalog in one transaction (`study_runs`, `study_neurons`)."""
+A study is written to the catalog in one transaction (`study_runs`, `study_neurons`); the scan
+and the examination's corpus pass (a pass of its own, `purpose` 'study') commit before it."""
 
 from __future__ import annotations
 
@@ -133,13 +134,14 @@ def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) ->
     import torch
     from tqdm import tqdm
 
-    from discover.activations import _bos_id, model_context, sequences
+    from discover.activations import bos_id, model_context, sequences
 
     tok = view.tokenizer
-    bos = _bos_id(tok)
+    bos = bos_id(tok)
     context = cfg.context or min(model_context(view), 256)
-    if cfg.window + 1 > model_context(view):
-        raise QueryError(f"--window {cfg.window} needs {cfg.window + 1} positions; this model has {model_context(view)}")
+    if cfg.window + 1 > context:
+        raise QueryError(f"--window {cfg.window} needs {cfg.window + 1} positions; the mined pieces have {context} "
+                         f"(the model's {model_context(view)}, at most 256)")
     start = 1 if bos is not None else 0
     head = view.model.get_output_embeddings()
     counts = Counter()
@@ -362,7 +364,13 @@ def study(view, corpus, target_text: str, cfg: StudyConfig | None = None, *, con
             lg = _Model(view, 1).last_logits([c_ids])[0]
             contrast = int(next(t for t in np.argsort(-lg) if t != target))
         diff = [i for i, (a, b) in enumerate(zip(c_ids, x_ids)) if a != b]
-        pairs = [Pair(clean=c_ids, corrupted=x_ids, position=diff[0] if diff else len(c_ids) - 1, source="given")]
+        if not diff:
+            raise QueryError("--clean and --corrupted are the same tokens; change a word of the corrupted prompt")
+        lg = _Model(view, 2).last_logits([c_ids, x_ids])
+        if abs((lg[0, target] - lg[0, contrast]) - (lg[1, target] - lg[1, contrast])) < 1e-6:
+            raise QueryError("the clean and corrupted prompts give the same logit difference; there is nothing to "
+                             "recover: choose prompts the model tells apart")
+        pairs = [Pair(clean=c_ids, corrupted=x_ids, position=diff[0], source="given")]
         counts.update(tried=1, found=1)
     else:
         if corpus is None:
@@ -436,9 +444,9 @@ def top_neurons(view, mean: np.ndarray, sd: np.ndarray, target: int, top: int) -
 # ------------------------------------------------------------------------ examination
 def _pieces_from_corpus(view, corpus, target: int, cfg: StudyConfig) -> list:
     """Corpus pieces where `target` is the next token somewhere (tokenization only)."""
-    from discover.activations import _bos_id, model_context, sequences
+    from discover.activations import bos_id, model_context, sequences
 
-    bos = _bos_id(view.tokenizer)
+    bos = bos_id(view.tokenizer)
     out = []
     for _, _, _, seq, after in sequences(corpus, cfg.split, view.tokenizer, cfg.context or min(model_context(view), 256),
                                          bos):
@@ -458,7 +466,8 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
     random same-layer neurons, and a verdict; written into `res.top`."""
     from types import SimpleNamespace
 
-    from discover.activations import ActivationConfig, Plan, auto_batch_size, model_context, run_activations
+    from discover.activations import (ActivationConfig, Plan, auto_batch_size, model_context, neuron_groups,
+                                      run_activations)
     from discover.verify import Ablator, curve_trend, pass_curves
 
     top = res.top[:cfg.examine]
@@ -469,14 +478,17 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
     context = cfg.context or min(model_context(view), 256)
     plan = Plan(view.spec, identity, view, [(t["layer"], t["neuron_index"], T, "study") for t in top], context,
                 auto_batch_size(view, context), corpus, described)
-    acfg = ActivationConfig(tokens=cfg.tokens, split=cfg.split, context=context)
+    acfg = ActivationConfig(tokens=cfg.tokens, split=cfg.split, context=context, purpose="study")
     summary = run_activations(view.spec, store, acfg, plan=plan, progress=progress)
     L, N = view.n_layers, view.d_mlp
     rows = store.con.execute("SELECT layer, neuron, act_mean FROM neuron_activations WHERE pass_id = ?",
                              [summary.pass_id]).fetchnumpy()
     means = np.full((L, N), np.nan)
-    means[rows["layer"].astype(int), rows["neuron"].astype(int)] = np.asarray(rows["act_mean"], np.float64)
-    curves = pass_curves(store, view.checkpoint_id)
+    col = rows["act_mean"]
+    means[rows["layer"].astype(int), rows["neuron"].astype(int)] = (
+        col.filled(np.nan) if np.ma.isMaskedArray(col) else np.asarray(col, np.float64))
+    curves = pass_curves(store, view.checkpoint_id, summary.pass_id)
+    group, _ = neuron_groups(view.layout, N)  # experts: controls of the same expert (the same routed tokens)
     pieces = res.pieces or _pieces_from_corpus(view, corpus, T, cfg)
     seqs, nxt, row = [], [], 0
     for seq, after in pieces:
@@ -494,7 +506,7 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
         ev = curve_trend(curves.get((l, n, T)))
         ev["act_mean"] = float(means[l, n])
         if abl is not None:
-            pool = [i for i in range(N) if i != n]
+            pool = [i for i in range(N) if i != n and group[i] == group[n]]
             controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
             eff, n_pos = abl.effects([T], [(l, n)] + [(l, c) for c in controls], means, len(seqs))
             ctrl = eff[1:]
@@ -531,7 +543,7 @@ def study_verdict(t: dict, n_pairs: int) -> tuple[str, str]:
 # -------------------------------------------------------------------------------- store
 def store_study(store, view, res: StudyResult, cfg: StudyConfig, described: dict | None) -> str:
     """Write one study in one transaction: the run (counts, pairs, lens, layers) and every neuron's
-    mean recovery."""
+    mean recovery. (The scan and the examination's corpus pass commit on their own before it.)"""
     import pyarrow as pa
 
     from discover import __version__
@@ -564,6 +576,7 @@ def store_study(store, view, res: StudyResult, cfg: StudyConfig, described: dict
 
 
 def to_json(res: StudyResult, view, study_id: str | None = None) -> dict:
+    """The study as `--json` prints it: counts, pairs (text and ids), lens, layers, ranked neurons."""
     strings = view.token_strings()
     return {
         "study_id": study_id, "target": {"id": res.target[0], "token": res.target[1]},

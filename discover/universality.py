@@ -355,7 +355,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
             text_field: str = "text", allow_pickle: bool = False) -> Plan:
     """Load the models and check every input (models, vocabularies, budget, corpus, tokens)
     before any store is touched. A spec None or "default" is the embedded default model."""
-    from discover.activations import _bos_id, model_context
+    from discover.activations import bos_id, model_context
     from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
 
@@ -395,7 +395,7 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
     sched = schedule([(v.n_layers, v.d_mlp) for v in views], int(cfg.memory_gb * GiB), context, cfg.batch_size)
     corp = open_corpus(corpus, text_field=text_field)
     described = corp.describe()
-    bos = _bos_id(views[0].tokenizer)
+    bos = bos_id(views[0].tokenizer)
     batches, tokens, exhausted = _batches(corp, cfg, views[0].tokenizer, context, bos, sched.batch_size)
     if tokens == 0:
         raise CorpusError(f"the {cfg.split} split of corpus {described['path']} gave no tokens; point --corpus at text")

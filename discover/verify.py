@@ -354,6 +354,12 @@ def _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg) -> tupl
     if v != "confirmed" and contradicted:
         kind2, auc2, auc_top2 = state(-s)
         v2, why2 = _rule(kind2, z, t, auc2, cfg)
+        if kind2 == "suppression" and v2 == "confirmed" and not (np.isfinite(auc2) and auc2 >= cfg.pred_auroc):
+            # the contradiction alone is the suppression rule: the revision must also show, on its own
+            # evidence, when it acts: active (in the revised direction) where X is next, X likely
+            v2 = "inconclusive"
+        elif kind2 == "suppression" and v2 == "confirmed":
+            why2 += f", and AUROC(X next) >= {cfg.pred_auroc}: it suppresses X when X is likely"
         if v2 == "confirmed":
             ev.update(revised=True, revised_from=kind, direction=-s, auroc_next=auc2, auroc_top_prediction=auc_top2)
             kind, v, why = kind2, v2, f"revised from {kind} (the ablation contradicted it, z = {z:+.3g}): {why2}"
@@ -363,12 +369,12 @@ def _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg) -> tupl
     return kind, v, why
 
 
-def pass_curves(store, ckpt_id: str) -> dict:
-    """{(layer, neuron, token): [(bin lo, bin hi, positions, top_prediction), ...]} of the
-    checkpoint's latest corpus pass (empty if it has none)."""
+def pass_curves(store, ckpt_id: str, pass_id: str | None = None) -> dict:
+    """{(layer, neuron, token): [(bin lo, bin hi, positions, top_prediction), ...]} of pass
+    `pass_id`, else the checkpoint's latest corpus pass (empty if it has none)."""
     from discover.query import latest_pass
 
-    p = latest_pass(store, {"checkpoint_id": ckpt_id})
+    p = {"pass_id": pass_id} if pass_id else latest_pass(store, {"checkpoint_id": ckpt_id})
     if p is None:
         return {}
     out: dict = {}

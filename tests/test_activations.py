@@ -54,7 +54,7 @@ def _reference(model_dir, corpus_dir, cfg):
     """Every counted position's activations (all layers), DLA, top prediction, document, position."""
     view = load_model(str(model_dir))
     tok = view.tokenizer
-    bos = A._bos_id(tok)
+    bos = A.bos_id(tok)
     seqs = list(A.sequences(open_corpus(str(corpus_dir)), "all", tok, CONTEXT, bos))
     U = view.processed_unembed().double().numpy()
     G = [view.processed_W_out(l).double().numpy() @ U for l in range(view.n_layers)]  # (N, vocab)

@@ -50,7 +50,7 @@ def _reference(path, corpus):
     prediction, next token, document."""
     view = load_model(str(path))
     tok = view.tokenizer
-    seqs = list(A.sequences(open_corpus(str(corpus)), "all", tok, CONTEXT, A._bos_id(tok)))
+    seqs = list(A.sequences(open_corpus(str(corpus)), "all", tok, CONTEXT, A.bos_id(tok)))
     U = view.processed_unembed().double().numpy()
     C = [view.processed_W_out(l).double().numpy() @ U for l in range(view.n_layers)]  # (N, vocab)
     fn = view.final_norm()

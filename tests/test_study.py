@@ -149,6 +149,8 @@ def test_hand_written_prompts(planted, capsys, tmp_path):
     (["tree", "--clean", "I climbed up the apple"], ["--clean and --corrupted go together"]),
     (["tree", "--clean", "the apple", "--corrupted", "the red lemon"], ["equal length"]),
     (["tree", "--pairs", "0"], ["pairs must be >= 1"]),
+    (["tree", "--clean", "the apple", "--corrupted", "the apple"], ["same tokens"]),
+    (["tree", "--window", "300"], ["--window 300", "positions"]),
     (["tree", "--corpus", "/nonexistent/corpus"], ["does not exist"]),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(planted, argv, needles, capsys, tmp_path):
@@ -201,3 +203,21 @@ def test_report_shows_the_study(planted, tmp_path, capsys):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "Token study: \u201ctree\u201d against \u201cpear\u201d" in dom and "Logit lens" in dom
+
+
+def test_report_of_a_catalog_written_before_studies(planted, tmp_path, capsys):
+    """A read-only report on a catalog without the study tables (an older version's): no study
+    panel, no error."""
+    from discover.store import Store
+
+    _, path, _, _ = planted
+    store = tmp_path / "store"
+    assert run(capsys, "scan", str(path), "--store", store)[0] == 0
+    with Store(store) as st:
+        st.con.execute("DROP TABLE study_runs")
+        st.con.execute("DROP TABLE study_neurons")
+    from discover.report import build_report
+
+    with Store(store, read_only=True) as st:
+        assert not st.has_table("study_runs")
+        assert build_report(st, str(path))["studies"] == []

@@ -23,7 +23,7 @@ from test_cli import assert_one_error_line, run, snapshot, sql_rows
 
 import discover.store
 import discover.universality as U
-from discover.activations import _bos_id, capture, sequences
+from discover.activations import bos_id, capture, sequences
 from discover.corpus import open_corpus
 from discover.store import Store
 
@@ -204,7 +204,7 @@ def _unpadded_acts(view, corpus, tokens):
     """Every counted position's activations (L*N columns) computed independently of the run's
     batching: the pieces, first `tokens` document tokens, BOS left out, no padding (pieces of one
     length are run together)."""
-    bos = _bos_id(view.tokenizer)
+    bos = bos_id(view.tokenizer)
     pieces, total = [], 0
     for *_, ids, _ in sequences(open_corpus(str(corpus)), "all", view.tokenizer, CONTEXT, bos):
         pieces.append((ids, min(len(ids) - 1, tokens - total)))
