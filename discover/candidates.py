@@ -12,13 +12,15 @@ scan's `c_t`), in absolute value. Sources:
   whose cosines were Gaussian would pass with probability below `tail_alpha`). This finds
   neurons aimed at a small family of tokens (" an", "An", " An", "an", "AN"), whose kurtosis
   stays near 3;
-- `study`: the neurons the checkpoint's token studies ranked first (mean recovery >= 0.1), with
-  the studied token;
+- `study`: the neurons the latest study of each token ranked first (those it examined and did
+  not reject; without an examination, its 3 strongest), with the studied token;
 - `corpus`: for the tokens most often next in the text being tested, their most congruent
   (prediction) and most negative (suppression) neurons.
 
-The budget is spent strongest first across the sources; a (neuron, role) several sources propose
-is listed once, with every source. The scan stores the cosines of each neuron's top and bottom
+The budget is shared by the sources, each strongest first (|z|; a study by recovery; the corpus
+by token frequency): round robin over the sources, so that a source with thousands of
+candidates (the tail, on a real vocabulary) never crowds out the few a study singled out. A
+(neuron, role) several sources propose is listed once, with every source. The scan stores the cosines of each neuron's top and bottom
 tokens and its vocabulary moments, so the first two sources are SQL; the others compute the z of
 their token from the weights (`Tails`)."""
 
@@ -82,14 +84,11 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
     con = store.con
     ck = store.checkpoint(checkpoint_id)
     cut = bonferroni_cut(tail_alpha, int(ck["d_vocab"]))
-    found: dict = {}
+    lists: dict = {src: [] for src in SOURCES}
 
     def add(l, n, tok, role, z, source):
-        key = (int(l), int(n), role)
-        c = found.setdefault(key, {"layer": int(l), "neuron": int(n), "token_id": int(tok), "role": role,
-                                   "z": float(z), "sources": []})
-        if source not in c["sources"]:
-            c["sources"].append(source)
+        lists[source].append({"layer": int(l), "neuron": int(n), "token_id": int(tok), "role": role, "z": float(z),
+                              "sources": [source]})
 
     # the scan's roles, with their strongest token (by congruence) and its z
     for l, n, role, tok, z in con.execute(
@@ -117,10 +116,11 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
             if target in seen:
                 continue
             seen.add(target)
-            for t in json.loads(neurons) if isinstance(neurons, str) else neurons:
-                if t["recovery"] >= 0.1:
-                    z = float(tails.z(t["layer"], t["neuron_index"])[tid])
-                    add(t["layer"], t["neuron_index"], tid, "prediction" if z >= 0 else "suppression", z, "study")
+            top = json.loads(neurons) if isinstance(neurons, str) else neurons
+            examined = [t for t in top if "verdict" in t]
+            for t in [t for t in examined if t["verdict"] != "rejected"] if examined else top[:3]:
+                z = float(tails.z(t["layer"], t["neuron_index"])[tid])
+                add(t["layer"], t["neuron_index"], tid, "prediction" if z >= 0 else "suppression", z, "study")
         # the most congruent neurons of the tokens most often next in the text being tested
         for tok, _ in sorted((next_counts or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:corpus_tokens]:
             for sign, role in ((1, "prediction"), (-1, "suppression")):
@@ -128,5 +128,17 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
                                   "AND sign = ? AND rank = 0", [checkpoint_id, int(tok), sign]).fetchone()
                 if hit is not None:
                     add(hit[0], hit[1], tok, role, tails.z(hit[0], hit[1])[int(tok)], "corpus")
-    out = sorted(found.values(), key=lambda c: (-abs(c["z"]), SOURCES.index(c["sources"][0]), c["layer"], c["neuron"]))
-    return out[:limit]
+    for src in ("kurtosis", "tail"):
+        lists[src].sort(key=lambda c: (-abs(c["z"]), c["layer"], c["neuron"]))
+    found: dict = {}
+    for k in range(max(len(v) for v in lists.values())):  # round robin, each source strongest first
+        for src in SOURCES:
+            if k < len(lists[src]):
+                c = lists[src][k]
+                key = (c["layer"], c["neuron"], c["role"])
+                if key in found:
+                    if src not in found[key]["sources"]:
+                        found[key]["sources"].append(src)
+                elif len(found) < limit:
+                    found[key] = c
+    return list(found.values())

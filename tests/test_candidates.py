@@ -1,8 +1,8 @@
 """Candidates from every source (`discover.candidates`): a neuron aimed at a family of tokens is
 found by its standardised-cosine tail even when the kurtosis roles miss it; the studied neurons
-and the most congruent neurons of frequent next tokens join; the budget goes strongest |z| first
-across sources, each (neuron, role) once with all its sources; the z values equal a direct
-computation from the weights."""
+and the most congruent neurons of frequent next tokens join; the budget is shared round robin,
+each source strongest first, each (neuron, role) once with all its sources; the z values equal a
+direct computation from the weights."""
 
 from __future__ import annotations
 
@@ -53,15 +53,16 @@ def test_tail_source_finds_a_family_neuron_the_roles_miss(env):
     assert tails.cut == pytest.approx(bonferroni_cut(0.05, len(VOCAB)))
 
 
-def test_budget_is_spent_strongest_first_across_sources(env):
+def test_budget_is_shared_by_the_sources_each_strongest_first(env):
     store, view = env
     every = candidates(store, view.checkpoint_id, 10_000)
-    z = [abs(c["z"]) for c in every]
-    assert z == sorted(z, reverse=True)
     keys = [(c["layer"], c["neuron"], c["role"]) for c in every]
     assert len(keys) == len(set(keys))  # one entry per (neuron, role), with all its sources
+    for src in ("kurtosis", "tail"):  # each source's own entries come strongest first
+        z = [abs(c["z"]) for c in every if c["sources"][0] == src]
+        assert z == sorted(z, reverse=True)
     top = candidates(store, view.checkpoint_id, 3)
-    assert top == every[:3] and (top[0]["layer"], top[0]["neuron"]) == (1, 7)  # the planted "tree" neuron
+    assert top == every[:3] and (1, 7) in {(c["layer"], c["neuron"]) for c in top[:2]}  # the planted "tree" neuron
     assert all(abs(c["z"]) > bonferroni_cut(0.05, len(VOCAB)) for c in every if c["sources"] == ["tail"])
 
 
@@ -79,8 +80,12 @@ def test_study_and_corpus_sources(env):
     got = candidates(store, view.checkpoint_id, 10_000, tails=tails, next_counts={the: 500, tree: 3})
     by = {(c["layer"], c["neuron"], c["role"]): c for c in got}
     study = [c for c in got if "study" in c["sources"]]
-    assert [(c["layer"], c["neuron"], c["token_id"]) for c in study] == [(0, 3, tree)]  # recovery >= 0.1 only
-    assert study[0]["z"] == pytest.approx(float(tails.z(0, 3)[tree]))
+    # not examined: the study's 3 strongest (both here), with the studied token
+    assert sorted((c["layer"], c["neuron"], c["token_id"]) for c in study) == [(0, 3, tree), (0, 4, tree)]
+    assert {c["neuron"]: c["z"] for c in study}[3] == pytest.approx(float(tails.z(0, 3)[tree]))
+    # a study's neurons are reached within a small budget, whatever their |z|
+    small = candidates(store, view.checkpoint_id, 4, tails=tails, next_counts={the: 500})
+    assert any("study" in c["sources"] for c in small)
     best = store.con.execute("SELECT layer, neuron FROM token_neurons WHERE token_id = ? AND sign = 1 AND rank = 0",
                              [the]).fetchone()
     c = by[(best[0], best[1], "prediction")]

@@ -361,11 +361,19 @@ def test_gated_neuron_acting_through_negative_activations_is_confirmed_in_its_ef
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_random_models_confirm_few_prediction_hypotheses(arch, tmp_path):
-    """Random-init models (3 seeds; GELU and signed SwiGLU activations), every candidate the scan
-    proposes tested with the effective direction and the revision step: at most 5% confirmed."""
+    """Random-init models (3 seeds; GELU and signed SwiGLU activations) on text whose next token is
+    independent of everything before it (i.i.d. words), so that no neuron can predict or suppress
+    it: every candidate of every source tested with the effective direction and the revision
+    step; at most 5% confirmed. (On the apple corpus, "tree next" is "the current token is
+    apple": a random neuron that happens to respond to "apple" and to point at "tree" really does
+    raise p(tree) there, and is rightly confirmed.)"""
     from discover.scan import RoleThresholds, ScanConfig, scan_model
 
-    corpus = _apple_corpus(tmp_path / "corpus", ("tree",))
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(VOCAB[1:]) for _ in range(80)))
     tested = confirmed = 0
     for seed in range(3):
         torch.manual_seed(seed)
