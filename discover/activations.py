@@ -241,7 +241,25 @@ class PassState:
         return {"act_tokens": a["count"], "act_mean": np.where(seen, a["mean"], np.nan), "act_var": var,
                 "act_skew": skew, "act_kurt": kurt, "act_freq": freq,
                 "act_min": np.where(seen, a["amin"].astype(np.float64), np.nan),
-                "act_max": np.where(seen, a["amax"].astype(np.float64), np.nan)}
+                "act_max": np.where(seen, a["amax"].astype(np.float64), np.nan),
+                "act_tail": np.where(seen, hist_tail_sign(a["hist"], a["count"]), np.nan)}
+
+
+def hist_tail_sign(hist: np.ndarray, count: np.ndarray, q: float = 0.001) -> np.ndarray:
+    """+1 / -1 per neuron: the side of its strong activations, from its histogram: the sign of
+    the larger in magnitude of its `q` and `1 - q` quantiles, each taken as the outer edge of the
+    bin that holds it (bins go by magnitude, so this needs no values). Verify's `tail_sign` is the
+    same rule on exact held-out quantiles."""
+    edges = K.bin_edges()
+    finite = edges.copy()
+    finite[0], finite[-1] = 2 * edges[1], 2 * edges[-2]  # the overflow bins' outer edges
+    cum = np.cumsum(hist, axis=-1)
+    n = np.maximum(count, 1)[..., None]
+    lo = np.argmax(cum >= q * n, axis=-1)
+    hi = np.argmax(cum >= (1 - q) * n, axis=-1)
+    lo_mag = np.where(finite[lo] < 0, -finite[lo], 0.0)  # a low quantile on the positive side: no negative tail
+    hi_mag = np.where(finite[hi + 1] > 0, finite[hi + 1], 0.0)
+    return np.where(hi_mag >= lo_mag, 1, -1)
 
 
 # ------------------------------------------------------------------------------- the pass

@@ -199,8 +199,8 @@ def cmd_study(args) -> int:
                   n.get("evidence", {}).get("ablation_z"), n.get("verdict")] for n in out["neurons"]]))
     if any("verdict" in n for n in out["neurons"]):
         print("verdicts: confirmed = patching restores >= 10% consistently over the pairs and mean ablation lowers "
-              f"log p({t!r}) where it is next (z <= -3 against same-layer neurons); curves and examples: "
-              "discover query neuron NEURON --examples")
+              f"log p({t!r}) where it is next (z <= -3 against same-layer neurons); their curves: the study panel of "
+              "`discover report`; examples: discover query neuron NEURON --examples")
     secs = out["seconds"]
     print("\ntime: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
     if sid:

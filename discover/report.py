@@ -185,8 +185,8 @@ def latest_studies(store, cid: str, limit: int = 5) -> list:
     if not store.has_table("study_runs"):
         return []
     cur = store.con.execute(
-        "SELECT study_id, target, contrast, counts, pairs, logit_lens, layer_patching, neurons, seconds, created_at "
-        "FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])
+        "SELECT study_id, target, target_id, contrast, counts, pairs, logit_lens, layer_patching, neurons, seconds, "
+        "created_at, pass_id FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])
     cols = [c[0] for c in cur.description]
     out, seen = [], set()
     for row in cur.fetchall():
@@ -198,6 +198,15 @@ def latest_studies(store, cid: str, limit: int = 5) -> list:
             r[k] = json.loads(r[k]) if isinstance(r[k], str) else r[k]
         r["pairs"] = [{k: v for k, v in p.items() if k not in ("clean", "corrupted")} for p in r["pairs"]][:5]
         r["created_at"] = str(r["created_at"])[:16]
+        r["curves"] = []  # the examined neurons' activation-vs-prediction curves of the studied token
+        for t in [t for t in r["neurons"] if "verdict" in t][:3] if r.get("pass_id") else []:
+            bins = store.con.execute(
+                "SELECT lo, hi, positions, top_prediction FROM prediction_curves WHERE pass_id = ? AND layer = ? "
+                "AND neuron = ? AND token_id = ? ORDER BY bin", [r["pass_id"], t["layer"], t["neuron_index"],
+                                                                 r["target_id"]]).fetchall()
+            if bins:
+                r["curves"].append({"neuron": t["neuron"], "token": r["target"], "bins": [
+                    {"lo": lo, "hi": hi, "positions": n, "top_prediction": k} for lo, hi, n, k in bins]})
         out.append(r)
         if len(out) >= limit:
             break
@@ -488,7 +497,10 @@ function studiesPanel(){const box=document.getElementById("studies");(D.studies|
  const b=el("div",{class:"panel"});b.appendChild(el("h2",{},"Logit lens: logit("+showTok(st.target)+") \u2212 logit("+showTok(st.contrast)+") after each block"));
  b.appendChild(linePlot([{name:"clean",y:st.logit_lens.clean,color:"#2e7d32"},{name:"corrupted",y:st.logit_lens.corrupted,color:"#c62828"}],360,200,"layer","logit difference"));
  b.appendChild(el("h2",{},"Layer patching: recovery per layer"));
- b.appendChild(linePlot([{name:"attention",y:st.layer_patching.attn,color:"#1565c0"},{name:"MLP",y:st.layer_patching.mlp,color:"#ef6c00"}],360,200,"layer","recovery"));row.appendChild(b);box.appendChild(row);});}
+ b.appendChild(linePlot([{name:"attention",y:st.layer_patching.attn,color:"#1565c0"},{name:"MLP",y:st.layer_patching.mlp,color:"#ef6c00"}],360,200,"layer","recovery"));row.appendChild(b);
+ if(st.curves&&st.curves.length){const cp=el("div",{class:"panel"});cp.appendChild(el("h2",{},"Activation vs top prediction of "+q(st.target)+" (the study's corpus pass)"));
+  st.curves.forEach(cv=>{cp.appendChild(el("b",{},cv.neuron));cp.appendChild(curvePlot(cv));});row.appendChild(cp);}
+ box.appendChild(row);});}
 const PER=25;let page=0;
 function pager(id){const p=document.getElementById(id);p.textContent="";const n=Math.ceil(D.cards.length/PER);if(n<2)return;
  for(let i=0;i<n;i++){const b=el("button",{type:"button"},String(i+1));if(i===page)b.disabled=true;b.addEventListener("click",()=>{page=i;draw();window.scrollTo(0,document.getElementById("cards-title").offsetTop);});p.appendChild(b);}}

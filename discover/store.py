@@ -144,9 +144,11 @@ CREATE TABLE IF NOT EXISTS neuron_activations (
     act_freq        DOUBLE,               -- fraction of positions with activation > 0
     act_min         DOUBLE,
     act_max         DOUBLE,
-    act_tokens      BIGINT                -- positions counted: every token; for an expert, the tokens routed to it
+    act_tokens      BIGINT,               -- positions counted: every token; for an expert, the tokens routed to it
+    act_tail        DOUBLE                -- +1 / -1: the side of its strong activations (its 0.1% / 99.9% quantiles)
 );
 ALTER TABLE neuron_activations ADD COLUMN IF NOT EXISTS act_tokens BIGINT;
+ALTER TABLE neuron_activations ADD COLUMN IF NOT EXISTS act_tail DOUBLE;
 CREATE TABLE IF NOT EXISTS activation_examples (
     pass_id         VARCHAR,
     checkpoint_id   VARCHAR,
@@ -239,8 +241,10 @@ CREATE TABLE IF NOT EXISTS study_runs (
     neurons         JSON,                 -- the top neurons with congruence and token rank
     seconds         JSON,                 -- per part
     created_at      TIMESTAMP,
-    discover_version VARCHAR
+    discover_version VARCHAR,
+    pass_id         VARCHAR               -- the examination's corpus pass (curves, examples); NULL: none
 );
+ALTER TABLE study_runs ADD COLUMN IF NOT EXISTS pass_id VARCHAR;
 CREATE TABLE IF NOT EXISTS study_neurons (
     study_id        VARCHAR,
     checkpoint_id   VARCHAR,

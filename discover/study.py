@@ -566,11 +566,11 @@ def store_study(store, view, res: StudyResult, cfg: StudyConfig, described: dict
               "clean_text": "".join(strings[t] for t in p.clean), "corrupted_text": "".join(strings[t] for t in p.corrupted),
               "substituted": [strings[p.clean[p.position]], strings[p.corrupted[p.position]]]} for p in res.pairs]
     with transaction(store.con) as con:
-        con.execute("INSERT INTO study_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
+        con.execute("INSERT INTO study_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)",
                     [sid, view.checkpoint_id, res.target[1], res.target[0], res.contrast[1], res.contrast[0],
                      json.dumps(described) if described else None, json.dumps(asdict(cfg)), json.dumps(res.counts),
                      json.dumps(pairs), json.dumps(res.logit_lens), json.dumps(res.layers), json.dumps(res.top),
-                     json.dumps(res.seconds), __version__])
+                     json.dumps(res.seconds), __version__, res.pass_id])
         insert_arrow(con, "study_neurons", tbl)
     return sid
 

@@ -531,3 +531,30 @@ def test_dla_scale_includes_a_post_mlp_norm(post_norm):
         want = acts[layer][:, :-1].double() * G[:, nxt].permute(1, 2, 0) / (rms_f * rms_p)[:, :-1, None]
         got_dla = acts[layer][:, :-1].double() * G[:, nxt].permute(1, 2, 0) * inv[layer][:, :-1, None].double()
         torch.testing.assert_close(got_dla, want, rtol=1e-4, atol=1e-6)
+
+
+def test_tail_sign_from_the_histogram_equals_the_exact_quantile_rule():
+    """`act_tail` (the side of a neuron's strong activations, read from its histogram) agrees with
+    verify's `tail_sign` on the exact values wherever the two quantiles differ by more than a
+    bin (25%), for neurons whose strong activations are positive, negative or both."""
+    from discover.verify import tail_sign
+
+    rng = np.random.default_rng(0)
+    N, R = 60, 4000
+    scale = rng.uniform(0.2, 3.0, size=(2, N))
+    x = np.where(rng.random((R, N)) < 0.5, -rng.gamma(1.0, scale[0], (R, N)), rng.gamma(1.0, scale[1], (R, N)))
+    x = x.astype(np.float32)
+    hist = np.stack([np.bincount(K.bin_index(x[:, n]), minlength=K.N_BINS) for n in range(N)])
+    got = A.hist_tail_sign(hist, np.full(N, R))
+    checked = 0
+    for n in range(N):
+        lo, hi = np.quantile(x[:, n], [0.001, 0.999])
+        if max(hi, -lo) > 1.3 * min(hi, -lo):
+            assert got[n] == tail_sign(x[:, n].astype(np.float64)), (n, lo, hi)
+            checked += 1
+    assert checked > 20 and set(got.tolist()) == {-1, 1}
+
+
+def test_act_tail_is_stored(env):
+    vals = {r[0] for r in _rows(env.store, "SELECT act_tail FROM neuron_activations")}
+    assert vals <= {1.0, -1.0} and 1.0 in vals  # GPT-2's GELU neurons: strong activations positive

@@ -193,6 +193,8 @@ def test_report_shows_the_study(planted, tmp_path, capsys):
     rep = json.loads(out.read_text())
     (st,) = rep["studies"]
     assert st["target"] == "tree" and st["neurons"][0]["neuron"] == "L1.N7" and st["pairs"][0]["clean_text"]
+    curve = {c["neuron"]: c for c in st["curves"]}["L1.N7"]  # drawn from the study's own corpus pass
+    assert sum(b["positions"] for b in curve["bins"]) > 0 and sum(b["top_prediction"] for b in curve["bins"]) > 0
     assert "L1.N7" in {c["neuron"] for c in rep["cards"]}
     page = tmp_path / "r.html"
     assert run(capsys, "report", str(path), "--store", store, "--out", page)[0] == 0
@@ -203,6 +205,7 @@ def test_report_shows_the_study(planted, tmp_path, capsys):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "Token study: \u201ctree\u201d against \u201cpear\u201d" in dom and "Logit lens" in dom
+    assert "the study's corpus pass" in dom
 
 
 def test_report_of_a_catalog_written_before_studies(planted, tmp_path, capsys):
