@@ -284,6 +284,19 @@ def _ordinal(env, doc_id):
     return [d.doc_id for d in open_corpus(str(env.corpus)).iter_documents()].index(doc_id)
 
 
+def direct_curve(acts, pred, nxt, token) -> dict:
+    """{bin: (positions, top prediction is token, next known, next is token)}, one position at a time."""
+    want: dict = {}
+    for a, p, n in zip(acts, pred, nxt):
+        b = int(K.bin_index(np.array([a], np.float32))[0])
+        c = want.setdefault(b, [0, 0, 0, 0])
+        c[0] += 1
+        c[1] += p == token
+        c[2] += n >= 0
+        c[3] += n == token
+    return {b: tuple(int(x) for x in v) for b, v in want.items()}
+
+
 def test_curves_equal_direct_count(env):
     ref = env.ref
     for layer, neuron, token, source in ((1, 3, AN, "pair"), (0, 7, VOCAB.index("the"), "pair")):
@@ -292,15 +305,8 @@ def test_curves_equal_direct_count(env):
                      [layer, neuron, token])
         got = {r[0]: r[1:5] for r in rows}
         assert {r[5] for r in rows} == {source}
-        want = {}
-        for r in range(len(ref.acts)):  # the direct count, one position at a time
-            b = int(K.bin_index(np.array([ref.acts[r, layer, neuron]], np.float32))[0])
-            c = want.setdefault(b, [0, 0, 0, 0])
-            c[0] += 1
-            c[1] += ref.pred[r] == token
-            c[2] += ref.next[r] >= 0
-            c[3] += ref.next[r] == token
-        assert got == {b: tuple(v) for b, v in want.items()}
+        want = direct_curve(ref.acts[:, layer, neuron], ref.pred, ref.next, token)
+        assert got == want
         assert sum(v[1] for v in want.values()) > 0 or layer == 0
 
 

@@ -23,7 +23,9 @@ import pytest
 import scipy.stats
 import torch
 from conftest import VOCAB, save
+from test_activations import direct_curve
 from test_cli import assert_one_error_line, run, snapshot, sql_rows
+import family_checks as fc
 from test_family_moe import E, I, tiny
 
 import discover.activations as A
@@ -177,15 +179,8 @@ def test_curves_count_routed_positions(env):
         rows = sql_rows(env.store, "SELECT bin, positions, top_prediction, with_next, is_next FROM prediction_curves "
                                    "WHERE layer = ? AND neuron = ? AND token_id = ?", [layer, neuron, token])
         got = {r[0]: r[1:] for r in rows}
-        want: dict = {}
-        for r in np.flatnonzero(ref.routed[:, layer, neuron]):
-            b = int(K.bin_index(np.array([ref.acts[r, layer, neuron]], np.float32))[0])
-            c = want.setdefault(b, [0, 0, 0, 0])
-            c[0] += 1
-            c[1] += ref.pred[r] == token
-            c[2] += ref.next[r] >= 0
-            c[3] += ref.next[r] == token
-        assert got == {b: tuple(v) for b, v in want.items()}
+        rows_ = np.flatnonzero(ref.routed[:, layer, neuron])
+        assert got == direct_curve(ref.acts[rows_, layer, neuron], ref.pred[rows_], ref.next[rows_], token)
 
 
 def test_query_neuron_says_how_many_tokens_were_routed(env, capsys):
@@ -240,48 +235,11 @@ def test_feature_scores_of_an_expert_are_over_its_tokens(env, data):
             assert s.auroc[g, j] == pytest.approx(auroc_score(x, labels[rows, j]), abs=1e-12)
 
 
-def test_mean_ablation_writes_through_the_routing(env, data):
+def test_mean_ablation_writes_through_the_routing(env):
     """Batched mean ablation of expert neurons equals one hooked forward pass per sequence whose
-    expert activation is set to its routed mean: the block writes it through the routing, so
-    only positions routed to the expert change."""
-    from discover.verify import Ablator, counted_means
-
-    view, d = data
-    means = counted_means(d).reshape(view.n_layers, view.d_mlp)
-    targets = np.array([AN, THE])
-    neurons = [(0, I + 3), (1, 2 * I + 5), (1, 0)] + ([(1, E * I + 3)] if env.arch == "qwen2_moe" else [])
-    got, n_pos = Ablator(view, d).effects(targets, neurons, means, max_seqs=3)
-    rows = np.flatnonzero(np.isin(d.next_token, targets))
-    row0 = np.array([s[1] for s in d.seqs])
-    seq_of = np.searchsorted(row0, rows, side="right") - 1
-    chosen = list(dict.fromkeys(seq_of.tolist()))[:3]
-    assert n_pos == int(np.isin(seq_of, chosen).sum()) > 3
-
-    def logp(layer=None, neuron=None):
-        vals = []
-        for s in chosen:
-            seq, first, _ = d.seqs[s]
-            hook = None
-            if layer is not None:
-                def pre(mod, args):
-                    a = args[0].clone()
-                    a[:, 1:, neuron] = float(means[layer, neuron])
-                    return (a,)
-                hook = view.act_module(layer).register_forward_pre_hook(pre)
-            try:
-                with torch.no_grad():
-                    lp = torch.log_softmax(view.model(torch.tensor([seq])).logits[0].double(), -1)
-            finally:
-                if hook:
-                    hook.remove()
-            for r in rows[seq_of == s]:
-                vals.append(float(torch.logsumexp(lp[r - first + 1, torch.tensor(targets)], -1)))
-        return np.array(vals)
-
-    base = logp()
-    want = np.array([float((logp(l, n) - base).mean()) for l, n in neurons])
-    assert np.abs(want).max() > 1e-5
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6)
+    expert activation is set to its mean: the recomputed block writes it through the routing, so
+    only positions routed to the expert change (`family_checks.ablation_equals_hooked_forward`)."""
+    fc.ablation_equals_hooked_forward(tiny(env.arch))
 
 
 # ---------------------------------------------------------------------- the CLI
