@@ -185,8 +185,7 @@ def latest_studies(store, cid: str, limit: int = 5) -> list:
     if not store.has_table("study_runs"):
         return []
     cur = store.con.execute(
-        "SELECT study_id, target, target_id, contrast, counts, pairs, logit_lens, layer_patching, neurons, seconds, "
-        "created_at, pass_id FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])
+        "SELECT * FROM study_runs WHERE checkpoint_id = ? ORDER BY created_at DESC", [cid])  # any catalog version
     cols = [c[0] for c in cur.description]
     out, seen = [], set()
     for row in cur.fetchall():
@@ -194,6 +193,8 @@ def latest_studies(store, cid: str, limit: int = 5) -> list:
         if r["target"] in seen:
             continue
         seen.add(r["target"])
+        r = {k: r.get(k) for k in ("study_id", "target", "target_id", "contrast", "counts", "pairs", "logit_lens",
+                                   "layer_patching", "neurons", "seconds", "created_at", "pass_id")}
         for k in ("counts", "pairs", "logit_lens", "layer_patching", "neurons", "seconds"):
             r[k] = json.loads(r[k]) if isinstance(r[k], str) else r[k]
         r["pairs"] = [{k: v for k, v in p.items() if k not in ("clean", "corrupted")} for p in r["pairs"]][:5]
