@@ -287,8 +287,8 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
             ev.update(ablation_positions=0)
         kind, v, why = _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg)
         if n_pos == 0:
-            what = f"{strings[tok]!r} is" if len(ids) == 1 else f"no token of X ({len(ids)} tokens) is"
-            why = f"{what} never the next token in the held-out text"
+            why = (f"{strings[tok]!r} is never the next token in the held-out text" if len(ids) == 1 else
+                   f"none of the {len(ids)} tokens of X is ever the next token in the held-out text")
         out.append(Hypothesis(l, n, kind, strings[tok], tok, v, why, ev))
     return out
 
