@@ -91,6 +91,15 @@ def encode_prompt(view, text: str, bos: bool) -> list[int]:
 
 
 # -------------------------------------------------------------------------- internals
+def logit_direction(view, target: int, contrast: int):
+    """(d, bias): logit(target) - logit(contrast) = final-norm output @ d + bias, pre-cap (Gemma 2's
+    soft-cap is applied after the head); d (d_model,) float32."""
+    head = view.model.get_output_embeddings()
+    d = (head.weight[target] - head.weight[contrast]).detach().float()
+    b = getattr(head, "bias", None)
+    return d, (float(b[target] - b[contrast]) if b is not None else 0.0)
+
+
 class _Runner:
     """Cached corrupted/clean runs of one prompt pair and the pieces to resume from block l+1."""
 
@@ -100,11 +109,7 @@ class _Runner:
         self.torch = torch
         self.view = view
         self.base = view.model.base_model
-        head = view.model.get_output_embeddings()
-        # pre-cap logits (Gemma 2's soft-cap is applied after the head): a direction in d_model
-        self.dir = (head.weight[target] - head.weight[contrast]).detach().float()  # (d_model,)
-        b = getattr(head, "bias", None)
-        self.bias = float(b[target] - b[contrast]) if b is not None else 0.0
+        self.dir, self.bias = logit_direction(view, target, contrast)
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]  # raw (N, d_model): exact deltas
         self.clean_ids, self.corr_ids = clean_ids, corr_ids
         self.T = len(corr_ids)

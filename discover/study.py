@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from discover.errors import QueryError
+from discover.patch import logit_direction
 
 
 @dataclass(frozen=True)
@@ -264,18 +265,11 @@ def counterfactuals(view, prompts: list, target: int, contrast: int, cfg: StudyC
 
 
 # ------------------------------------------------------------------ lens and layer patching
-def _direction(view, target: int, contrast: int):
-    head = view.model.get_output_embeddings()
-    d = (head.weight[target] - head.weight[contrast]).detach().float()
-    b = getattr(head, "bias", None)
-    return d, (float(b[target] - b[contrast]) if b is not None else 0.0)
-
-
 def logit_lens(view, pairs: list, target: int, contrast: int) -> dict:
     """Mean over pairs of logit(target) - logit(contrast) at the last position after every block."""
     import torch
 
-    d, bias = _direction(view, target, contrast)
+    d, bias = logit_direction(view, target, contrast)
     norm = view.model.get_submodule(view.final_norm_site())
     out = {}
     for which in ("clean", "corrupted"):
@@ -290,7 +284,7 @@ def layer_patching(view, pairs: list, target: int, contrast: int) -> dict:
     their clean values at every position of the corrupted run."""
     import torch
 
-    d, bias = _direction(view, target, contrast)
+    d, bias = logit_direction(view, target, contrast)
     clean = torch.tensor([p.clean for p in pairs])
     corr = torch.tensor([p.corrupted for p in pairs])
     L = view.n_layers
@@ -360,13 +354,12 @@ def study(view, corpus, target_text: str, cfg: StudyConfig | None = None, *, con
         if len(c_ids) != len(x_ids):
             raise QueryError(f"--clean is {len(c_ids)} tokens and --corrupted {len(x_ids)}; the study patches "
                              "prompts of equal length: change the words")
-        if contrast is None:
-            lg = _Model(view, 1).last_logits([c_ids])[0]
-            contrast = int(next(t for t in np.argsort(-lg) if t != target))
         diff = [i for i, (a, b) in enumerate(zip(c_ids, x_ids)) if a != b]
         if not diff:
             raise QueryError("--clean and --corrupted are the same tokens; change a word of the corrupted prompt")
         lg = _Model(view, 2).last_logits([c_ids, x_ids])
+        if contrast is None:  # the model's second choice after the clean prompt
+            contrast = int(next(t for t in np.argsort(-lg[0]) if t != target))
         if abs((lg[0, target] - lg[0, contrast]) - (lg[1, target] - lg[1, contrast])) < 1e-6:
             raise QueryError("the clean and corrupted prompts give the same logit difference; there is nothing to "
                              "recover: choose prompts the model tells apart")
@@ -466,9 +459,23 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
     random same-layer neurons, and a verdict; written into `res.top`."""
     from types import SimpleNamespace
 
-    from discover.activations import (ActivationConfig, Plan, auto_batch_size, model_context, neuron_groups,
-                                      run_activations)
-    from discover.verify import Ablator, curve_trend, pass_curves
+    from tqdm import tqdm
+
+    from discover.activations import (
+        ActivationConfig,
+        Plan,
+        auto_batch_size,
+        model_context,
+        neuron_groups,
+        run_activations,
+    )
+    from discover.verify import (
+        Ablator,
+        ablation_evidence,
+        curve_trend,
+        draw_controls,
+        pass_curves,
+    )
 
     top = res.top[:cfg.examine]
     if not top or corpus is None:
@@ -499,21 +506,14 @@ def examine(store, view, identity, res: StudyResult, corpus, described: dict, cf
     data = SimpleNamespace(seqs=seqs, next_token=np.array(nxt, np.int64))
     abl = Ablator(view, data) if seqs else None
     rng = np.random.default_rng(cfg.seed)
-    from tqdm import tqdm
-
     for t in tqdm(top, desc="study: ablation", unit="neuron", disable=not progress, leave=False):
         l, n = t["layer"], t["neuron_index"]
         ev = curve_trend(curves.get((l, n, T)))
         ev["act_mean"] = float(means[l, n])
         if abl is not None:
-            pool = [i for i in range(N) if i != n and group[i] == group[n]]
-            controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
+            controls = draw_controls(rng, N, n, group, cfg.controls)
             eff, n_pos = abl.effects([T], [(l, n)] + [(l, c) for c in controls], means, len(seqs))
-            ctrl = eff[1:]
-            sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
-            z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
-            ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
-                      control_sd=sd, ablation_z=z)
+            ev.update(ablation_evidence(eff, n_pos))
         t["evidence"] = ev
         t["verdict"], t["decided_by"] = study_verdict(t, len(res.pairs))
     res.seconds["examination"] = time.perf_counter() - t0

@@ -230,9 +230,9 @@ def subject_label(subject: str, evidence: dict) -> str:
 
 
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
-    from tqdm import tqdm
-
     from collections import Counter
+
+    from tqdm import tqdm
 
     from discover.candidates import Tails, candidates
 
@@ -268,21 +268,16 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         if rows is not None:
             ev.update(counted_tokens=len(x), held_out_tokens=data.tokens)
         ev.update(curve_trend(curves.get((l, n, tok))))
-        # controls: same-layer neurons; for an expert, of the same expert (the same routed tokens)
-        pool = [i for i in range(N) if i != n and (data.group is None or data.group[i] == data.group[n])]
-        controls = [int(c) for c in rng.choice(pool, size=min(cfg.controls, len(pool)), replace=False)]
+        controls = draw_controls(rng, N, n, data.group, cfg.controls)
         eff, n_pos, at_x, other = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means,
                                               cfg.max_ablation_sequences, elsewhere=ELSEWHERE)
         z = t = float("nan")
         if n_pos:
-            ctrl = eff[1:]
-            sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
-            z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
             t = welch_t(at_x, other)
-            ev.update(ablation_positions=n_pos, ablation_delta_logp=float(eff[0]), control_mean=float(ctrl.mean()),
-                      control_sd=sd, ablation_z=z, controls=[view.layout.name(l, c) for c in controls],
+            ev.update(ablation_evidence(eff, n_pos), controls=[view.layout.name(l, c) for c in controls],
                       ablation_delta_elsewhere=float(other.mean()) if len(other) else None,
                       elsewhere_positions=len(other), specificity_t=t)
+            z = ev["ablation_z"]
         else:
             ev.update(ablation_positions=0)
         kind, v, why = _decide(role, s, x, is_next, is_top, has_next, z, t, n_pos, ev, cfg)
@@ -291,6 +286,24 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
                    f"none of the {len(ids)} tokens of X is ever the next token in the held-out text")
         out.append(Hypothesis(l, n, kind, strings[tok], tok, v, why, ev))
     return out
+
+
+def draw_controls(rng, N: int, n: int, group, k: int) -> list[int]:
+    """`k` random neurons of neuron n's layer for the ablation baseline: any other neuron, or for
+    an expert (`group`: each neuron's expert, None when dense) one of the same expert (the same
+    routed tokens)."""
+    pool = [i for i in range(N) if i != n and (group is None or group[i] == group[n])]
+    return [int(c) for c in rng.choice(pool, size=min(k, len(pool)), replace=False)]
+
+
+def ablation_evidence(eff: np.ndarray, n_pos: int) -> dict:
+    """The mean ablation's numbers from `Ablator.effects` of (neuron, *controls): its change of
+    log p(X), the controls' mean and sd, and z = (change - mean) / sd."""
+    ctrl = eff[1:]
+    sd = float(ctrl.std(ddof=1)) if len(ctrl) > 1 else float("nan")
+    z = (eff[0] - float(ctrl.mean())) / sd if sd > 0 else float("nan")
+    return {"ablation_positions": n_pos, "ablation_delta_logp": float(eff[0]), "control_mean": float(ctrl.mean()),
+            "control_sd": sd, "ablation_z": z}
 
 
 FLIP = {"prediction": "suppression", "suppression": "prediction"}
