@@ -14,11 +14,15 @@ scan's `c_t`), in absolute value. Sources:
   stays near 3;
 - `study`: the neurons the latest study of each token ranked first (those it examined and did
   not reject; without an examination, its 3 strongest), with the studied token;
-- `corpus`: for the tokens most often next in the text being tested, their most congruent
-  (prediction) and most negative (suppression) neurons.
+- `corpus`: the tokens the text being tested makes interesting: the words the model predicts far
+  less often than they occur (the seed's " an": "the model only predicted ' an' 1,500 times,
+  though it occurred 12,000 times"), by the z of the difference of two Poisson counts,
+  `(occurs - predicted) / sqrt(occurs + predicted)` (`underpredicted`), over tokens with a letter
+  (`word_tokens`: under-predicted whitespace, rules and ASCII art are layout, not a choice of
+  word); for each, its most congruent (prediction) and most negative (suppression) neuron.
 
 The budget is shared by the sources, each strongest first (|z|; a study by recovery; the corpus
-by token frequency): round robin over the sources, so that a source with thousands of
+by the under-prediction z of its token): round robin over the sources, so that a source with thousands of
 candidates (the tail, on a real vocabulary) never crowds out the few a study singled out. A
 (neuron, role) several sources propose is listed once, with every source. The scan stores the cosines of each neuron's top and bottom
 tokens and its vocabulary moments, so the first two sources are SQL; the others compute the z of
@@ -38,6 +42,34 @@ def bonferroni_cut(tail_alpha: float, d_vocab: int) -> float:
     from scipy.stats import norm
 
     return float(norm.isf(tail_alpha / d_vocab))
+
+
+def underpredicted(next_token: np.ndarray, top_pred: np.ndarray, k: int = 10, min_occurs: int = 5,
+                   eligible: np.ndarray | None = None) -> list[dict]:
+    """The `k` tokens the model predicts (top-1) least often against how often they are next, at
+    positions with a next token: {token_id, occurs, predicted, z}, z = (occurs - predicted) /
+    sqrt(occurs + predicted) > 0 descending (ties by token id), tokens next at least `min_occurs`
+    times (fewer leave nothing to test) and, given `eligible` (bool per token id), eligible."""
+    has = np.asarray(next_token) >= 0
+    nxt, top = np.asarray(next_token)[has], np.asarray(top_pred)[has]
+    size = int(max(nxt.max(initial=-1), top.max(initial=-1))) + 1
+    if eligible is not None:
+        size = max(size, len(eligible))
+    occurs, predicted = np.bincount(nxt, minlength=size), np.bincount(top, minlength=size)
+    keep = (occurs >= min_occurs) & (occurs > predicted)
+    if eligible is not None:
+        keep[:len(eligible)] &= np.asarray(eligible, bool)
+        keep[len(eligible):] = False
+    ok = np.flatnonzero(keep)
+    z = (occurs[ok] - predicted[ok]) / np.sqrt(occurs[ok] + predicted[ok])
+    order = np.lexsort((ok, -z))[:k]
+    return [{"token_id": int(ok[i]), "occurs": int(occurs[ok[i]]), "predicted": int(predicted[ok[i]]),
+             "z": float(z[i])} for i in order]
+
+
+def word_tokens(strings: list) -> np.ndarray:
+    """(d_vocab,) bool: the tokens with a letter in them."""
+    return np.array([any(ch.isalpha() for ch in t) for t in strings], bool)
 
 
 class Tails:
@@ -75,10 +107,11 @@ class Tails:
 
 
 def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.05, tails: Tails | None = None,
-               next_counts: dict | None = None, corpus_tokens: int = 10) -> list[dict]:
+               interesting: list | None = None) -> list[dict]:
     """Up to `limit` candidates {layer, neuron, token_id, role, z, sources}, strongest |z| first.
-    `tails` (weights) enables the `study` and `corpus` sources; `next_counts` ({token: count} in
-    the text being tested) the `corpus` source."""
+    `tails` (weights) enables the `study` and `corpus` sources; `interesting` (`underpredicted`
+    over the text being tested, most interesting first) the `corpus` source, whose candidates
+    carry their token's counts as `underpredicted`."""
     if limit <= 0:
         return []
     con = store.con
@@ -86,9 +119,9 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
     cut = bonferroni_cut(tail_alpha, int(ck["d_vocab"]))
     lists: dict = {src: [] for src in SOURCES}
 
-    def add(l, n, tok, role, z, source):
+    def add(l, n, tok, role, z, source, **extra):
         lists[source].append({"layer": int(l), "neuron": int(n), "token_id": int(tok), "role": role, "z": float(z),
-                              "sources": [source]})
+                              "sources": [source], **extra})
 
     # the scan's roles, with their strongest token (by congruence) and its z
     for l, n, role, tok, z in con.execute(
@@ -121,13 +154,14 @@ def candidates(store, checkpoint_id: str, limit: int, *, tail_alpha: float = 0.0
             for t in [t for t in examined if t["verdict"] != "rejected"] if examined else top[:3]:
                 z = float(tails.z(t["layer"], t["neuron_index"])[tid])
                 add(t["layer"], t["neuron_index"], tid, "prediction" if z >= 0 else "suppression", z, "study")
-        # the most congruent neurons of the tokens most often next in the text being tested
-        for tok, _ in sorted((next_counts or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:corpus_tokens]:
+        # the most congruent neurons of the tokens the model predicts far less often than they occur
+        for u in interesting or []:
+            tok = u["token_id"]
             for sign, role in ((1, "prediction"), (-1, "suppression")):
                 hit = con.execute("SELECT layer, neuron FROM token_neurons WHERE checkpoint_id = ? AND token_id = ? "
-                                  "AND sign = ? AND rank = 0", [checkpoint_id, int(tok), sign]).fetchone()
+                                  "AND sign = ? AND rank = 0", [checkpoint_id, tok, sign]).fetchone()
                 if hit is not None:
-                    add(hit[0], hit[1], tok, role, tails.z(hit[0], hit[1])[int(tok)], "corpus")
+                    add(hit[0], hit[1], tok, role, tails.z(hit[0], hit[1])[tok], "corpus", underpredicted=dict(u))
     for src in ("kurtosis", "tail"):
         lists[src].sort(key=lambda c: (-abs(c["z"]), c["layer"], c["neuron"]))
     found: dict = {}

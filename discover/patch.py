@@ -97,7 +97,7 @@ def logit_direction(view, target: int, contrast: int):
     head = view.model.get_output_embeddings()
     d = (head.weight[target] - head.weight[contrast]).detach().float()
     b = getattr(head, "bias", None)
-    return d, (float(b[target] - b[contrast]) if b is not None else 0.0)
+    return d, (float((b[target] - b[contrast]).detach()) if b is not None else 0.0)
 
 
 class _Runner:

@@ -230,15 +230,14 @@ def subject_label(subject: str, evidence: dict) -> str:
 
 
 def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
-    from collections import Counter
-
     from tqdm import tqdm
 
-    from discover.candidates import Tails, candidates
+    from discover.candidates import Tails, candidates, underpredicted, word_tokens
 
     tails = Tails(view, cfg.tail_alpha)
-    counts = Counter(data.next_token[data.next_token >= 0].tolist())
-    cands = candidates(store, ckpt_id, cfg.candidates, tail_alpha=cfg.tail_alpha, tails=tails, next_counts=counts)
+    strings = view.token_strings()
+    interesting = underpredicted(data.next_token, data.top_pred, eligible=word_tokens(strings))
+    cands = candidates(store, ckpt_id, cfg.candidates, tail_alpha=cfg.tail_alpha, tails=tails, interesting=interesting)
     if not cands:
         return []
     N, L = view.d_mlp, view.n_layers
@@ -247,7 +246,6 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     has_next_all = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)
     abl = Ablator(view, data)
-    strings = view.token_strings()
     curves = pass_curves(store, ckpt_id)
     out = []
     for c in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
@@ -267,6 +265,8 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
               "n_next": int(is_next.sum()), "n_top_prediction": int(is_top.sum()), "held_out_tokens": len(x)}
         if rows is not None:
             ev.update(counted_tokens=len(x), held_out_tokens=data.tokens)
+        if "underpredicted" in c:  # the corpus source's reason: X is predicted far less often than it occurs
+            ev["underpredicted"] = c["underpredicted"]
         ev.update(curve_trend(curves.get((l, n, tok))))
         controls = draw_controls(rng, N, n, data.group, cfg.controls)
         eff, n_pos, at_x, other = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means,

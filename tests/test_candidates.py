@@ -1,6 +1,6 @@
 """Candidates from every source (`discover.candidates`): a neuron aimed at a family of tokens is
 found by its standardised-cosine tail even when the kurtosis roles miss it; the studied neurons
-and the most congruent neurons of frequent next tokens join; the budget is shared round robin,
+and the most congruent neurons of the tokens the model predicts far less often than they occur join; the budget is shared round robin,
 each source strongest first, each (neuron, role) once with all its sources; the z values equal a
 direct computation from the weights."""
 
@@ -13,7 +13,7 @@ from conftest import VOCAB, save
 from test_verify import _prediction_model
 
 from discover.adapter import load_model
-from discover.candidates import Tails, bonferroni_cut, candidates
+from discover.candidates import Tails, bonferroni_cut, candidates, underpredicted
 from discover.scan import RoleThresholds, ScanConfig, scan_model
 from discover.store import Store
 
@@ -77,17 +77,41 @@ def test_study_and_corpus_sources(env):
                       [view.checkpoint_id, tree, json.dumps([{"layer": 0, "neuron_index": 3, "recovery": 0.4},
                                                              {"layer": 0, "neuron_index": 4, "recovery": 0.01}])])
     the = VOCAB.index("the")
-    got = candidates(store, view.checkpoint_id, 10_000, tails=tails, next_counts={the: 500, tree: 3})
+    interesting = [{"token_id": the, "occurs": 500, "predicted": 20, "z": 21.0},
+                   {"token_id": tree, "occurs": 30, "predicted": 3, "z": 4.7}]
+    got = candidates(store, view.checkpoint_id, 10_000, tails=tails, interesting=interesting)
     by = {(c["layer"], c["neuron"], c["role"]): c for c in got}
     study = [c for c in got if "study" in c["sources"]]
     # not examined: the study's 3 strongest (both here), with the studied token
     assert sorted((c["layer"], c["neuron"], c["token_id"]) for c in study) == [(0, 3, tree), (0, 4, tree)]
     assert {c["neuron"]: c["z"] for c in study}[3] == pytest.approx(float(tails.z(0, 3)[tree]))
     # a study's neurons are reached within a small budget, whatever their |z|
-    small = candidates(store, view.checkpoint_id, 4, tails=tails, next_counts={the: 500})
+    small = candidates(store, view.checkpoint_id, 4, tails=tails, interesting=interesting[:1])
     assert any("study" in c["sources"] for c in small)
     best = store.con.execute("SELECT layer, neuron FROM token_neurons WHERE token_id = ? AND sign = 1 AND rank = 0",
                              [the]).fetchone()
     c = by[(best[0], best[1], "prediction")]
     assert "corpus" in c["sources"] and (c["token_id"] == the or "tail" in c["sources"] or "kurtosis" in c["sources"])
+    if c["sources"][0] == "corpus":
+        assert c["underpredicted"] == interesting[0]
     assert np.isfinite([c["z"] for c in got]).all()
+
+
+def test_underpredicted_tokens_equal_direct_counts():
+    """The corpus source's tokens: next often, the model's top prediction rarely, ranked by the
+    z of the two counts' difference; counted here position by position."""
+    rng = np.random.default_rng(0)
+    nxt = rng.integers(0, 30, 4000)
+    top = np.where(rng.random(4000) < 0.7, nxt, rng.integers(0, 30, 4000))
+    top[nxt == 7] = 3  # token 7: never predicted where it occurs (the seed's " an")
+    nxt[::50] = -1  # positions without a next token do not count
+    got = underpredicted(nxt, top, k=30)
+    occurs = {t: int(sum(1 for a in nxt if a == t)) for t in range(30)}
+    predicted = {t: int(sum(1 for a, b in zip(nxt, top) if a >= 0 and b == t)) for t in range(30)}
+    want = sorted(((occurs[t] - predicted[t]) / np.sqrt(occurs[t] + predicted[t]), -t) for t in range(30)
+                  if occurs[t] > predicted[t] and occurs[t] >= 5)[::-1]
+    assert [g["token_id"] for g in got] == [-t for _, t in want]
+    assert got[0]["token_id"] == 7 and got[0]["occurs"] == occurs[7] and got[0]["predicted"] == predicted[7]
+    assert [g["z"] for g in got] == pytest.approx([z for z, _ in want])
+    assert 3 not in [g["token_id"] for g in got]  # over-predicted: not interesting here
+    assert underpredicted(nxt, top, k=2) == got[:2] and underpredicted(np.full(5, -1), np.zeros(5, int)) == []

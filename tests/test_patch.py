@@ -187,3 +187,18 @@ def test_last_position_patching_with_prompts_of_different_lengths(arch):
         ref = patch_loop(view, clean, corrupt, "an", "a", layer, range(0, view.d_mlp, 4), cfg)
         np.testing.assert_allclose(res.recovery[layer][::4], ref, atol=1e-4)
     assert res.attribution.shape == (view.n_layers, view.d_mlp) and np.isfinite(res.attribution).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_raises_no_deprecation_warnings(arch):
+    """transformers' FutureWarnings (the `past_key_values` argument, removed in 5.40) and torch's
+    warnings would become errors in a later release: patching through a KV cache raises none."""
+    import warnings
+
+    view = _view(arch, n_layer=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_neurons(view, CLEAN, CORRUPT, "an", "a", PatchConfig(positions="last"))
+    bad = [f"{w.category.__name__}: {w.message}" for w in caught
+           if issubclass(w.category, (FutureWarning, DeprecationWarning, UserWarning))]
+    assert not bad, bad

@@ -165,14 +165,19 @@ def test_corpus_pass_over_a_few_thousand_tokens(real):
     torch.testing.assert_close(got["acts"][29], manual, rtol=1e-4, atol=1e-4)
 
 
-def test_study_an_with_the_seed_prompts(real):
+@pytest.fixture(scope="module")
+def seed_study(real):
+    from discover.study import StudyConfig, study
+
+    return study(real["view"], None, " an", StudyConfig(top=5, examine=0), contrast_text=" a", clean=CLEAN,
+                 corrupted=CORRUPT)
+
+
+def test_study_an_with_the_seed_prompts(seed_study):
     """`discover study " an"` with the seed's hand-written prompts: the neuron that restores the
     most of logit(' an') - logit(' a') writes ' an' more than any other token, and the patching
     agrees with the batched `discover patch` (same prompts, same neurons)."""
-    from discover.study import StudyConfig, study
-
-    view = real["view"]
-    res = study(view, None, " an", StudyConfig(top=5, examine=0), contrast_text=" a", clean=CLEAN, corrupted=CORRUPT)
+    res = seed_study
     assert res.counts == {"tried": 1, "found": 1} and res.pairs[0].m_clean > res.pairs[0].m_corrupted
     top = res.top[0]
     assert top["recovery"] > 0.3 and top["token_rank"] <= 3, res.top
@@ -199,3 +204,38 @@ def test_study_an_with_mined_prompts(real):
     rec = [t["recovery"] for t in res.top]
     assert rec == sorted(rec, reverse=True) and rec[0] > 0.05
     print("study (mined):", c, [(t["neuron"], round(t["recovery"], 3), t["token_rank"]) for t in res.top])
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def test_unprompted_candidates_reach_the_studied_an_neuron(real, seed_study):
+    """No study stored, no token given: verify's `corpus` candidate source, over English prose
+    (Debian's fortunes, installed by tests/setup_system.sh), finds ' an' among the words the
+    model predicts far less often than they occur (the seed's observation on GPT-2 large), and a
+    budget of 20 candidates, shared round robin with the kurtosis and tail sources, reaches the
+    neuron the seed-prompt study ranks first."""
+    if not FORTUNES.is_dir():
+        pytest.skip("no English prose: apt-get install fortunes (tests/setup_system.sh)")
+    from discover.candidates import Tails, candidates, underpredicted, word_tokens
+    from discover.corpus import open_corpus
+    from discover.features import collect
+    from discover.store import Store
+
+    view = real["view"]
+    an = view.tokenizer.encode(" an", add_special_tokens=False)[0]
+    data = collect(view, open_corpus(str(FORTUNES)), [], tokens=8000, split="all")
+    strings = view.token_strings()
+    interesting = underpredicted(data.next_token, data.top_pred, eligible=word_tokens(strings))
+    print("under-predicted words:", [(strings[u["token_id"]], u["occurs"], u["predicted"]) for u in interesting])
+    top3 = [u["token_id"] for u in interesting[:3]]
+    assert an in top3
+    u = interesting[top3.index(an)]
+    has = data.next_token >= 0
+    assert u["occurs"] == int((data.next_token == an).sum()) > u["predicted"] == int((data.top_pred[has] == an).sum())
+    with Store(real["store"], read_only=True) as store:
+        got = candidates(store, view.checkpoint_id, 20, tails=Tails(view, 0.05), interesting=interesting)
+    studied = seed_study.top[0]
+    hit = [c for c in got if (c["layer"], c["neuron"], c["role"]) ==
+           (studied["layer"], studied["neuron_index"], "prediction")]
+    assert hit and "corpus" in hit[0]["sources"] and hit[0]["token_id"] == an, (studied["neuron"], got)
