@@ -270,9 +270,10 @@ def render_markdown(rep: dict) -> str:
            f"checkpoint <code>{rep['checkpoint_id'][:16]}</code> ({_source(rep)}, {rep['n_layers']} layers x "
            f"{rep['d_mlp']} neurons, vocab {rep['d_vocab']}), generated {rep['generated']}", ""]
     s = rep["summary"]
-    out += ["## Roles per layer", "", "| role | " + " | ".join(f"L{i}" for i in range(rep["n_layers"])) + " |",
-            "|---|" + "---|" * rep["n_layers"]]
-    out += [f"| {r} | " + " | ".join(str(c) for c in counts) + " |" for r, counts in s["roles_per_layer"].items()]
+    shown = [r for r, counts in s["roles_per_layer"].items() if any(counts)]  # one row per layer: 48 layers stay readable
+    out += ["## Roles per layer", "", "| layer | " + " | ".join(shown) + " | all |", "|---|" + "---:|" * (len(shown) + 1)]
+    out += [f"| L{i} | " + " | ".join(str(s["roles_per_layer"][r][i]) for r in shown) +
+            f" | {sum(c[i] for c in s['roles_per_layer'].values())} |" for i in range(rep["n_layers"])]
     out += ["", "## Verdicts", "", "| kind | confirmed | inconclusive | rejected |", "|---|---|---|---|"]
     out += [f"| {k} | {c['confirmed']} | {c['inconclusive']} | {c['rejected']} |" for k, c in s["verdict_counts"].items()]
     un = rep.get("universality")
@@ -372,9 +373,10 @@ header p{margin:4px 0 0;color:#c9cfda;font-size:13px}main{max-width:1180px;margi
 .card h3{margin:0 0 6px;font-size:16px}.tag{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;margin-right:4px;background:#e8ebf0}
 .confirmed{background:#d4f2dc;color:#12632b}.rejected{background:#f7d9d9;color:#8a1c1c}.inconclusive{background:#f3ecd0;color:#6b5a12}
 table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bottom:1px solid #eef0f4;text-align:left;vertical-align:top}
-.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;background:#eef1f6;border-radius:3px;padding:0 3px;margin:1px}
+.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-all;display:inline-block;max-width:100%;vertical-align:top;background:#eef1f6;border-radius:3px;padding:0 3px;margin:1px}
 .ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap;word-break:break-all;margin:4px 0;padding:4px;border-left:3px solid #dde1e8}
 .ex span.max{outline:2px solid #c0392b;border-radius:2px}.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:12px}
+.scroll{max-height:260px;overflow:auto;margin-top:6px}.roles th{position:sticky;top:0;background:#fff}.roles td.n{text-align:right}
 .pager{margin:12px 0}.pager button{margin-right:6px}svg text{font-size:10px;fill:#4a5263}small{color:#6a7386}
 </style></head>
 <body><header><h1 id="title"></h1><p id="sub"></p></header>
@@ -394,6 +396,7 @@ table{border-collapse:collapse;font-size:12.5px}td,th{padding:2px 8px;border-bot
 const D = JSON.parse(document.getElementById("data").textContent);
 const NS = "http://www.w3.org/2000/svg";
 const COLORS = {prediction:"#2e7d32",suppression:"#c62828",partition:"#6a1b9a",entropy:"#ef6c00",memory_management:"#1565c0",signal_boosting:"#00838f"};
+const SHORT = {prediction:"pred",suppression:"supp",partition:"part",entropy:"entropy",memory_management:"memory",signal_boosting:"boost"};
 function el(tag, attrs, text){const e=document.createElement(tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);if(text!==undefined&&text!==null)e.textContent=String(text);return e;}
 function svg(tag, attrs){const e=document.createElementNS(NS,tag);for(const k in (attrs||{}))e.setAttribute(k,attrs[k]);return e;}
 function fmt(x,d){if(x===null||x===undefined)return "-";if(typeof x!=="number")return String(x);if(Number.isInteger(x))return String(x);const a=Math.abs(x);return (a!==0&&(a<1e-3||a>=1e5))?x.toExponential(2):x.toPrecision(d||3);}
@@ -409,10 +412,13 @@ function rolesPlot(){const box=document.getElementById("roles");const R=D.summar
  const tot=[];for(let l=0;l<L;l++){let a=0;for(const r in R)a+=R[r][l];tot.push(a);}const m=Math.max(1,...tot),bw=(W-P-8)/L;const g=svg("svg",{width:W,height:H,role:"img"});
  for(let l=0;l<L;l++){let y=H-P;for(const r in R){const c=R[r][l];if(!c)continue;const h=(H-P-8)*c/m;y-=h;const b=svg("rect",{x:P+l*bw+1,y:y,width:Math.max(1,bw-2),height:h,fill:COLORS[r]||"#999"});
   const t=svg("title");t.textContent="L"+l+" "+r+": "+c;b.appendChild(t);g.appendChild(b);}}
- axes(g,W,H,P,0,L-1,0,m,"layer","neurons with a role");box.appendChild(g);const t=el("table");const hr=el("tr");hr.appendChild(el("th",{},"role"));
- for(let l=0;l<D.n_layers;l++)hr.appendChild(el("th",{},"L"+l));t.appendChild(hr);
- for(const r in D.summary.roles_per_layer){const tr=el("tr");const c=D.summary.roles_per_layer[r];const td=el("td");const sw=el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},r);td.appendChild(sw);tr.appendChild(td);
-  c.forEach(x=>tr.appendChild(el("td",{},x)));t.appendChild(tr);}box.appendChild(t);}
+ axes(g,W,H,P,0,L-1,0,m,"layer","neurons with a role");box.appendChild(g);
+ const shown=Object.keys(R).filter(r=>R[r].some(x=>x>0));const t=el("table",{class:"roles"});const hr=el("tr");hr.appendChild(el("th",{},"layer"));
+ shown.forEach(r=>{const th=el("th",{title:r});th.appendChild(el("span",{class:"tag",style:"background:"+(COLORS[r]||"#999")+";color:#fff"},SHORT[r]||r));hr.appendChild(th);});
+ hr.appendChild(el("th",{},"all"));t.appendChild(hr);
+ for(let l=0;l<L;l++){const tr=el("tr");tr.appendChild(el("td",{},"L"+l));shown.forEach(r=>tr.appendChild(el("td",{class:"n"},R[r][l]||"")));tr.appendChild(el("td",{class:"n"},tot[l]));t.appendChild(tr);}
+ const wrap=el("div",{class:"scroll"});wrap.appendChild(t);box.appendChild(wrap);
+ if(!shown.length)box.appendChild(el("small",{},"no neuron has a role"));}
 function scatterPlot(){const s=D.summary.scatter,W=360,H=240,P=30;const K=s.kurtosis.map(x=>x===null?NaN:x),S=s.skew.map(x=>x===null?NaN:x);
  const fk=K.filter(isFinite),fs=S.filter(isFinite);if(!fk.length||!fs.length)return;
  const kx=fk.reduce((a,b)=>Math.max(a,b)),kn=fk.reduce((a,b)=>Math.min(a,b)),sx=fs.reduce((a,b)=>Math.max(a,b)),sn=fs.reduce((a,b)=>Math.min(a,b));

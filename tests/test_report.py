@@ -264,3 +264,58 @@ def test_report_of_a_scan_only_store_draws(env, tmp_path, capsys):
     res = subprocess.run([node, str(Path(__file__).parent / "js" / "fake_dom.js"), str(out)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr[-2000:]
+
+
+def _chromium():
+    browser = shutil.which("chromium")  # Debian's; Ubuntu's chromium-browser may be a snap stub
+    if browser is None:
+        pytest.skip("chromium is not installed: run tests/setup_system.sh (CI does)")
+    return browser
+
+
+MEASURE = """<script>(function(){const over=[...document.querySelectorAll(".panel")].map(p=>p.scrollWidth-p.clientWidth);
+const t=document.querySelector("#roles table");const w=t?t.parentElement:null;
+document.title=JSON.stringify({panel_overflow:Math.max(...over),page_overflow:document.documentElement.scrollWidth-innerWidth,
+rows:t?t.rows.length:0,cols:t?t.rows[0].cells.length:0,box_height:w?w.clientHeight:0,box_scroll:w?w.scrollHeight:0});})();</script>"""
+
+
+def test_roles_of_48_layers_stay_inside_their_card(tmp_path, capsys):
+    """Issue 15: with 30+ layers the roles-per-layer table overflowed its card. A 48-layer model
+    (GPT-2 XL's depth): in headless Chromium at 1280 px no panel and not the page scrolls
+    sideways, the table has a row per layer, scrolled inside a box of bounded height; the
+    markdown has a row per layer too. A screenshot is kept in tests/artifacts/."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    browser = _chromium()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=48, n_embd=16, n_head=2, n_inner=32, vocab_size=len(WORDS),
+                                       n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    mdir = tmp_path / "model"
+    model.save_pretrained(str(mdir), safe_serialization=True)
+    _tokenizer().save_pretrained(str(mdir))
+    store = tmp_path / "store"
+    assert run(capsys, "scan", mdir, "--store", store, "--kurtosis", "2.5", "--json")[0] == 0
+    out = tmp_path / "r.html"
+    assert run(capsys, "report", mdir, "--store", store, "--out", out)[0] == 0
+    rep = _payload(out.read_text())
+    per_layer = rep["summary"]["roles_per_layer"]
+    assert sum(any(c) for c in per_layer.values()) >= 2 and all(len(c) == 48 for c in per_layer.values())
+    probe = tmp_path / "probe.html"
+    probe.write_text(out.read_text().replace("</body>", MEASURE + "</body>"))
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1400"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    m = json.loads(re.search(r"<title>(.*?)</title>", dom.stdout, re.S).group(1).replace("&quot;", '"'))
+    assert m["panel_overflow"] <= 1 and m["page_overflow"] <= 1, m
+    assert m["rows"] == 49 and m["cols"] == 2 + sum(any(c) for c in per_layer.values()), m
+    assert m["box_height"] <= 300 < m["box_scroll"], m  # 48 rows scroll inside the card
+    md = tmp_path / "r.md"
+    assert run(capsys, "report", mdir, "--store", store, "--out", md, "--format", "md")[0] == 0
+    assert sum(1 for line in md.read_text().splitlines() if re.match(r"\| L\d+ \|", line)) == 48
+    art = Path(__file__).parent / "artifacts"
+    art.mkdir(exist_ok=True)
+    shot = art / "report_48_layers.png"
+    res = subprocess.run([browser, *flags, f"--screenshot={shot}", out.as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
