@@ -172,3 +172,30 @@ def row_stats(g, inv_u, inv_w, top_v, top_i, bot_v, bot_i, moments):
         moments[r, 1] = e2 - mu * mu
         moments[r, 2] = e3 - 3.0 * mu * e2 + 2.0 * mu ** 3
         moments[r, 3] = e4 - 4.0 * mu * e3 + 6.0 * mu * mu * e2 - 3.0 * mu ** 4
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def rank_ties(A):
+    """Average ranks (1-based, ties averaged: scipy's rankdata(method="average")) of every row of
+    A (B, R), returned column-major as (R, B) float64, and per row the tie term sum(t^3 - t)
+    over its groups of equal values. One sort per row; rows split across threads."""
+    B, R = A.shape
+    ranks = np.empty((R, B))
+    tie = np.zeros(B)
+    for j in prange(B):
+        a = A[j]
+        o = np.argsort(a, kind="mergesort")
+        i = 0
+        s = 0.0
+        while i < R:
+            k = i + 1
+            while k < R and a[o[k]] == a[o[i]]:
+                k += 1
+            r = (i + 1 + k) / 2.0
+            for m in range(i, k):
+                ranks[o[m], j] = r
+            t = float(k - i)
+            s += t * t * t - t
+            i = k
+        tie[j] = s
+    return ranks, tie

@@ -205,42 +205,83 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q.reshape(p.shape)
 
 
-def _rank_block(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x, axis=0, method="average")
-
-
 def score(data: FeatureData, *, labels: np.ndarray | None = None, min_positives: int = 20,
-          n_thresholds: int = 64, block: int = 512) -> FeatureScores:
+          n_thresholds: int = 64, block: int = 512, progress: bool = False) -> FeatureScores:
     """Score every (neuron, rule) pair; `labels` overrides data.labels (shuffle checks). Each
     neuron is scored over the tokens it counts: every token, or for an expert the tokens routed
     to it (`FeatureData.segments`: blocks of neurons that count the same tokens)."""
-    lab = data.labels if labels is None else labels
-    nr = lab.shape[1]
+    return score_sets(data, [data.labels if labels is None else labels], min_positives=min_positives,
+                      n_thresholds=n_thresholds, block=block, progress=progress)[0]
+
+
+def score_sets(data: FeatureData, label_sets: list, *, min_positives: int = 20, n_thresholds: int = 64,
+               block: int = 512, progress: bool = False) -> list:
+    """`score` for several label matrices at once (the rules' labels and their shuffle): what
+    depends on the activations alone (ranks, ties, thresholds, bins) is computed once per block
+    of neurons and shared. One FeatureScores per label set."""
+    from tqdm import tqdm
+
     G = data.acts.shape[0]
-    out = {k: np.full((G, nr), np.nan) for k in ("auroc", "p", "threshold", "precision", "recall", "f1", "f1_a")}
-    n_pos = np.zeros((G, nr), np.int64)
-    tested = np.zeros((G, nr), bool)
+    sets = []
+    for lab in label_sets:
+        nr = lab.shape[1]
+        sets.append((lab, {k: np.full((G, nr), np.nan) for k in
+                           ("auroc", "p", "threshold", "precision", "recall", "f1", "f1_a")},
+                     np.zeros((G, nr), np.int64), np.zeros((G, nr), bool)))
     counted = np.zeros(G, np.int64)
+    bar = tqdm(total=G, unit="neuron", desc="scoring rules", disable=not progress, leave=False)
     for g0, g1, rows in data.segments(block):
-        X = np.asarray(data.acts[g0:g1], dtype=np.float64).T  # (R, B)
-        part, y = data.part, lab
+        A = np.asarray(data.acts[g0:g1])  # (B, R) float32, one neuron per row
+        part = data.part
         if rows is not None:
-            X, part, y = X[rows], part[rows], lab[rows]
+            A, part = A[:, rows], part[rows]
         counted[g0:g1] = len(part)
-        n1, ok = _score_block(X, y, part, min_positives, n_thresholds, {k: v[g0:g1] for k, v in out.items()})
-        n_pos[g0:g1] = n1
-        tested[g0:g1] = ok
-    for k in ("threshold", "precision", "recall", "f1", "f1_a"):
-        out[k][~tested] = np.nan
-    q = benjamini_hochberg(out["p"])
-    return FeatureScores(rules=[r.name for r in data.rules], n_pos=n_pos, tested=tested, q=q,
-                         counted=None if data.routed is None else counted, **out)
+        xs = _activation_stats(A, part, n_thresholds)
+        for lab, out, n_pos, tested in sets:
+            y = lab if rows is None else lab[rows]
+            n1, ok = _score_labels(xs, y, part, min_positives, {k: v[g0:g1] for k, v in out.items()})
+            n_pos[g0:g1] = n1
+            tested[g0:g1] = ok
+        bar.update(g1 - g0)
+    bar.close()
+    res = []
+    for lab, out, n_pos, tested in sets:
+        for k in ("threshold", "precision", "recall", "f1", "f1_a"):
+            out[k][~tested] = np.nan
+        res.append(FeatureScores(rules=[r.name for r in data.rules], n_pos=n_pos, tested=tested,
+                                 q=benjamini_hochberg(out["p"]), counted=None if data.routed is None else counted,
+                                 **out))
+    return res
 
 
-def _score_block(X, lab, part, min_positives, n_thresholds, out) -> tuple[np.ndarray, np.ndarray]:
-    """Fill `out` (views (B, n_rules)) for the neurons of X (R, B) over its R tokens; return the
+@dataclass
+class _XStats:
+    """What a block's scores need of its activations, whatever the labels."""
+    ranks: np.ndarray  # (R, B) average ranks over all tokens
+    tie: np.ndarray  # (B,) sum(t^3 - t) over tie groups
+    thr: np.ndarray | None  # (K, B) candidate thresholds: quantiles of part A
+    bins_a: tuple | None  # (flat bin index (RA, B), predicted positives (K, B)) on part A
+    bins_b: tuple | None  # the same on part B, at A's thresholds
+
+
+def _activation_stats(A: np.ndarray, part: np.ndarray, n_thresholds: int) -> _XStats:
+    from discover._kernels import rank_ties
+
+    R = A.shape[1]
+    if R < 2:
+        return _XStats(None, None, None, None, None)
+    ranks, tie = rank_ties(np.ascontiguousarray(A))
+    inA, inB = part == 0, part == 1
+    if not inA.any():
+        return _XStats(ranks, tie, None, None, None)
+    X = A.T.astype(np.float64)
+    XA, XB = X[inA], X[inB]
+    thr = np.quantile(XA, np.linspace(0.5, 0.999, n_thresholds), axis=0)  # (K, B)
+    return _XStats(ranks, tie, thr, _bins(XA, thr), _bins(XB, thr))
+
+
+def _score_labels(xs: _XStats, lab, part, min_positives, out) -> tuple[np.ndarray, np.ndarray]:
+    """Fill `out` (views (B, n_rules)) for one block's neurons over its R tokens; return the
     positives per rule and which rules could be tested."""
     from scipy.stats import norm
 
@@ -253,32 +294,27 @@ def _score_block(X, lab, part, min_positives, n_thresholds, out) -> tuple[np.nda
               & (lab[inB].sum(0) >= min_positives // 2))
     if R < 2:
         return n1.astype(np.int64), tested
-    B = X.shape[1]
-    qs = np.linspace(0.5, 0.999, n_thresholds)
-    ranks = _rank_block(X)
+    B = xs.ranks.shape[1]
     # --- AUROC and its permutation null (exact moments of U, tie-corrected)
-    rank_sum = Y.T @ ranks  # (nr, B)
+    rank_sum = Y.T @ xs.ranks  # (nr, B)
     U = rank_sum - (n1 * (n1 + 1) / 2)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = U / (n1 * n0)[:, None]
-        tie = _tie_term(X)  # (B,) sum(t^3 - t) over tie groups
-        var = (n1 * n0)[:, None] / 12.0 * ((R + 1) - tie[None, :] / (R * (R - 1)))
+        var = (n1 * n0)[:, None] / 12.0 * ((R + 1) - xs.tie[None, :] / (R * (R - 1)))
         z = (U - (n1 * n0 / 2)[:, None]) / np.sqrt(var)
     p = norm.sf(z)
     out["auroc"][:] = auc.T
     out["p"][:] = np.where(tested[:, None] & np.isfinite(z), p, np.nan).T
     # --- threshold on A (max F1 over quantile thresholds), precision / recall / F1 on B
-    if not tested.any():  # (e.g. every document fell in one half): nothing to threshold
+    if not tested.any() or xs.thr is None:  # (e.g. every document fell in one half): nothing to threshold
         return n1.astype(np.int64), tested
-    XA, XB = X[inA], X[inB]
-    thr = np.quantile(XA, qs, axis=0)  # (K, B)
-    tpA, ppA = _threshold_counts(XA, Y[inA], thr)  # tp (K, nr, B), pp (K, B)
+    tpA, ppA = _counts(*xs.bins_a, Y[inA])  # tp (K, nr, B), pp (K, B)
     posA = Y[inA].sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         f1A = 2 * tpA / (ppA[:, None, :] + posA[None, :, None])
     f1A = np.nan_to_num(f1A, nan=-1.0)
     best = f1A.argmax(0)  # (nr, B)
-    tpB, ppB = _threshold_counts(XB, Y[inB], thr)
+    tpB, ppB = _counts(*xs.bins_b, Y[inB])
     posB = Y[inB].sum(0)
     cols = np.arange(B)[None, :]
     tp = tpB[best, np.arange(nr)[:, None], cols]
@@ -287,7 +323,7 @@ def _score_block(X, lab, part, min_positives, n_thresholds, out) -> tuple[np.nda
         prec = np.where(pp > 0, tp / pp, 0.0)
         rec = tp / posB[:, None]
         f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
-    out["threshold"][:] = thr[best, cols].T
+    out["threshold"][:] = xs.thr[best, cols].T
     out["precision"][:] = prec.T
     out["recall"][:] = rec.T
     out["f1"][:] = f1.T
@@ -295,44 +331,53 @@ def _score_block(X, lab, part, min_positives, n_thresholds, out) -> tuple[np.nda
     return n1.astype(np.int64), tested
 
 
-def _tie_term(X: np.ndarray) -> np.ndarray:
-    """Per column, sum over groups of equal values of (t^3 - t) (vectorised run lengths)."""
-    R, B = X.shape
-    S = np.sort(X, axis=0)
-    edge = np.ones((B, R + 1), bool)  # a run starts at row 0, at every change, and "ends" at R
-    edge[:, 1:R] = (S[1:] != S[:-1]).T
-    pos = np.flatnonzero(edge.ravel())
-    t = np.diff(pos).astype(np.float64)  # run lengths; the jump between columns has length 1: adds 0
-    col = pos[:-1] // (R + 1)
-    return np.bincount(col, weights=t ** 3 - t, minlength=B)
-
-
-def _threshold_counts(X: np.ndarray, Y: np.ndarray, thr: np.ndarray):
-    """For K thresholds per column: true positives (K, n_rules, B) and predicted positives (K, B)
-    of the detector `X > thr`, from one binning pass (tokens fall in the K + 1 intervals)."""
+def _bins(X: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the detector `X > thr[k]` (K thresholds per column, ascending): each value's flat bin
+    (how many thresholds lie strictly below it, offset by column) and the predicted positives
+    (K, B), from one binning pass (values fall in the K + 1 intervals)."""
     K, B = thr.shape
     R = X.shape[0]
-    # bin index: how many thresholds each value exceeds (0..K); thresholds ascend with k
     idx = np.empty((R, B), np.int64)
     for j in range(B):  # thresholds ascend: side="left" counts thresholds strictly below x
         idx[:, j] = np.searchsorted(thr[:, j], X[:, j], side="left")
     flat = idx + (K + 1) * np.arange(B)[None, :]
     tot = np.bincount(flat.ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
-    pos = np.stack([np.bincount(flat[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
-                    for r in range(Y.shape[1])])  # (nr, B, K+1)
     # X > thr[k]  <=>  bin index >= k + 1: suffix sums over bins
     pp = np.cumsum(tot[:, ::-1], axis=1)[:, ::-1][:, 1:].T  # (K, B)
+    return flat, pp.astype(np.float64)
+
+
+def _counts(flat: np.ndarray, pp: np.ndarray, Y: np.ndarray):
+    """True positives (K, n_rules, B) and predicted positives (K, B) of `_bins`' detectors."""
+    K, B = pp.shape
+    pos = np.stack([np.bincount(flat[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
+                    for r in range(Y.shape[1])])  # (nr, B, K+1)
     tp = np.cumsum(pos[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:].transpose(2, 0, 1)  # (K, nr, B)
-    return tp.astype(np.float64), pp.astype(np.float64)
+    return tp.astype(np.float64), pp
 
 
-def shuffle_check(data: FeatureData, *, alpha: float = 0.05, seed: int = 0, **kw) -> dict:
-    """Labels shuffled across tokens (independently per rule): how many pairs pass BH at alpha."""
+def _threshold_counts(X: np.ndarray, Y: np.ndarray, thr: np.ndarray):
+    """For K thresholds per column: true positives (K, n_rules, B) and predicted positives (K, B)
+    of the detector `X > thr`."""
+    return _counts(*_bins(X, thr), Y)
+
+
+def shuffled_labels(data: FeatureData, seed: int = 0) -> np.ndarray:
+    """The rules' labels shuffled across tokens, independently per rule."""
     rng = np.random.default_rng(seed)
     lab = data.labels.copy()
     for j in range(lab.shape[1]):
         lab[:, j] = lab[rng.permutation(len(lab)), j]
-    s = score(data, labels=lab, **kw)
+    return lab
+
+
+def shuffle_summary(s: FeatureScores, alpha: float = 0.05) -> dict:
+    """How many pairs pass BH at alpha under shuffled labels (it should be about alpha or less)."""
     tested = np.isfinite(s.q)
     return {"pairs": int(tested.sum()), "passing": int((s.q[tested] <= alpha).sum()),
             "fraction": float((s.q[tested] <= alpha).mean()) if tested.any() else 0.0}
+
+
+def shuffle_check(data: FeatureData, *, alpha: float = 0.05, seed: int = 0, **kw) -> dict:
+    """Labels shuffled across tokens (independently per rule): how many pairs pass BH at alpha."""
+    return shuffle_summary(score(data, labels=shuffled_labels(data, seed), **kw), alpha)

@@ -87,7 +87,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
     strings = {}
     for h in top:  # the strongest tokens each confirmed neuron writes (for or against), from the scan
-        layer, neuron = parse_neuron(h["neuron"])
+        layer, neuron = parse_neuron(h["neuron"], view.layout)
         strings[h["neuron"]] = {f"{side}_tokens": [{"token": t} for (t,) in store.con.execute(
             "SELECT token FROM neuron_tokens WHERE checkpoint_id = ? AND layer = ? AND neuron = ? AND side = ? "
             "ORDER BY rank LIMIT 3", [identity[1], layer, neuron, side]).fetchall()] for side in ("top", "bottom")}

@@ -431,7 +431,7 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
                  text_field: str = "text", rules_dirs=None, allow_pickle: bool = False, progress: bool = True,
                  prepared=None, key: str | None = None) -> VerifySummary:
     """Test the top hypotheses of a model and commit verdicts and evidence to `store`."""
-    from discover.features import collect, score, shuffle_check
+    from discover.features import collect, score_sets, shuffle_summary, shuffled_labels
     from discover.scan import scan_model
 
     cfg = config or VerifyConfig()
@@ -442,8 +442,10 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
     if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
         scan_model(view.spec, store, progress=progress, identity=identity, view=view)
     data = collect(view, corp, rules, tokens=cfg.tokens, context=cfg.context, split=cfg.split, progress=progress)
-    scores = score(data, min_positives=cfg.min_positives)
-    shuffled = shuffle_check(data, alpha=cfg.alpha, seed=cfg.seed, min_positives=cfg.min_positives)
+    # the rules' labels and their shuffle (the false-positive check) in one pass over the activations
+    scores, shuf = score_sets(data, [data.labels, shuffled_labels(data, cfg.seed)], min_positives=cfg.min_positives,
+                              progress=progress)
+    shuffled = shuffle_summary(shuf, cfg.alpha)
     hyps = feature_hypotheses(scores, view.d_mlp, cfg)
     hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress)
     seconds = time.perf_counter() - t0
