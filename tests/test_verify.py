@@ -387,3 +387,36 @@ def test_random_models_confirm_few_prediction_hypotheses(arch, tmp_path):
         confirmed += sum(h["verdict"] == "confirmed" for h in hyps)
     assert tested >= 30
     assert confirmed / tested <= 0.05, (confirmed, tested)
+
+
+def test_scoring_label_sets_in_one_pass_equals_one_by_one():
+    """`score_sets` shares the activations' ranks, ties and thresholds between label sets (the
+    rules' and their shuffle): each result equals `score` of its labels alone, bit for bit, and
+    the numba ranks equal scipy's average ranks, ties included."""
+    from scipy.stats import rankdata
+
+    from discover._kernels import rank_ties
+    from discover.features import FeatureData, score, score_sets, shuffled_labels
+    from discover.verify import auroc_score
+
+    rng = np.random.default_rng(3)
+    G, R = 70, 3000
+    acts = rng.standard_normal((G, R)).astype(np.float32)
+    acts[acts < 0] *= 0.01
+    acts[:20] = np.round(acts[:20], 1)  # many ties
+    acts[5] = 0.0  # a constant neuron
+    labels = np.stack([acts[7] > 0.5, rng.random(R) < 0.05, np.zeros(R, bool)], 1)
+    data = FeatureData(rules=[SimpleNamespace(name=n) for n in ("x7", "noise", "never")], skipped=[], labels=labels,
+                       part=(rng.random(R) < 0.5).astype(np.int8), acts=acts, n_layers=1, d_mlp=G, documents=1)
+    ranks, tie = rank_ties(acts)
+    assert np.array_equal(ranks, rankdata(acts.T.astype(np.float64), axis=0, method="average"))
+    counts = [np.unique(a, return_counts=True)[1].astype(np.float64) for a in acts]
+    assert np.array_equal(tie, [(c ** 3 - c).sum() for c in counts])
+    shuffled = shuffled_labels(data, 0)
+    both = score_sets(data, [labels, shuffled], block=32)  # blocks that do not divide 70
+    for got, lab in zip(both, [labels, shuffled]):
+        alone = score(data, labels=lab, block=16)
+        for k in ("auroc", "p", "q", "threshold", "precision", "recall", "f1", "f1_a", "n_pos", "tested"):
+            assert np.array_equal(getattr(got, k), getattr(alone, k), equal_nan=True), k
+    assert both[0].auroc[7, 0] == pytest.approx(auroc_score(acts[7].astype(np.float64), labels[:, 0]), abs=1e-12)
+    assert both[0].auroc[7, 0] > 0.99 and not both[0].tested[:, 2].any()
