@@ -1,9 +1,10 @@
 """Feature tests (METHODS.md, "Feature tests"): every neuron scored as a detector of every rule.
 
 `collect` runs the model over held-out documents (BOS + pieces of `context - 1` tokens, as the
-corpus pass) and keeps, for every counted token, every neuron's activation (in a memory-mapped
-float32 file, neuron-major, in a temporary directory: tokens x neurons x 4 bytes of disk, e.g.
-50,000 x 36,864 x 4 = 7.4 GB for GPT-2 small; RAM stays bounded by one block of neurons) and the rule labels of the token (`rules.label_tokens`
+corpus pass) and keeps, for every counted token, every neuron's activation (a float32 file, neuron-major, in a
+temporary directory, written and read with explicit I/O (`DiskMatrix`): tokens x neurons x 4
+bytes of disk, e.g. 50,000 x 36,864 x 4 = 7.4 GB for GPT-2 small; the process holds one block of
+neurons, the page cache the rest) and the rule labels of the token (`rules.label_tokens`
 through the tokenizer's character offsets). Documents are split in two halves by a hash of
 their id: part A chooses thresholds, part B scores them.
 
@@ -24,6 +25,7 @@ measures how many pairs pass when the labels are shuffled (it should be about al
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,20 +35,95 @@ import numpy as np
 from discover.errors import CorpusError
 
 
+class DiskMatrix:
+    """A (G, R) float32 matrix, neuron-major (one neuron's values contiguous), in a file written
+    and read with explicit I/O (pwrite / preadv), not a memory map: the operating system's page
+    cache holds the file, the process holds only the rows it reads (a block of neurons), so its
+    resident memory stays bounded whatever the number of tokens. Indexing: `m[g]` (R,),
+    `m[g0:g1]` (g1 - g0, R), `m[:, :n]` the first n columns (a view of the same file)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path, G: int, R: int, *, _file=None, _cols: int | None = None):
+        self.path, self.G, self.stride = Path(path), G, R
+        self.cols = R if _cols is None else _cols
+        self._file = _file or _File(self.path, G * R * 4)  # shared by views; closed when the last goes
+        self.fd = self._file.fd
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.G, self.cols)
+
+    def write_columns(self, col: int, block: np.ndarray) -> None:
+        """Store `block` (G, m) as columns col .. col + m."""
+        b = np.ascontiguousarray(block, dtype=np.float32)
+        assert b.shape[0] == self.G and col + b.shape[1] <= self.stride
+        for g in range(self.G):
+            os.pwrite(self.fd, b[g], (g * self.stride + col) * 4)
+
+    def rows(self, g0: int, g1: int) -> np.ndarray:
+        out = np.empty((max(0, g1 - g0), self.stride), np.float32)
+        view, offset = memoryview(out).cast("B"), g0 * self.stride * 4
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short read of {self.path}")
+            done += n
+        return out[:, :self.cols] if self.cols < self.stride else out
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # m[:, :n]
+            rows, cols = key
+            if rows != slice(None) or not isinstance(cols, slice) or cols.start not in (None, 0) or cols.step:
+                raise IndexError("DiskMatrix supports m[g], m[g0:g1] and m[:, :n]")
+            return DiskMatrix(self.path, self.G, self.stride, _file=self._file,
+                              _cols=min(self.cols, self.cols if cols.stop is None else cols.stop))
+        if isinstance(key, slice):
+            g0, g1, step = key.indices(self.G)
+            if step != 1:
+                raise IndexError("DiskMatrix rows are read in contiguous slices")
+            return self.rows(g0, g1)
+        g = int(key) + (self.G if int(key) < 0 else 0)
+        if not 0 <= g < self.G:
+            raise IndexError(f"row {key} out of range for {self.G} rows")
+        return self.rows(g, g + 1)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.rows(0, self.G)
+        return a if dtype is None else a.astype(dtype)
+
+
+
+class _File:
+    def __init__(self, path, size: int):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, size)
+
+    def __del__(self, close=os.close):
+        try:
+            close(self.fd)
+        except OSError:
+            pass
+
+
+BATCH_BYTES = 256e6  # one batch's activations (all layers), when collect's batch_size is not given
+
+
 @dataclass
 class FeatureData:
     rules: list  # Rule objects, in label-column order
     skipped: list  # names of rules that could not run (spaCy missing)
     labels: np.ndarray  # (R, n_rules) bool
     part: np.ndarray  # (R,) 0 = part A (thresholds), 1 = part B (scores)
-    acts: np.ndarray  # (L * N, R) float32, memory-mapped, neuron-major: one neuron's values are contiguous
+    acts: DiskMatrix  # (L * N, R) float32 on disk, neuron-major: one neuron's values are contiguous
     n_layers: int
     d_mlp: int
     documents: int
     next_token: np.ndarray = None  # (R,) the true next token (-1: none in the text taken)
     top_pred: np.ndarray = None  # (R,) the model's top prediction
     seqs: list = field(default_factory=list, repr=False)  # (ids with BOS, first row, n rows) per sequence
-    tmpdir: object = field(default=None, repr=False)  # keeps the memmap's directory alive
+    tmpdir: object = field(default=None, repr=False)  # keeps the activation file's directory alive
     # mixtures of experts: (L, groups, R) bool, the tokens routed to each expert (the shared
     # expert's group: every token); with `group` (N,) each neuron's group. None: dense
     routed: np.ndarray | None = None
@@ -83,9 +160,11 @@ def _part(doc_id: str) -> int:
 
 
 def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = None, split: str = "heldout",
-            batch_size: int = 16, max_doc_tokens: int = 2048, progress: bool = False) -> FeatureData:
+            batch_size: int | None = None, max_doc_tokens: int = 2048, progress: bool = False) -> FeatureData:
     """Activations and rule labels of up to `tokens` document tokens of `split`, at most
-    `max_doc_tokens` from each document (the first ones), so that many documents count."""
+    `max_doc_tokens` from each document (the first ones), so that many documents count.
+    `batch_size` None: as many sequences (at most 16) as keep one batch's activations within
+    BATCH_BYTES (they are held twice: as captured, and as the buffer written to disk)."""
     import torch
     from tqdm import tqdm
 
@@ -102,8 +181,9 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     bos = bos_id(tok)
     body = ctx - (1 if bos is not None else 0)
     G = view.n_layers * view.d_mlp
+    batch_size = batch_size or max(1, min(16, int(BATCH_BYTES // (G * 4 * ctx))))
     tmp = tempfile.TemporaryDirectory(prefix="discover_features_")
-    acts = np.lib.format.open_memmap(Path(tmp.name) / "acts.npy", mode="w+", dtype=np.float32, shape=(G, tokens))
+    acts = DiskMatrix(Path(tmp.name) / "acts.f32", G, tokens)
     labels = np.zeros((tokens, len(rules)), bool)
     part = np.zeros(tokens, np.int8)
     nxt = np.full(tokens, -1, np.int64)
@@ -133,13 +213,26 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
             h = view.model.base_model(input_ids=ids).last_hidden_state
             top = torch.stack([head(h[b]).argmax(-1) for b in range(h.shape[0])])  # (B, T), one row of logits at a time
         start = 1 if bos is not None else 0
+        N = view.d_mlp
+        runs: list = []  # batch entries of consecutive rows: one buffer and one write per neuron each
         for b, (seq, row, m) in enumerate(pending):
-            acts[:, row:row + m] = torch.cat([got["acts"][l][b, start:start + m] for l in range(view.n_layers)],
-                                             dim=-1).float().numpy().T
-            pred[row:row + m] = top[b, start:start + m].numpy()
-            if moe:
+            if runs and runs[-1][-1][1] + runs[-1][-1][2] == row:
+                runs[-1].append((b, row, m))
+            else:
+                runs.append([(b, row, m)])
+        for run in runs:
+            buf = np.empty((G, sum(m for _, _, m in run)), np.float32)  # filled layer by layer: no (T, G) copies
+            off = 0
+            for b, row, m in run:
                 for l in range(view.n_layers):
-                    routed[l, :, row:row + m] = (got["scale"][l][b, start:start + m][:, first] != 0).numpy().T
+                    buf[l * N:(l + 1) * N, off:off + m] = got["acts"][l][b, start:start + m].float().numpy().T
+                pred[row:row + m] = top[b, start:start + m].numpy()
+                if moe:
+                    for l in range(view.n_layers):
+                        routed[l, :, row:row + m] = (got["scale"][l][b, start:start + m][:, first] != 0).numpy().T
+                off += m
+            acts.write_columns(run[0][1], buf)
+            del buf
         seqs.extend(pending)
         pending.clear()
 
@@ -168,7 +261,6 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     bar.close()
     if n == 0:
         raise CorpusError(f"the {split} split of the corpus has no tokens; point --corpus at text")
-    acts.flush()
     return FeatureData(rules=rules, skipped=skipped, labels=labels[:n], part=part[:n], acts=acts[:, :n],
                        n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, next_token=nxt[:n],
                        top_pred=pred[:n], seqs=seqs, tmpdir=tmp,

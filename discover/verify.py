@@ -172,7 +172,7 @@ class Ablator:
         seqs = [data.seqs[s][0] for s in chosen]
         T = max(len(s) for s in seqs)
         ids = torch.tensor([s + [s[0]] * (T - len(s)) for s in seqs])
-        tr = view.trace(ids)
+        tr = view.trace(ids, layers={l for l, _ in neurons})  # only the ablated layers' activations are kept
         n_next = len(rows)
         if elsewhere:  # other real positions of the chosen sequences, X not next there
             is_x = np.zeros((len(seqs), T), bool)
@@ -241,7 +241,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     if not cands:
         return []
     N, L = view.d_mlp, view.n_layers
-    acts = data.acts  # (G, R) neuron-major memmap
+    acts = data.acts  # (G, R) neuron-major, on disk (features.DiskMatrix)
     means = counted_means(data).reshape(L, N)
     has_next_all = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)

@@ -420,3 +420,24 @@ def test_scoring_label_sets_in_one_pass_equals_one_by_one():
             assert np.array_equal(getattr(got, k), getattr(alone, k), equal_nan=True), k
     assert both[0].auroc[7, 0] == pytest.approx(auroc_score(acts[7].astype(np.float64), labels[:, 0]), abs=1e-12)
     assert both[0].auroc[7, 0] > 0.99 and not both[0].tested[:, 2].any()
+
+
+def test_disk_matrix_reads_what_was_written(tmp_path):
+    """verify's activations live in a file read and written with explicit I/O (not a memory
+    map, whose touched pages would count in the process's memory): rows, slices and the first-n
+    columns view equal the numpy matrix written column block by column block."""
+    from discover.features import DiskMatrix
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((37, 100)).astype(np.float32)
+    m = DiskMatrix(tmp_path / "a.f32", 37, 100)
+    for c0, c1 in ((0, 30), (30, 31), (31, 100)):
+        m.write_columns(c0, ref[:, c0:c1])
+    assert m.shape == (37, 100) and np.array_equal(np.asarray(m), ref)
+    assert np.array_equal(m[5], ref[5]) and np.array_equal(m[-1], ref[-1]) and np.array_equal(m[3:20], ref[3:20])
+    head = m[:, :60]
+    assert head.shape == (37, 60) and np.array_equal(head[10:12], ref[10:12, :60])
+    with pytest.raises(IndexError):
+        m[::2]
+    with pytest.raises(IndexError):
+        m[37]

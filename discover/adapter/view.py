@@ -247,26 +247,31 @@ class ModelView:
         return W
 
     # -- recorded forward passes and reruns ------------------------------------------------
-    def trace(self, input_ids, *, past_key_values=None) -> Trace:
+    def trace(self, input_ids, *, past_key_values=None, layers=None) -> Trace:
         """One forward pass of the base model on `input_ids` (B, T), recording what `run_blocks`
-        and the patching code need. With `past_key_values` the positions attend to them too."""
+        and the patching code need. With `past_key_values` the positions attend to them too.
+        `layers`: record activations, block outputs and MLP outputs of these layers only (the
+        others stay None; memory: B x T x (N + 2 d) floats per layer kept)."""
         import torch
 
         L = self.n_layers
         acts, outs, raw, calls = [None] * L, [None] * L, [None] * L, [None] * L
         scales = [None] * L if self.layout.moe else None
         post = [self.arch.post_mlp_norm(self._blocks[l]) is not None for l in range(L)]
+        keep = set(range(L) if layers is None else layers)
         hooks = []
         try:
             for l in range(L):
+                hooks.append(self._blocks[l].register_forward_pre_hook(
+                    lambda m, a, k, l=l: calls.__setitem__(l, (tuple(a[1:]), dict(k))), with_kwargs=True))
+                if l not in keep:
+                    continue
                 site = self.act_module(l)
                 hooks.append(site.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach())))
                 if post[l]:
                     hooks.append(site.register_forward_hook(lambda m, a, o, l=l: raw.__setitem__(l, o.detach())))
                 if scales is not None:  # an expert site's forward hook sees the routing's write scale
                     hooks.append(site.register_forward_hook(lambda m, a, s, l=l: scales.__setitem__(l, s.detach())))
-                hooks.append(self._blocks[l].register_forward_pre_hook(
-                    lambda m, a, k, l=l: calls.__setitem__(l, (tuple(a[1:]), dict(k))), with_kwargs=True))
                 hooks.append(self._blocks[l].register_forward_hook(
                     lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach())))
             with torch.inference_mode():
