@@ -149,6 +149,14 @@ class Ablator:
         self.row0 = np.array([s[1] for s in data.seqs], np.int64)
         self.start = 1 if len(data.seqs) and len(data.seqs[0][0]) > data.seqs[0][2] else 0
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]
+        self._last = (None, None)  # (sequences, layers) -> trace: the last traced forward pass, reused
+
+    def _trace(self, chosen: list, ids, layers: set):
+        key = (tuple(chosen), frozenset(layers))
+        if self._last[0] != key:
+            self._last = (None, None)  # free the old trace before the new one is made
+            self._last = (key, self.view.trace(ids, layers=layers))  # only the ablated layers' activations
+        return self._last[1]
 
     def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int, elsewhere: int = 0):
         """Mean change of log p(X) = log sum of p(t), t in `tokens`, at the positions where a token of
@@ -172,7 +180,7 @@ class Ablator:
         seqs = [data.seqs[s][0] for s in chosen]
         T = max(len(s) for s in seqs)
         ids = torch.tensor([s + [s[0]] * (T - len(s)) for s in seqs])
-        tr = view.trace(ids, layers={l for l, _ in neurons})  # only the ablated layers' activations are kept
+        tr = self._trace(chosen, ids, {l for l, _ in neurons})
         n_next = len(rows)
         if elsewhere:  # other real positions of the chosen sequences, X not next there
             is_x = np.zeros((len(seqs), T), bool)
@@ -247,8 +255,12 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     rng = np.random.default_rng(cfg.seed)
     abl = Ablator(view, data)
     curves = pass_curves(store, ckpt_id)
-    out = []
-    for c in tqdm(cands, desc="verify predictions", disable=not progress, leave=False):
+    drawn = [draw_controls(rng, N, c["neuron"], data.group, cfg.controls) for c in cands]  # in candidate order
+    out: list = [None] * len(cands)
+    # layer by layer: candidates of one layer whose X is next in the same sequences share one traced forward pass
+    order = sorted(range(len(cands)), key=lambda i: (cands[i]["layer"], i))
+    for i in tqdm(order, desc="verify predictions", unit="hypothesis", disable=not progress, leave=False):
+        c, controls = cands[i], drawn[i]
         l, n, tok, role = c["layer"], c["neuron"], c["token_id"], c["role"]
         tail, tail_z, n_tail = tails(l, n, role, tok, MAX_TAIL)
         ids = np.array(tail, np.int64)
@@ -268,7 +280,6 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         if "underpredicted" in c:  # the corpus source's reason: X is predicted far less often than it occurs
             ev["underpredicted"] = c["underpredicted"]
         ev.update(curve_trend(curves.get((l, n, tok))))
-        controls = draw_controls(rng, N, n, data.group, cfg.controls)
         eff, n_pos, at_x, other = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means,
                                               cfg.max_ablation_sequences, elsewhere=ELSEWHERE)
         z = t = float("nan")
@@ -284,7 +295,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         if n_pos == 0:
             why = (f"{strings[tok]!r} is never the next token in the held-out text" if len(ids) == 1 else
                    f"none of the {len(ids)} tokens of X is ever the next token in the held-out text")
-        out.append(Hypothesis(l, n, kind, strings[tok], tok, v, why, ev))
+        out[i] = Hypothesis(l, n, kind, strings[tok], tok, v, why, ev)
     return out
 
 
