@@ -46,9 +46,9 @@ import numpy as np
 
 from discover import _act_kernels as K
 from discover.errors import CorpusError, QueryError
+from discover.tokens import bos_id, model_context, single_token  # noqa: F401 (callers use them from here too)
 
 KINDS = ("activation", "dla")  # the two example tables
-PASS_JSON = ("corpus", "settings")  # the JSON columns of activation_passes
 CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
 STATE_VERSION = 2
 ROWS_BUDGET_BYTES = 1.5e9  # activations held per batch (all layers) when batch_size is not given
@@ -106,13 +106,6 @@ class PassSummary:
 
 
 # ------------------------------------------------------------------------------ stream
-def bos_id(tokenizer) -> int | None:
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return None
-
-
 def sequences(corpus, split: str, tokenizer, context: int, bos: int | None, start=(0, 0)):
     """Yield (doc ordinal, doc id, chunk, ids (with BOS), next token after the chunk or -1)
     from document ordinal start[0], chunk start[1] on, in corpus order."""
@@ -448,16 +441,6 @@ def auto_batch_size(view, context: int) -> int:
     return int(max(1, min(32, ROWS_BUDGET_BYTES // (per_row * context))))
 
 
-def model_context(view) -> int:
-    """The model's positions (the language model's config, inside a multimodal wrapper)."""
-    cfg = view.text_config
-    for name in ("n_positions", "max_position_embeddings"):
-        v = getattr(cfg, name, None)
-        if v:
-            return int(v)
-    return 2048
-
-
 # ------------------------------------------------------------------------------ pairs
 def parse_pair(text: str, view) -> tuple[int, int, int]:
     """'L1.N42:" an"' -> (1, 42, token id); the token must be one token of the vocabulary."""
@@ -478,8 +461,6 @@ def parse_pair(text: str, view) -> tuple[int, int, int]:
         tok = tok[1:-1]
     if not tok:
         raise QueryError(f"--pair {text!r}: the token text is empty")
-    from discover.patch import single_token
-
     return layer, neuron, single_token(view, tok, f"--pair {text!r}:")
 
 
@@ -512,8 +493,8 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
     `identity`: what `adapter.identify` already returned for `spec` (the weights are hashed once)."""
     from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
+    from discover.defaults import default_model_spec
     from discover.errors import ModelLoadError
-    from discover.scan import default_model_spec
 
     cfg = config or ActivationConfig()
     spec = spec or default_model_spec()
@@ -630,7 +611,7 @@ def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Pat
 
 # ------------------------------------------------------------------------------ catalog
 def _pass_row(store, checkpoint_id: str, pass_key: str) -> dict | None:
-    from discover.store import fetch_dict
+    from discover.store import PASS_JSON, fetch_dict
 
     cur = store.con.execute("SELECT * FROM activation_passes WHERE checkpoint_id = ? AND pass_key = ?",
                             [checkpoint_id, pass_key])

@@ -168,8 +168,9 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     import torch
     from tqdm import tqdm
 
-    from discover.activations import bos_id, capture, model_context
+    from discover.activations import capture
     from discover.rules import label_tokens, rule_spans
+    from discover.tokens import bos_id, model_context
 
     tok = view.tokenizer
     if not getattr(tok, "is_fast", False):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from discover.errors import QueryError
+from discover.tokens import bos_id, model_context, single_token
 
 POSITIONS = ("last", "all")
 
@@ -70,21 +71,9 @@ class PatchResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def single_token(view, text: str, what: str) -> int:
-    ids = view.tokenizer.encode(text, add_special_tokens=False)
-    unk = view.tokenizer.unk_token_id
-    if len(ids) != 1 or (unk is not None and ids[0] == unk):
-        raise QueryError(
-            f"{what} {text!r} is not one token of this model's vocabulary (it tokenizes to "
-            f"{[view.tokenizer.decode([i]) for i in ids]}); name a single token, with its leading space if it has one")
-    return int(ids[0])
-
-
 def encode_prompt(view, text: str, bos: bool) -> list[int]:
     if not text:
         raise QueryError("a prompt is empty; give --clean and --corrupted text")
-    from discover.activations import bos_id
-
     ids = view.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is checked below
     b = bos_id(view.tokenizer)  # as the corpus pass: BOS, else EOS
     return ([b] if bos and b is not None else []) + [int(i) for i in ids]
@@ -175,8 +164,6 @@ def _runner(view, clean: str, corrupted: str, target: str, contrast: str, config
     if t == c:
         raise QueryError("--target and --contrast are the same token; name two different tokens")
     clean_ids, corr_ids = encode_prompt(view, clean, config.bos), encode_prompt(view, corrupted, config.bos)
-    from discover.activations import model_context
-
     longest = max(len(clean_ids), len(corr_ids))
     if longest > model_context(view):
         raise QueryError(f"a prompt is {longest} tokens, longer than this model's {model_context(view)} positions; "

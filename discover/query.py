@@ -13,8 +13,9 @@ import numpy as np
 
 from discover.errors import QueryError, first_line
 from discover.names import DENSE, Layout, layout_of
-from discover.scan import ROLES
+from discover.roles import ROLES
 from discover.store import Store
+
 
 def parse_neuron(text: str, layout: Layout = DENSE) -> tuple[int, int]:
     """'L3.N120' -> (3, 120); with a mixture-of-experts layout 'L3.E2.N17' / 'L3.S.N5' -> (3, index)."""
@@ -34,10 +35,48 @@ def check_neuron(ckpt: dict, layer: int, neuron: int) -> None:
 
 
 @lru_cache(maxsize=8)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+def stored_tokenizer(path: str) -> "StoredTokenizer":
+    """The tokenizer a scan stored (`checkpoints/<id>/tokenizer`), cached per process."""
+    return StoredTokenizer(path)
 
-    return AutoTokenizer.from_pretrained(path)
+
+class StoredTokenizer:
+    """A stored tokenizer read through the `tokenizers` library from its `tokenizer.json` (no torch,
+    no transformers: a query stays fast); only a directory without that file (a slow tokenizer)
+    falls back to transformers. `encode` gives the ids of `AutoTokenizer.encode(text,
+    add_special_tokens=False)` (tested against it)."""
+
+    def __init__(self, path: str):
+        from pathlib import Path
+
+        p = Path(path)
+        cfg = {}
+        if (p / "tokenizer_config.json").is_file():
+            cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if (p / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_file(str(p / "tokenizer.json"))
+            unk = cfg.get("unk_token")
+            unk = unk.get("content") if isinstance(unk, dict) else unk
+            if unk is None:  # else the model section's own unknown token (BPE, WordPiece, Unigram by id)
+                model = json.loads((p / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+                unk = model.get("unk_token")
+                if unk is None and isinstance(model.get("unk_id"), int) and model.get("vocab"):
+                    unk = model["vocab"][model["unk_id"]][0]
+            self.unk_token = unk
+            self.unk_token_id = self._fast.token_to_id(unk) if unk is not None else None
+        else:
+            from transformers import AutoTokenizer
+
+            self._fast = None
+            self._slow = AutoTokenizer.from_pretrained(str(p))
+            self.unk_token, self.unk_token_id = self._slow.unk_token, self._slow.unk_token_id
+
+    def encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
+        return self._slow.encode(text, add_special_tokens=False)
 
 
 def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
@@ -47,8 +86,8 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
     tdir = store.files_dir(ckpt) / "tokenizer"
     if not tdir.is_dir():
         raise QueryError("no tokenizer was stored for this checkpoint; use --token-id instead")
-    tok = _tokenizer(str(tdir))
-    ids = tok.encode(text, add_special_tokens=False)
+    tok = stored_tokenizer(str(tdir))
+    ids = tok.encode(text)
     if not ids:
         raise QueryError(f"{text!r} tokenizes to nothing; give other text or --token-id")
     unk = tok.unk_token_id
@@ -80,7 +119,7 @@ def _primary_roles(adir: str, thresholds: str, d_model: int) -> np.ndarray:
     """Each neuron's primary role under the checkpoint's current thresholds (cached)."""
     from dataclasses import fields
 
-    from discover.scan import RoleThresholds, assign_roles
+    from discover.roles import RoleThresholds, assign_roles
     from discover.store import ARRAY_STATS
 
     arr = _arrays(adir)["neuron_stats"]
@@ -303,8 +342,7 @@ def latest_pass(store: Store, ckpt: dict) -> dict | None:
         "SELECT * FROM activation_passes WHERE checkpoint_id = ? AND results_dir IS NOT NULL "
         "ORDER BY coalesce(json_extract_string(settings, '$.purpose'), 'corpus') = 'study', updated_at DESC, "
         "tokens DESC LIMIT 1", [ckpt["checkpoint_id"]])
-    from discover.activations import PASS_JSON
-    from discover.store import fetch_dict
+    from discover.store import PASS_JSON, fetch_dict
 
     return fetch_dict(cur, PASS_JSON)
 

@@ -60,7 +60,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
     """The report's data for the checkpoint of `model` (a spec or checkpoint id), with the
     verdicts of `verify_id` (default: the checkpoint's latest verify run)."""
     from discover.query import latest_pass, neuron_activity, query_neuron
-    from discover.scan import ROLES
+    from discover.roles import ROLES
     from discover.verify import subject_label
 
     if cards < 1:

@@ -520,7 +520,7 @@ class Store:
         import pyarrow as pa
 
         from discover import __version__
-        from discover.scan import assign_roles
+        from discover.roles import assign_roles
 
         ckpt = view.checkpoint_id
         n, L = view.d_mlp, view.n_layers
@@ -595,7 +595,7 @@ class Store:
         """Recompute role hypotheses from stored statistics (new thresholds, no rescan)."""
         import pyarrow as pa
 
-        from discover.scan import assign_roles
+        from discover.roles import assign_roles
 
         ckpt, n = checkpoint["checkpoint_id"], checkpoint["d_mlp"]
         cols = ", ".join(STAT_COLUMNS)
@@ -652,6 +652,9 @@ def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
         "role": pa.array([r[1] for r in role_rows], type=pa.string()),
         "score": pa.array([r[2] for r in role_rows], type=pa.float64()),
     })
+
+
+PASS_JSON = ("corpus", "settings")  # the JSON columns of activation_passes
 
 
 def fetch_dict(cur, json_columns=()) -> dict | None:

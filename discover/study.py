@@ -135,7 +135,8 @@ def mine(view, corpus, target: int, cfg: StudyConfig, progress: bool = False) ->
     import torch
     from tqdm import tqdm
 
-    from discover.activations import bos_id, model_context, sequences
+    from discover.activations import sequences
+    from discover.tokens import bos_id, model_context
 
     tok = view.tokenizer
     bos = bos_id(tok)
@@ -334,7 +335,8 @@ def study(view, corpus, target_text: str, cfg: StudyConfig | None = None, *, con
     """The whole investigation of one target token (see the module docstring)."""
     from tqdm import tqdm
 
-    from discover.patch import PatchConfig, encode_prompt, patch_token_ids, single_token
+    from discover.patch import PatchConfig, encode_prompt, patch_token_ids
+    from discover.tokens import single_token
 
     cfg = cfg or StudyConfig()
     view.require_activations()
@@ -437,7 +439,8 @@ def top_neurons(view, mean: np.ndarray, sd: np.ndarray, target: int, top: int) -
 # ------------------------------------------------------------------------ examination
 def _pieces_from_corpus(view, corpus, target: int, cfg: StudyConfig) -> list:
     """Corpus pieces where `target` is the next token somewhere (tokenization only)."""
-    from discover.activations import bos_id, model_context, sequences
+    from discover.activations import sequences
+    from discover.tokens import bos_id, model_context
 
     bos = bos_id(view.tokenizer)
     out = []

@@ -428,7 +428,7 @@ def neuron_history(store, run_dir: str, name: str, *, at: int | None = None) -> 
 
 def role_counts_by_step(store, series_rows_: list[dict]) -> dict:
     """{role: [count per checkpoint]} and the steps, for the report's plot across a run."""
-    from discover.scan import ROLES
+    from discover.roles import ROLES
 
     per = {role: [0] * len(series_rows_) for role in ROLES}
     for i, r in enumerate(series_rows_):

@@ -711,9 +711,3 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         wall_seconds=time.perf_counter() - t0,
         device=str(device),
     )
-
-
-if __name__ == "__main__":
-    from discover.cli import main
-
-    raise SystemExit(main(["train", *sys.argv[1:]]))

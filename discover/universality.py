@@ -344,7 +344,7 @@ class Plan:
 
 
 def _resolve_spec(spec: str | None) -> str:
-    from discover.scan import default_model_spec
+    from discover.defaults import default_model_spec
 
     if spec is None or (spec == "default" and not Path("default").exists()):
         return default_model_spec()
@@ -355,9 +355,9 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
             text_field: str = "text", allow_pickle: bool = False) -> Plan:
     """Load the models and check every input (models, vocabularies, budget, corpus, tokens)
     before any store is touched. A spec None or "default" is the embedded default model."""
-    from discover.activations import bos_id, model_context
     from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
+    from discover.tokens import bos_id, model_context
 
     cfg = config or UniversalityConfig()
     specs = [_resolve_spec(s) for s in specs]

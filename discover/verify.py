@@ -483,8 +483,8 @@ def prepare(spec, *, corpus=None, text_field="text", rules_dirs=None, allow_pick
     """Load and check the model, the rules and the corpus before the store is touched."""
     from discover.adapter import identify, load_model, require_statistics
     from discover.corpus import open_corpus
+    from discover.defaults import default_model_spec
     from discover.rules import load_rules
-    from discover.scan import default_model_spec
 
     spec = spec or default_model_spec()
     require_statistics(spec)  # from the config alone, before the weights are hashed or loaded

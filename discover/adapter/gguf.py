@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from discover.adapter.locate import missing_weights
+from discover.adapter.checks import missing_weights
 from discover.errors import ModelLoadError, UnsupportedModel, first_line
 
 MAGIC = b"GGUF"

@@ -184,10 +184,3 @@ def identify(spec: str, *, allow_pickle: bool = False) -> tuple[str, str, Path]:
     check_architecture(model_dir)
     files = weight_files(model_dir, allow_pickle=allow_pickle)
     return normalise_spec(spec), content_hash(model_dir, files), model_dir
-
-
-def missing_weights(model, info: dict) -> list[str]:
-    """Parameters `from_pretrained` found no weights for (it initialises them at random), except a
-    head tied to the embedding."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    return [k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))]

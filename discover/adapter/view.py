@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from discover.adapter.checks import missing_weights
 from discover.adapter.families import NormParams, family_for
 from discover.adapter.families.base import copy32
-from discover.adapter.locate import identify, missing_weights, tensor_hash
+from discover.adapter.locate import identify, tensor_hash
 from discover.errors import ModelLoadError, first_line
 
 

@@ -3,7 +3,7 @@ whole investigation of one token, prompts mined from a corpus)."""
 
 from __future__ import annotations
 
-from discover.cli_common import (
+from discover.cli.common import (
     add_model_arg,
     add_store,
     default_model,

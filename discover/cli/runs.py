@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from discover.cli_common import (
+from discover.cli.common import (
     add_store,
     fmt,
     open_store,

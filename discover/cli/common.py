@@ -111,6 +111,6 @@ def toks(tokens: list[str], n: int = 6) -> str:
 
 def default_model() -> str:
     """The embedded default model's path."""
-    from discover.scan import default_model_spec
+    from discover.defaults import default_model_spec
 
     return default_model_spec()
