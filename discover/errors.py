@@ -40,3 +40,7 @@ class CorpusError(DiscoverError):
 
 class TrainError(DiscoverError):
     """A training run cannot start or resume (bad config, incompatible output dir...)."""
+
+
+class ServeError(DiscoverError):
+    """`discover serve` cannot start (address in use, bad host...)."""

@@ -31,6 +31,7 @@ from discover.errors import NotScanned, QueryError, StoreError, first_line
 
 DEFAULT_STORE = "indexes"
 CATALOG = "catalog.duckdb"
+LOCK_WAIT_S = 10.0  # how long opening waits while another process holds the catalog (DISCOVER_LOCK_WAIT)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -417,25 +418,40 @@ class Store:
                     "point --store at another directory"
                 ) from None
 
+    @classmethod
+    def reader(cls, root: str | os.PathLike, con) -> "Store":
+        """A read-only handle over an open DuckDB connection (e.g. a cursor on `discover serve`'s
+        snapshot of the catalog); files are read from `root`."""
+        self = cls.__new__(cls)
+        self.root, self.read_only, self.path, self.con = Path(root), True, None, con
+        return self
+
     def _connect(self):
+        import time
+
         import duckdb
 
-        try:
-            if self.read_only:
-                return duckdb.connect(str(self.path), read_only=True)
-            return duckdb.connect(str(self.path))
-        except duckdb.IOException as e:
-            msg = str(e)
-            if "lock" in msg.lower():
+        wait = float(os.environ.get("DISCOVER_LOCK_WAIT", LOCK_WAIT_S))
+        deadline, delay = time.monotonic() + wait, 0.02
+        while True:  # another process's short write (or `discover serve` refreshing its snapshot): wait for it
+            try:
+                if self.read_only:
+                    return duckdb.connect(str(self.path), read_only=True)
+                return duckdb.connect(str(self.path))
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower():
+                    raise StoreError(f"cannot open catalog {self.path} ({first_line(e, 200)})") from None
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(
+                        f"store {self.root} is in use by another discover process (waited {wait:g} s); "
+                        "wait for it to finish") from None
+            except duckdb.Error as e:
                 raise StoreError(
-                    f"store {self.root} is in use by another discover process; wait for it to finish"
+                    f"{self.path} is not a readable DuckDB catalog ({first_line(e, 200)}); "
+                    "point --store at another directory"
                 ) from None
-            raise StoreError(f"cannot open catalog {self.path} ({first_line(e, 200)})") from None
-        except duckdb.Error as e:
-            raise StoreError(
-                f"{self.path} is not a readable DuckDB catalog ({first_line(e, 200)}); "
-                "point --store at another directory"
-            ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
     def close(self) -> None:
         if self.con is not None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the tests use beyond pip: headless Chromium for the report's browser test, and
+# System packages the tests use beyond pip: headless Chromium (and its selenium driver) for the
+# browser tests of the report and of `discover serve`, and
 # English prose (the Python documentation's sources and `fortunes`) for `--corpus default+docs`
 # and the real-model suite's under-predicted-token test.
 # Needs root (or sudo) and apt; without them those tests are skipped with a message.
@@ -7,6 +8,7 @@ set -euo pipefail
 PYDOC="python$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-doc"
 want=()
 command -v chromium >/dev/null 2>&1 || want+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || want+=(chromium-driver)
 [ -d /usr/share/games/fortunes ] || want+=(fortunes)
 dpkg -s "$PYDOC" >/dev/null 2>&1 || want+=("$PYDOC")
 if [ ${#want[@]} -eq 0 ]; then exit 0; fi

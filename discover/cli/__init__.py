@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from discover.cli.causal import add_patch, add_study
 from discover.cli.query import add_query, add_sql
 from discover.cli.runs import add_train, add_universality, add_watch
+from discover.cli.serve import add_serve
 from discover.cli.stages import (
     add_activations,
     add_report,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_watch(sub)
     add_universality(sub)
+    add_serve(sub)
     return parser
 
 
