@@ -86,6 +86,9 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
     tdir = store.files_dir(ckpt) / "tokenizer"
     if not tdir.is_dir():
         raise QueryError("no tokenizer was stored for this checkpoint; use --token-id instead")
+    single = _single_tokens(str(store.files_dir(ckpt) / "arrays"))
+    if text in single:  # the tokenizer's own split of this text, recorded at scan time
+        return [(single[text], _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"][single[text]])]
     tok = stored_tokenizer(str(tdir))
     ids = tok.encode(text)
     if not ids:
@@ -98,6 +101,15 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
         )
     strings = _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"]
     return [(i, strings[i] if i < len(strings) else f"<unknown:{i}>") for i in ids]
+
+
+@lru_cache(maxsize=4)
+def _single_tokens(adir: str) -> dict:
+    """{text: id} of the texts that are exactly one token (store._write_arrays); {} for older scans."""
+    from pathlib import Path
+
+    p = Path(adir) / "single_tokens.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
 @lru_cache(maxsize=4)

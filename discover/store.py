@@ -645,7 +645,9 @@ def _write_arrays(adir: Path, result, view) -> None:
     """The hot path of `query token` as .npy files (memory-mapped by readers):
     token_neurons (2, K, vocab) int32 global ids [sign +1, -1]; token_congruence (2, K, vocab);
     neuron_tokens (neuron, 2, k) int32 token ids [top, bottom]; neuron_stats (neuron, 5) float64
-    (ARRAY_STATS); tokens.json the decoded token strings."""
+    (ARRAY_STATS); tokens.json the decoded token strings; single_tokens.json {text: id} for every
+    token whose decoded text the tokenizer splits into exactly that token (checked here, so that a
+    query for one token's text needs no tokenizer)."""
     adir.mkdir()
     np.save(adir / "token_neurons.npy", np.stack([result.token_top[0], result.token_bottom[0]]).astype(np.int32))
     np.save(adir / "token_congruence.npy", np.stack([result.token_top[1], result.token_bottom[1]]).astype(np.float32))
@@ -653,7 +655,13 @@ def _write_arrays(adir: Path, result, view) -> None:
         [np.stack([lr.top_ids, lr.bottom_ids], axis=1) for lr in result.layers]).astype(np.int32))
     np.save(adir / "neuron_stats.npy", np.stack(
         [np.concatenate([lr.stats[c] for lr in result.layers]) for c in ARRAY_STATS], axis=1).astype(np.float64))
-    (adir / "tokens.json").write_text(json.dumps(view.token_strings()))
+    strings = view.token_strings()
+    (adir / "tokens.json").write_text(json.dumps(strings))
+    if view.tokenizer is not None:  # texts that are one token, as the tokenizer itself splits them
+        n = min(len(view.tokenizer), len(strings))
+        ids = view.tokenizer(strings[:n], add_special_tokens=False)["input_ids"]
+        single = {s: i for i, (s, got) in enumerate(zip(strings[:n], ids)) if got == [i]}
+        (adir / "single_tokens.json").write_text(json.dumps(single))
 
 
 def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):

@@ -122,3 +122,18 @@ def test_stored_tokenizer_unknown_token_word_level(tmp_path):
     assert stored.unk_token == "<|endoftext|>" and stored.unk_token_id == tok.unk_token_id
     assert stored.encode("zzz-not-a-word") == [tok.unk_token_id]
     assert isinstance(StoredTokenizer(str(tmp_path)).encode("the"), list)
+
+
+def test_single_token_texts_split_as_the_stored_tokenizer_splits_them(store):
+    """The scan's {text: id} map (read by queries instead of parsing the tokenizer) agrees with the
+    stored tokenizer on every entry, and covers most of the vocabulary."""
+    from discover.query import StoredTokenizer
+    from discover.store import Store
+
+    with Store(store, read_only=True) as st:
+        ckpt = st.checkpoints()[0]
+        arrays = st.files_dir(ckpt) / "arrays"
+        tok = StoredTokenizer(str(st.files_dir(ckpt) / "tokenizer"))
+    single = json.loads((arrays / "single_tokens.json").read_text())
+    assert len(single) > 0.9 * ckpt["d_vocab"]
+    assert all(tok.encode(text) == [i] for text, i in single.items())

@@ -239,3 +239,22 @@ def test_unprompted_candidates_reach_the_studied_an_neuron(real, seed_study):
     hit = [c for c in got if (c["layer"], c["neuron"], c["role"]) ==
            (studied["layer"], studied["neuron_index"], "prediction")]
     assert hit and "corpus" in hit[0]["sources"] and hit[0]["token_id"] == an, (studied["neuron"], got)
+
+
+def test_stored_tokenizer_splits_as_transformers(real):
+    """The query path's tokenizer (the `tokenizers` library over the stored files) splits like the
+    model's transformers tokenizer, and the scan's single-token map agrees with it everywhere."""
+    import json
+
+    from discover.query import StoredTokenizer
+    from discover.store import Store
+
+    with Store(real["store"], read_only=True) as store:
+        ckpt = store.checkpoints()[0]
+        tok = StoredTokenizer(str(store.files_dir(ckpt) / "tokenizer"))
+        single = json.loads((store.files_dir(ckpt) / "arrays" / "single_tokens.json").read_text())
+    hf = real["view"].tokenizer
+    for text in [" an", "An", CLEAN, CORRUPT, "naïve café ☃ 1234567", "def f(x):\n    return x", "  two  spaces"]:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False), repr(text)
+    assert len(single) > 40_000
+    assert all(tok.encode(text) == [i] for text, i in single.items())
