@@ -115,7 +115,8 @@ def measure(name: str, spec: str, args, tmp: Path, rep: int) -> dict:
         raise SystemExit(f"bare forward failed ({brc}):\n{berr[-3000:]}")
     bare = json.loads(bout.strip().splitlines()[-1])
     stages = {k: round(v.get("seconds", 0.0), 2) for k, v in summary["stages"].items()}
-    return {"run_s": wall, "stages_s": stages, "run_peak_rss_mb": rss, "bare": bare, "bare_peak_rss_mb": brss,
+    peaks = {k: v.get("peak_rss_mb") for k, v in summary["stages"].items()}
+    return {"run_s": wall, "stages_s": stages, "stage_peak_rss_mb": peaks, "run_peak_rss_mb": rss, "bare": bare, "bare_peak_rss_mb": brss,
             "ratio": wall / bare["forward_s"]}
 
 

@@ -30,6 +30,16 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _peak(res: RunSummary, stage: str) -> None:
+    """The process's peak RSS so far (MB), recorded when `stage` ends: the stage that raised it is
+    the first whose figure is the run's peak."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    res.stages[stage]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_field: str = "text",
                  act_config=None, verify_config=None, rules_dirs=None, out: str | Path | None = "report.html",
                  fmt: str = "html", cards: int = 200, allow_pickle: bool = False, progress: bool = True,
@@ -59,12 +69,14 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         store.add_alias(identity[0], identity[1])
         res.stages["scan"] = {"status": "unchanged", "seconds": time.perf_counter() - t}
 
+    _peak(res, "scan")
     _say(f"[2/4] activations: {act_config.tokens:,} tokens of corpus text", quiet)
     t = time.perf_counter()
     p = run_activations(view.spec, store, act_config, progress=progress, plan=plan)
     res.stages["activations"] = {"status": p.status, "seconds": time.perf_counter() - t, "tokens": p.tokens,
                                  "tokens_per_second": p.tokens_per_second, "pass_id": p.pass_id}
 
+    _peak(res, "activations")
     _say(f"[3/4] verify: hypotheses on {verify_config.tokens:,} held-out tokens", quiet)
     t = time.perf_counter()
     key = verify_key(identity[1], plan.described["fingerprint"], verify_config, verify_prep[2])
@@ -78,12 +90,14 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         vid = reused
         res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": vid}
 
+    _peak(res, "verify")
     if out is not None:  # `discover watch` writes the report itself, after recording what changed
         _say("[4/4] report", quiet)
         t = time.perf_counter()
         n_cards = write_report(store, view, vid, out, fmt=fmt, cards=cards)
         res.stages["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": n_cards}
         res.report = str(Path(out).resolve())
+        _peak(res, "report")
     top = query_verdicts(store, view.spec, verdict="confirmed", top=10, verify_id=vid)["hypotheses"]
     strings = {}
     for h in top:  # the strongest tokens each confirmed neuron writes (for or against), from the scan

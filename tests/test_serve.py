@@ -318,6 +318,14 @@ def test_watch_writes_while_the_server_answers(site, tmp_path):
             break
         time.sleep(0.5)
     assert len(after - before) == 1
+    from test_query_fast import CHECK  # the watch verbs of `query` stay torch-free too
+
+    for argv in (["query", "changes", "--model", str(run.parent)],
+                 ["query", "neuron", "L0.N1", "--history", "--model", str(run.parent)]):
+        out = subprocess.run([sys.executable, "-c", CHECK, json.dumps(argv + ["--store", str(site["store"]), "--json"])],
+                             capture_output=True, text=True, timeout=120)
+        got = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("MODULES ")][-1][8:])
+        assert got == {"rc": 0, "heavy": []}, out.stderr[-2000:]
 
 
 def test_serve_refuses_a_busy_port_and_warns_on_other_hosts(site):
