@@ -39,7 +39,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,8 @@ from discover.tokens import bos_id, model_context, single_token  # noqa: F401 (c
 KINDS = ("activation", "dla")  # the two example tables
 CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
 STATE_VERSION = 2
-ROWS_BUDGET_BYTES = 1.5e9  # activations held per batch (all layers) when batch_size is not given
+EXAMPLE_BLOCK = 4096  # neurons whose examples are sorted, written and inserted at once
+ROWS_BUDGET_BYTES = 0.5e9  # activations held per batch (all layers) when batch_size is not given
 
 
 @dataclass(frozen=True)
@@ -649,33 +649,42 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     strings = view.token_strings()
     str_arr = pa.array(strings + [""], type=pa.string())  # the last entry: window slots outside the piece
     edges = K.bin_edges()
-    try:
-        # -- arrays: examples sorted by value (rank 0 = strongest), empty slots last
-        ex_tok = np.empty((L * N, 2, k, runner.width), np.int32)
-        ex_val = np.empty((L * N, 2, k, runner.width), np.float16)
+    body = runner.context - (1 if settings_bos(row) is not None else 0)
+    start = 1 if settings_bos(row) is not None else 0
+    names = state.meta["doc_names"]
+    consts = {"pass_id": pid, "checkpoint_id": cid}
+
+    def examples_block(g0: int, g1: int):
+        """Neurons g0..g1 (global ids): their examples sorted by value (rank 0 = strongest; ties by
+        document order; empty slots last) as arrays (g, 2, k, W) and as catalog rows."""
+        rows = g1 - g0
+        tok = np.empty((rows, 2, k, runner.width), np.int32)
+        val = np.empty((rows, 2, k, runner.width), np.float16)
         tables = []
         for s, (p, kind) in enumerate((("a", "activation"), ("d", "dla"))):
-            vals = a[f"{p}v"].reshape(L * N, k)
-            docs = a[f"{p}doc"].reshape(L * N, k)
-            # strongest first; ties by document order; empty slots (doc -1, value EMPTY) last
+            def part(name):  # this block's rows of a state array (L, N, k, ...)
+                x = a[name].reshape(L * N, k, *a[name].shape[3:])
+                return x[g0:g1]
+            vals, docs = part(f"{p}v"), part(f"{p}doc")
             order = np.lexsort((np.where(docs >= 0, docs, np.iinfo(np.int64).max), -vals.astype(np.float64)), axis=1)
-            take = partial(_take_ranked, order=order, rows=L * N, k=k)
-            vals, docs = take(a[f"{p}v"]), take(a[f"{p}doc"])
-            pos, chunk = take(a[f"{p}pos"]), take(a[f"{p}chunk"])
-            ex_tok[:, s] = take(a[f"{p}tok"])
-            ex_val[:, s] = take(a[f"{p}val"])
+
+            def take(x):
+                return np.take_along_axis(x, order.reshape(rows, k, *([1] * (x.ndim - 2))), axis=1)
+
+            vals, docs = take(vals), take(docs)
+            pos, chunk = take(part(f"{p}pos")), take(part(f"{p}chunk"))
+            tok[:, s] = take(part(f"{p}tok"))
+            val[:, s] = take(part(f"{p}val"))
             g, r = np.nonzero(docs >= 0)
-            names = state.meta["doc_names"]
-            win = ex_tok[g, s, r]  # (E, W)
+            win = tok[g, s, r]  # (E, W)
             mid = win[:, runner.cfg.before]
-            nxt = take(a[f"{p}next"])[g, r]  # the true next token (known at a piece's end too; -1 at a document's)
-            body = runner.context - (1 if settings_bos(row) is not None else 0)
-            start = 1 if settings_bos(row) is not None else 0
+            nxt = take(part(f"{p}next"))[g, r]  # the true next token (known at a piece's end too; -1 at a document's)
             flat = np.where(win >= 0, win, len(strings)).ravel()
             text = pa.compute.binary_join(pa.ListArray.from_arrays(
                 pa.array(np.arange(0, len(flat) + 1, runner.width, dtype=np.int32)), str_arr.take(pa.array(flat))), "")
+            gg = g + g0
             tables.append(pa.table({
-                "layer": (g // N).astype(np.int16), "neuron": (g % N).astype(np.int32),
+                "layer": (gg // N).astype(np.int16), "neuron": (gg % N).astype(np.int32),
                 "kind": pa.repeat(pa.scalar(kind), len(g)), "rank": r.astype(np.int16),
                 "value": vals[g, r].astype(np.float32),
                 "doc_id": pa.array([names.get(str(d), str(d)) for d in docs[g, r].tolist()], type=pa.string()),
@@ -686,13 +695,13 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                 "next_token_id": np.where(nxt >= 0, nxt, -1).astype(np.int32),
                 "context": text,
             }))
-        np.save(rdir / "examples_tokens.npy", ex_tok)
-        np.save(rdir / "examples_values.npy", ex_val)
+        return tok, val, pa.concat_tables(tables)
+
+    try:
         hist = a["hist"].reshape(L * N, K.N_BINS)
         np.save(rdir / "histograms.npy", hist)
         (rdir / "meta.json").write_text(json.dumps({"tokens": state.meta["tokens"], "before": runner.cfg.before,
                                                     "after": runner.cfg.after, "edges": edges.tolist()}))
-
         mom = state.moments()
         layer_col = np.repeat(np.arange(L, dtype=np.int16), N)
         neuron_col = np.tile(np.arange(N, dtype=np.int32), L)
@@ -703,15 +712,21 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                           "bin": bi.astype(np.int16), "lo": edges[bi], "hi": edges[bi + 1],
                           "count": hist[gi, bi].astype(np.int64)})
         curves = _curves_table(runner.pairs, a["curves"], edges, str_arr)
-        examples = pa.concat_tables(tables)
-        with transaction(store.con) as con:
+        shape = (L * N, 2, k, runner.width)
+        with transaction(store.con) as con, NpyWriter(rdir / "examples_tokens.npy", shape, np.int32) as ex_tok, \
+                NpyWriter(rdir / "examples_values.npy", shape, np.float16) as ex_val:
             for t in RESULT_TABLES:
                 con.execute(f"DELETE FROM {t} WHERE pass_id = ?", [pid])
-            for name, tbl in (("neuron_activations", acts), ("activation_examples", examples),
-                              ("activation_histograms", hists), ("prediction_curves", curves)):
-                tbl = tbl.append_column("pass_id", pa.repeat(pa.scalar(pid), tbl.num_rows))
-                tbl = tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(cid), tbl.num_rows))
-                insert_arrow(con, name, tbl)
+            for name, tbl in (("neuron_activations", acts), ("activation_histograms", hists),
+                              ("prediction_curves", curves)):
+                insert_arrow(con, name, tbl, consts)
+            # examples a block of neurons at a time: memory bounded by the block, not the model
+            for g0 in range(0, L * N, EXAMPLE_BLOCK):
+                tok, val, tbl = examples_block(g0, min(L * N, g0 + EXAMPLE_BLOCK))
+                ex_tok.write(tok)
+                ex_val.write(val)
+                insert_arrow(con, "activation_examples", tbl, consts)
+                del tok, val, tbl
             con.execute(
                 "UPDATE activation_passes SET tokens = ?, sequences = ?, documents = ?, exhausted = ?, "
                 "results_dir = ?, updated_at = now(), seconds = ? WHERE pass_id = ?",
@@ -726,9 +741,29 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
     row.update(_pass_row(store, cid, row["pass_key"]))
 
 
-def _take_ranked(x: np.ndarray, *, order: np.ndarray, rows: int, k: int) -> np.ndarray:
-    """x (L, N, k, ...) reordered along the k axis by `order` (rows, k): (rows, k, ...)."""
-    return np.take_along_axis(x.reshape(rows, k, *x.shape[3:]), order.reshape(rows, k, *([1] * (x.ndim - 3))), axis=1)
+class NpyWriter:
+    """A .npy file of a known shape written front to back in blocks of leading rows (readers map
+    it with np.load(mmap_mode='r')); complete only when every row was written (checked on close)."""
+
+    def __init__(self, path, shape: tuple, dtype):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.rows = 0
+
+    def __enter__(self):
+        self.f = open(self.path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        assert block.shape[1:] == self.shape[1:] and block.dtype == self.dtype
+        self.f.write(np.ascontiguousarray(block).tobytes())
+        self.rows += block.shape[0]
+
+    def __exit__(self, exc_type, *exc):
+        self.f.close()
+        if exc_type is None and self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
 
 
 def settings_bos(row: dict):

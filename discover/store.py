@@ -705,11 +705,14 @@ def transaction(con):
         raise
 
 
-def insert_arrow(con, table: str, tbl) -> None:
-    """INSERT an Arrow table's rows BY NAME into `table` (inside the caller's transaction)."""
+def insert_arrow(con, table: str, tbl, constants: dict | None = None) -> None:
+    """INSERT an Arrow table's rows BY NAME into `table` (inside the caller's transaction);
+    `constants` {column: value} fill columns that are the same on every row (no repeated array)."""
+    consts = constants or {}
+    extra = "".join(f", ? AS {c}" for c in consts)
     con.register("_incoming", tbl)
     try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _incoming")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT *{extra} FROM _incoming", list(consts.values()))
     finally:
         con.unregister("_incoming")
 

@@ -564,3 +564,20 @@ def test_tail_sign_from_the_histogram_equals_the_exact_quantile_rule():
 def test_act_tail_is_stored(env):
     vals = {r[0] for r in _rows(env.store, "SELECT act_tail FROM neuron_activations")}
     assert vals <= {1.0, -1.0} and 1.0 in vals  # GPT-2's GELU neurons: strong activations positive
+
+
+def test_results_written_in_blocks_equal_one_block(env, straight, tmp_path, monkeypatch):
+    """Examples are sorted, written and inserted a block of neurons at a time (bounded memory):
+    blocks of 7 neurons give the same rows and the same example arrays as one block."""
+    monkeypatch.setattr(A, "EXAMPLE_BLOCK", 7)
+    store = tmp_path / "store"
+    with Store(store) as st:
+        A.run_activations(str(env.model), st, straight.cfg, corpus=str(env.corpus), progress=False)
+    assert _results(store) == straight.results
+
+    def arrays(root):
+        rdir = next(p for d in (root / "activations").iterdir() for p in d.iterdir() if p.name.startswith("results-"))
+        return {n: np.load(rdir / f"{n}.npy") for n in ("examples_tokens", "examples_values", "histograms")}
+
+    got, want = arrays(store), arrays(straight.store)
+    assert all(np.array_equal(got[n], want[n], equal_nan=got[n].dtype.kind == "f") for n in want)
