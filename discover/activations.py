@@ -295,7 +295,7 @@ class _Pass:
             B, T, _ = h.shape
             flat = h.reshape(B * T, -1)
             pred = torch.empty(B * T, dtype=torch.int64, device=h.device)
-            step = max(1, int(2**26 // max(1, self.view.d_vocab)))  # rows of logits per chunk (256 MiB)
+            step = max(1, int(2**24 // max(1, self.view.d_vocab)))  # rows of logits per chunk (64 MiB)
             for i in range(0, B * T, step):
                 pred[i:i + step] = self.lm_head(flat[i:i + step]).argmax(-1)
             inv_scale = self._inv_scale(torch, got["resid"], self.norm)
@@ -565,7 +565,7 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
         status = "unchanged"
     else:
         status = "resumed" if before_tokens > row["tokens"] else ("extended" if row["tokens"] else "ran")
-        write_results(store, row, state, runner, seconds=float(row["seconds"] or 0) + seconds)
+        write_results(store, row, state, runner, seconds=float(row["seconds"] or 0) + seconds, progress=progress)
     return PassSummary(
         pass_id=row["pass_id"], checkpoint_id=ckpt_id, status=status, tokens=state.meta["tokens"],
         sequences=state.meta["sequences"], documents=state.meta["documents"], exhausted=state.meta["exhausted"],
@@ -632,9 +632,10 @@ def _create_pass(store, checkpoint_id, pass_key, described, split, settings) -> 
 RESULT_TABLES = ("neuron_activations", "activation_examples", "activation_histograms", "prediction_curves")
 
 
-def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds: float) -> None:
+def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds: float, progress: bool = False) -> None:
     """Commit the pass's current results: arrays first (unreferenced), then one transaction."""
     import pyarrow as pa
+    from tqdm import tqdm
 
     from discover.store import insert_arrow, transaction
 
@@ -721,7 +722,8 @@ def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds:
                               ("prediction_curves", curves)):
                 insert_arrow(con, name, tbl, consts)
             # examples a block of neurons at a time: memory bounded by the block, not the model
-            for g0 in range(0, L * N, EXAMPLE_BLOCK):
+            for g0 in tqdm(range(0, L * N, EXAMPLE_BLOCK), desc="writing results", unit="block",
+                           disable=not progress or L * N <= EXAMPLE_BLOCK, leave=False):
                 tok, val, tbl = examples_block(g0, min(L * N, g0 + EXAMPLE_BLOCK))
                 ex_tok.write(tok)
                 ex_val.write(val)

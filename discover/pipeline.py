@@ -30,6 +30,26 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _release() -> None:
+    """Hand memory a finished stage freed back to the system (pyarrow's pool and glibc keep freed
+    blocks for reuse), so that the next stage's peak does not stand on the last one's."""
+    import gc
+
+    gc.collect()
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except ImportError:
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _peak(res: RunSummary, stage: str) -> None:
     """The process's peak RSS so far (MB), recorded when `stage` ends: the stage that raised it is
     the first whose figure is the run's peak."""
@@ -70,6 +90,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         res.stages["scan"] = {"status": "unchanged", "seconds": time.perf_counter() - t}
 
     _peak(res, "scan")
+    _release()
     _say(f"[2/4] activations: {act_config.tokens:,} tokens of corpus text", quiet)
     t = time.perf_counter()
     p = run_activations(view.spec, store, act_config, progress=progress, plan=plan)
@@ -77,6 +98,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
                                  "tokens_per_second": p.tokens_per_second, "pass_id": p.pass_id}
 
     _peak(res, "activations")
+    _release()
     _say(f"[3/4] verify: hypotheses on {verify_config.tokens:,} held-out tokens", quiet)
     t = time.perf_counter()
     key = verify_key(identity[1], plan.described["fingerprint"], verify_config, verify_prep[2])
@@ -91,6 +113,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
         res.stages["verify"] = {"status": "unchanged", "seconds": time.perf_counter() - t, "verify_id": vid}
 
     _peak(res, "verify")
+    _release()
     if out is not None:  # `discover watch` writes the report itself, after recording what changed
         _say("[4/4] report", quiet)
         t = time.perf_counter()
