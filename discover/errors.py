@@ -26,12 +26,20 @@ class StoreError(DiscoverError):
     """The store directory or catalog cannot be used (is a file, locked, corrupt...)."""
 
 
+class StoreBusy(StoreError):
+    """Another process holds the catalog (and kept it longer than we waited)."""
+
+
 class QueryError(DiscoverError):
     """A query names something that does not exist (neuron out of range, unknown token...)."""
 
 
 class NotScanned(QueryError):
     """The model asked about has not been scanned into this store."""
+
+
+class NotFound(QueryError):
+    """A thing asked for by name (a token study...) is not in this store."""
 
 
 class CorpusError(DiscoverError):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from discover.errors import NotScanned, QueryError, StoreError, first_line
+from discover.errors import NotScanned, QueryError, StoreBusy, StoreError, first_line
 
 DEFAULT_STORE = "indexes"
 CATALOG = "catalog.duckdb"
@@ -431,7 +431,12 @@ class Store:
 
         import duckdb
 
-        wait = float(os.environ.get("DISCOVER_LOCK_WAIT", LOCK_WAIT_S))
+        try:
+            wait = float(os.environ.get("DISCOVER_LOCK_WAIT", LOCK_WAIT_S))
+        except ValueError:
+            wait = LOCK_WAIT_S
+        if not 0 <= wait < float("inf"):  # NaN, negative or infinite: the default
+            wait = LOCK_WAIT_S
         deadline, delay = time.monotonic() + wait, 0.02
         while True:  # another process's short write (or `discover serve` refreshing its snapshot): wait for it
             try:
@@ -442,7 +447,7 @@ class Store:
                 if "lock" not in str(e).lower():
                     raise StoreError(f"cannot open catalog {self.path} ({first_line(e, 200)})") from None
                 if time.monotonic() + delay > deadline:
-                    raise StoreError(
+                    raise StoreBusy(
                         f"store {self.root} is in use by another discover process (waited {wait:g} s); "
                         "wait for it to finish") from None
             except duckdb.Error as e:

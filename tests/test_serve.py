@@ -105,7 +105,7 @@ def test_token_api_searches_every_model_both_signs(site):
     status, res = get(f"{site['url']}/api/token?text=%20the&top=5")
     assert status == 200
     by_id = {m["id"]: m for m in res["models"]}
-    assert set(by_id) == {site["default"], site["hostile"]}
+    assert {site["default"], site["hostile"]} <= set(by_id)
     m = by_id[site["default"]]
     with Store(site["store"], read_only=True) as st:
         want = query_token(st, site["default"], " the", top=5)
@@ -151,16 +151,84 @@ def test_malformed_requests_get_one_line_4xx(site, path, status, needle):
 
 
 def test_no_endpoint_writes(site):
-    catalog = site["store"] / "catalog.duckdb"
-    before = catalog.stat().st_mtime_ns
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         req = urllib.request.Request(f"{site['url']}/api/token?text=the", method=method)
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 405
-    for _ in range(5):
-        assert get(f"{site['url']}/api/roles?model={site['default']}&role=prediction")[0] == 200
-    assert catalog.stat().st_mtime_ns == before
+
+
+def test_requests_for_another_host_are_refused(site):
+    """DNS rebinding: a page elsewhere whose name resolves to 127.0.0.1 sends its own Host header."""
+    req = urllib.request.Request(f"{site['url']}/api/models", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    assert get(f"{site['url']}/search?q=%23%C2%B2")[0] < 500  # '#²' is not a token id
+
+
+def test_concurrent_probes_equal_one_at_a_time(site):
+    texts = ["def f(x):\n    return x", "import os\nprint(os.getcwd())\n# a longer comment here"]
+    url = f"{site['url']}/api/probe?model={site['default']}&neuron=L0.N3&text="
+    want = {t: get(url + urllib.request.quote(t))[1] for t in texts}
+    got, errors = [], []
+
+    def client(i):
+        for j in range(5):
+            t = texts[(i + j) % 2]
+            status, body = get(url + urllib.request.quote(t))
+            (got if status == 200 else errors).append((t, body))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors and len(got) == 20
+    assert all(body == want[t] for t, body in got)
+
+
+def test_snapshot_keeps_a_copy_while_a_request_reads_it(site, tmp_path):
+    """Refreshes while a request holds its handle: the handle keeps working; afterwards only the
+    newest copy is left on disk."""
+    from discover.serve.catalog import Snapshot
+    from discover.store import Store
+
+    root = tmp_path / "store"
+    shutil.copytree(site["store"], root)
+    snap = Snapshot(root, refresh_s=0.0)
+    try:
+        with snap.store() as held:
+            for i in range(3):
+                with Store(root) as w:
+                    w.add_alias(f"alias-{i}", w.checkpoints()[0]["checkpoint_id"])
+                assert snap.refresh(force=True)
+            assert held.con.execute("SELECT count(*) FROM checkpoints").fetchone()[0] >= 2
+        with snap.store() as st:
+            assert st.con.execute("SELECT count(*) FROM models WHERE spec LIKE 'alias-%'").fetchone()[0] == 3
+        assert len(list(snap.dir.glob("catalog-*.duckdb"))) == 1
+    finally:
+        snap.close()
+
+
+def test_an_older_catalog_without_the_newer_tables(site, tmp_path):
+    from discover.store import Store
+
+    root = tmp_path / "store"
+    shutil.copytree(site["store"], root)
+    with Store(root) as st:
+        for t in ("patch_results", "patch_experiments", "watch_checkpoints", "study_neurons", "study_runs"):
+            st.con.execute(f"DROP TABLE IF EXISTS {t}")
+    port = free_port()
+    p = start_server(root, port)
+    try:
+        for path in (f"/api/neuron/{site['default']}/L1.N5", f"/neuron/{site['default']}/L1.N5",
+                     f"/api/studies/{site['default']}", "/api/study/xyz"):
+            status, _ = get(f"http://127.0.0.1:{port}{path}")
+            assert status in (200, 404), path
+    finally:
+        p.terminate()
+        p.wait(10)
 
 
 def test_probe_api_equals_a_traced_forward_pass(site):
@@ -280,7 +348,7 @@ def test_hostile_text_stays_inert(site, browser):
     assert "404" in body
     browser.get(f"{site['url']}/neuron/{h}/L0.N1")
     text = browser.find_element(By.TAG_NAME, "body").text
-    assert sum(w in text for w in HOSTILE[:2]) >= 1 or "<script>" in text  # shown as text
+    assert HOSTILE[0] in text  # shown as text (in the max-activating examples)
     browser.get(site["url"] + "/")
     assert HOSTILE_DIR in browser.find_element(By.TAG_NAME, "body").text  # the model's path, as text
     assert_inert(browser)

@@ -1,13 +1,13 @@
 """The web application of `discover serve`: a JSON API (OpenAPI schema at /openapi.json) and HTML
 pages over one store, read-only. Every route is a GET; a request names a model by checkpoint id
-(12 hex digits or more) or by the spec it was scanned under. User errors are one-line 4xx answers,
+(8 hex digits or more) or by the spec it was scanned under. User errors are one-line 4xx answers,
 never tracebacks; there is no SQL over HTTP."""
 
 from __future__ import annotations
 
 import logging
 
-from discover.errors import DiscoverError, NotScanned, QueryError
+from discover.errors import DiscoverError, NotFound, NotScanned, QueryError, StoreBusy
 from discover.serve import data, pages
 from discover.serve.catalog import Snapshot
 from discover.serve.probe import Prober
@@ -17,7 +17,7 @@ log = logging.getLogger("discover.serve")
 LIMIT_MAX = 500
 
 
-def create_app(store_root, *, device: str | None = None, refresh_s: float = 2.0):
+def create_app(store_root, *, device: str | None = None, refresh_s: float = 2.0, host: str = "127.0.0.1"):
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -29,6 +29,11 @@ def create_app(store_root, *, device: str | None = None, refresh_s: float = 2.0)
                   description="Neurons of language models: search, statistics, verdicts and studies from a "
                               "discover store (read-only).")
     app.state.snapshot, app.state.prober = snap, prober
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    # only requests addressed to this server by name: a web page elsewhere cannot reach it by DNS rebinding
+    hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] + ([host] if host not in ("0.0.0.0", "::") else ["*"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     def wants_html(request: Request) -> bool:
         return not request.url.path.startswith("/api") and request.url.path != "/openapi.json"
@@ -51,15 +56,11 @@ def create_app(store_root, *, device: str | None = None, refresh_s: float = 2.0)
 
     @app.exception_handler(QueryError)
     async def _query(request: Request, exc: QueryError):
-        return answer(request, 404 if isinstance(exc, NotScanned) else 400, str(exc))
-
-    @app.exception_handler(LookupError)
-    async def _missing(request: Request, exc: LookupError):
-        return answer(request, 404, str(exc.args[0]) if exc.args else "not found")
+        return answer(request, 404 if isinstance(exc, (NotScanned, NotFound)) else 400, str(exc))
 
     @app.exception_handler(DiscoverError)
     async def _discover(request: Request, exc: DiscoverError):
-        return answer(request, 503 if "in use" in str(exc) else 400, str(exc))
+        return answer(request, 503 if isinstance(exc, StoreBusy) else 400, str(exc))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -125,7 +126,8 @@ def create_app(store_root, *, device: str | None = None, refresh_s: float = 2.0)
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_page(q: str = Query("", max_length=200), top: int = Query(10, ge=1, le=200)):
-        text, tid = (None, int(q[1:])) if q.startswith("#") and q[1:].isdigit() else (q, None)
+        num = q[1:]
+        text, tid = (None, int(num)) if q.startswith("#") and num.isascii() and num.isdigit() else (q, None)
         with snap.store() as st:
             return pages.search(data.search(st, text, tid, top), q)
 
@@ -223,7 +225,7 @@ def serve(store_root, *, host: str = "127.0.0.1", port: int = 8000, device: str 
             probe.bind((host, port))
     except OSError as e:
         raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
-    app = create_app(store_root, device=device)
+    app = create_app(store_root, device=device, host=host)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"discover serve: warning: listening on {host}, not only this machine: anyone who can reach "
               f"{host}:{port} can read this store", file=sys.stderr, flush=True)

@@ -5,8 +5,11 @@ that held the catalog open would lock `discover watch` out; one that opened it p
 be locked out while a watch writes. So the server reads a copy: taken while it holds the catalog
 read-only (no writer can start meanwhile: writers wait, see `Store._connect`), refreshed at most
 every `refresh_s` seconds when the catalog's files have changed, kept while a writer holds the
-catalog. Per-checkpoint files (FAISS index, arrays, examples) are written before their rows commit
-and never changed afterwards, so they are read from the store itself.
+catalog. A copy is closed and deleted once a newer one exists and no request still reads it.
+Per-checkpoint files (FAISS index, arrays, examples) are read from the store itself: they are
+written before their rows commit; a rescan or a rerun corpus pass deletes the files it replaces,
+so a page served from an old copy while such a writer runs can miss them (a one-line error; the
+next refresh after the writer finishes sees the new rows).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class Snapshot:
         self.refresh_s = refresh_s
         self.dir = Path(tempfile.mkdtemp(prefix="discover-serve-"))
         self._lock = threading.Lock()
-        self._cons: list = []  # newest last; older ones stay open a while for requests in flight
+        self._cons: list = []  # [connection, path, requests reading it], newest last
         self._sig = None
         self._checked = 0.0
         self._n = 0
@@ -81,28 +84,43 @@ class Snapshot:
                 con = duckdb.connect(str(dst), read_only=True)
             except duckdb.Error as e:
                 raise StoreError(f"cannot read the catalog of {self.root}: {e}") from None
-            self._cons.append(con)
+            self._cons.append([con, dst, 0])
             self._sig = sig
             self.refreshed_at = time.time()
-            while len(self._cons) > 3:  # requests take milliseconds: three generations are plenty
-                old = self._cons.pop(0)
-                old.close()
+            self._drop_unused()
             return True
+
+    def _drop_unused(self) -> None:
+        """Close and delete every copy but the newest that no request reads (under the lock)."""
+        keep = []
+        for entry in self._cons[:-1]:
+            if entry[2] == 0:
+                entry[0].close()
+                for p in (entry[1], entry[1].with_name(entry[1].name + ".wal")):
+                    p.unlink(missing_ok=True)
+            else:
+                keep.append(entry)
+        self._cons = keep + self._cons[-1:]
 
     @contextmanager
     def store(self):
         """A read-only `Store` handle on the newest snapshot, for one request."""
         self.refresh()
         with self._lock:
-            cur = self._cons[-1].cursor()
+            entry = self._cons[-1]
+            entry[2] += 1
+            cur = entry[0].cursor()
         try:
             yield Store.reader(self.root, cur)
         finally:
             cur.close()
+            with self._lock:
+                entry[2] -= 1
+                self._drop_unused()
 
     def close(self) -> None:
         with self._lock:
-            for c in self._cons:
-                c.close()
+            for entry in self._cons:
+                entry[0].close()
             self._cons = []
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from discover.errors import QueryError
+from discover.errors import NotFound, QueryError
 
 
 def models(store) -> list[dict]:
@@ -60,28 +60,30 @@ def neuron(store, model: str, name: str, *, examples: int = 8, similar: int = 8)
     res["id"] = cid[:12]
     res["activity"] = (neuron_activity(store, ckpt, layer, idx, limit=examples)
                        if examples > 0 and latest_pass(store, ckpt) is not None else None)
-    run = store.con.execute("SELECT verify_id FROM verify_runs WHERE checkpoint_id = ? ORDER BY created_at DESC "
-                            "LIMIT 1", [cid]).fetchone()
+    has = store.has_table  # a catalog written by an older version lacks the newer tables
+    run = None if not has("verify_runs") else store.con.execute(
+        "SELECT verify_id FROM verify_runs WHERE checkpoint_id = ? ORDER BY created_at DESC LIMIT 1", [cid]).fetchone()
     res["verdicts"] = [] if run is None else [
         {"kind": k, "subject": s, "verdict": v, "decided_by": why, "evidence": json.loads(ev)}
         for k, s, v, why, ev in store.con.execute(
             "SELECT kind, subject, verdict, decided_by, evidence FROM hypotheses WHERE verify_id = ? AND layer = ? "
             "AND neuron = ? ORDER BY kind, subject", [run[0], layer, idx]).fetchall()]
-    res["studies"] = [] if not store.has_table("study_neurons") else [
+    res["studies"] = [] if not (has("study_neurons") and has("study_runs")) else [
         {"study_id": sid, "target": t, "contrast": c, "recovery": r, "recovery_sd": sd, "created_at": str(at)[:16]}
         for sid, t, c, r, sd, at in store.con.execute(
             "SELECT s.study_id, s.target, s.contrast, n.recovery, n.recovery_sd, s.created_at FROM study_neurons n "
             "JOIN study_runs s USING (study_id) WHERE n.checkpoint_id = ? AND n.layer = ? AND n.neuron = ? "
             "ORDER BY s.created_at DESC", [cid, layer, idx]).fetchall()]
-    res["patching"] = [
+    res["patching"] = [] if not (has("patch_results") and has("patch_experiments")) else [
         {"experiment_id": e, "target": t, "contrast": c, "clean": cl, "recovery": r, "attribution": a}
         for e, t, c, cl, r, a in store.con.execute(
             "SELECT e.experiment_id, e.target, e.contrast, e.clean, r.recovery, r.attribution FROM patch_results r "
             "JOIN patch_experiments e USING (experiment_id) WHERE r.checkpoint_id = ? AND r.layer = ? "
             "AND r.neuron = ? ORDER BY e.created_at DESC LIMIT 10", [cid, layer, idx]).fetchall()]
     res["history"] = None
-    watched = store.con.execute("SELECT path, step FROM watch_checkpoints WHERE checkpoint_id = ? AND status = 'done' "
-                                "ORDER BY processed_at DESC LIMIT 1", [cid]).fetchone()
+    watched = None if not has("watch_checkpoints") else store.con.execute(
+        "SELECT path, step FROM watch_checkpoints WHERE checkpoint_id = ? AND status = 'done' "
+        "ORDER BY processed_at DESC LIMIT 1", [cid]).fetchone()
     if watched is not None:
         from pathlib import Path
 
@@ -125,11 +127,11 @@ def studies(store, model: str) -> list[dict]:
 
 def study(store, study_id: str) -> dict:
     if not store.has_table("study_runs"):
-        raise LookupError(f"no token study {study_id}")
+        raise NotFound(f"no token study {study_id} in this store")
     cur = store.con.execute("SELECT * FROM study_runs WHERE study_id = ?", [study_id])
     row = cur.fetchone()
     if row is None:
-        raise LookupError(f"no token study {study_id} in this store")
+        raise NotFound(f"no token study {study_id} in this store")
     r = dict(zip([c[0] for c in cur.description], row))
     for k in ("corpus", "settings", "counts", "pairs", "logit_lens", "layer_patching", "neurons", "seconds"):
         if isinstance(r.get(k), str):

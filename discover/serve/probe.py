@@ -15,7 +15,7 @@ class Prober:
     def __init__(self, device: str | None = None, max_models: int = 2):
         self.device = device
         self.max_models = max_models
-        self._views: dict = {}  # checkpoint id -> ModelView, oldest first
+        self._views: dict = {}  # checkpoint id -> (ModelView, its lock), oldest first
         self._lock = threading.Lock()
 
     def view(self, store, ckpt: dict):
@@ -39,8 +39,8 @@ class Prober:
                                  f"{view.checkpoint_id[:12]}, not {cid[:12]}); scan it again to probe it")
             while len(self._views) >= self.max_models:
                 self._views.pop(next(iter(self._views)))
-            self._views[cid] = view
-            return view
+            self._views[cid] = (view, threading.Lock())  # the lock: hooks on one model, one trace at a time
+            return self._views[cid]
 
     def probe(self, store, ckpt: dict, text: str, *, neuron: tuple[int, int] | None = None,
               position: int | None = None, top: int = 10) -> dict:
@@ -56,16 +56,17 @@ class Prober:
             raise QueryError("the probe's text is empty; type some text")
         if not 1 <= top <= 100:
             raise QueryError("top must be between 1 and 100")
-        view = self.view(store, ckpt)
-        ids = view.tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+        view, lock = self.view(store, ckpt)
+        all_ids = view.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = all_ids[:MAX_TOKENS]
         if not ids:
             raise QueryError("the text tokenizes to nothing; type other text")
         b = bos_id(view.tokenizer)
         seq = ([b] if b is not None else []) + [int(i) for i in ids]
         start = len(seq) - len(ids)
-        with torch.inference_mode():
+        with lock, torch.inference_mode():  # hooks are registered on the shared model: one trace at a time
             tr = view.trace(torch.tensor([seq], device=next(view.model.parameters()).device))
-        acts = np.stack([tr.acts[l][0, start:].float().cpu().numpy() for l in range(view.n_layers)])  # (L, T, N)
+            acts = np.stack([tr.acts[l][0, start:].float().cpu().numpy() for l in range(view.n_layers)])  # (L, T, N)
         strings = view.token_strings()
         pos = len(ids) - 1 if position is None else position
         if not 0 <= pos < len(ids):
@@ -78,7 +79,7 @@ class Prober:
             return [{"neuron": view.layout.name(int(g) // N, int(g) % N), "layer": int(g) // N,
                      "neuron_index": int(g) % N, "activation": float(flat[g])} for g in idx]
 
-        out = {"checkpoint_id": ckpt["checkpoint_id"], "text": text, "truncated": len(ids) >= MAX_TOKENS,
+        out = {"checkpoint_id": ckpt["checkpoint_id"], "text": text, "truncated": len(all_ids) > MAX_TOKENS,
                "tokens": [{"position": i, "token_id": t, "token": strings[t]} for i, t in enumerate(ids)],
                "position": pos, "top": rows(order[:top]), "bottom": rows(order[::-1][:top])}
         if neuron is not None:
