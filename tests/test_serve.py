@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -411,3 +412,16 @@ def test_serve_refuses_a_busy_port_and_warns_on_other_hosts(site):
         p.terminate()
         _, err = p.communicate(timeout=10)
     assert "warning" in err and "0.0.0.0" in err
+    assert p.returncode == 0  # SIGTERM is a normal stop
+    assert not list(Path(tempfile.gettempdir()).glob(f"discover-serve-{p.pid}-*"))  # its snapshot is gone
+
+
+def test_a_killed_servers_snapshot_is_removed_by_the_next(site):
+    p = start_server(site["store"], free_port())
+    p.kill()
+    p.wait(10)
+    assert list(Path(tempfile.gettempdir()).glob(f"discover-serve-{p.pid}-*"))
+    q = start_server(site["store"], free_port())
+    q.terminate()
+    q.wait(10)
+    assert not list(Path(tempfile.gettempdir()).glob(f"discover-serve-{p.pid}-*"))

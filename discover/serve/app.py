@@ -248,8 +248,19 @@ def serve(store_root, *, host: str = "127.0.0.1", port: int = 8000, device: str 
         task.cancel()
 
     import asyncio
+    import signal
 
+    class _Stop(Exception):
+        pass
+
+    def stop(signum, frame):  # uvicorn shuts down on SIGTERM, then re-raises it: end here, cleaned up
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         asyncio.run(main())
+    except (_Stop, KeyboardInterrupt):  # Ctrl-C or a service manager's stop: the normal end
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         app.state.snapshot.close()

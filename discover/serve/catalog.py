@@ -14,6 +14,7 @@ next refresh after the writer finishes sees the new rows).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -33,7 +34,8 @@ class Snapshot:
             raise NotScanned(f"store {self.root} has no catalog yet; run `discover scan MODEL` first "
                              "(or pass --store / set DISCOVER_STORE)")
         self.refresh_s = refresh_s
-        self.dir = Path(tempfile.mkdtemp(prefix="discover-serve-"))
+        _remove_orphans()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"discover-serve-{os.getpid()}-"))
         self._lock = threading.Lock()
         self._cons: list = []  # [connection, path, requests reading it], newest last
         self._sig = None
@@ -124,3 +126,17 @@ class Snapshot:
                 entry[0].close()
             self._cons = []
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """Delete the snapshot folders of servers that are gone (killed before they could clean up)."""
+    for d in Path(tempfile.gettempdir()).glob("discover-serve-*-*"):
+        pid = d.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
