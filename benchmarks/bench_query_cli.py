@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from bench_scan import build_model  # noqa: E402 (GPT-2-small shape, GPT-2's real tokenizer)
 
 TARGET = 1.5
 BARE = "import duckdb, numpy, faiss, tokenizers"
@@ -33,17 +34,6 @@ HEAVY = ("import json, runpy, sys; sys.argv = ['discover'] + json.loads(sys.argv
          "rc = 0\ntry:\n    runpy.run_module('discover', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
          "print('HEAVY ' + json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)), file=sys.stderr)\n"
          "sys.exit(rc)")
-
-
-def build_gpt2(model_dir: Path) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=768, n_head=12, n_inner=3072, vocab_size=C.GPT2_VOCAB, n_positions=256)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(str(model_dir), safe_serialization=True)
-    C.save_tokenizer(C.gpt2_tokenizer(C.GPT2_VOCAB), model_dir, C.GPT2_VOCAB)
-    return model_dir
 
 
 def timed(argv: list[str]) -> float:
@@ -70,7 +60,7 @@ def main(argv=None) -> int:
         for name in specs:
             C.log(f"{name}: scanning into a fresh store", quiet=args.json)
             if specs[name] is None:
-                specs[name] = str(build_gpt2(tmp / "gpt2"))
+                specs[name] = str(build_model(tmp / "gpt2", 2))
             store = tmp / f"store-{name}"
             subprocess.run([sys.executable, "-m", "discover", "scan", specs[name], "--store", str(store)],
                            check=True, capture_output=True)

@@ -86,20 +86,22 @@ def tokenize(store: Store, ckpt: dict, text: str) -> list[tuple[int, str]]:
     tdir = store.files_dir(ckpt) / "tokenizer"
     if not tdir.is_dir():
         raise QueryError("no tokenizer was stored for this checkpoint; use --token-id instead")
-    single = _single_tokens(str(store.files_dir(ckpt) / "arrays"))
-    if text in single:  # the tokenizer's own split of this text, recorded at scan time
-        return [(single[text], _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"][single[text]])]
-    tok = stored_tokenizer(str(tdir))
-    ids = tok.encode(text)
-    if not ids:
-        raise QueryError(f"{text!r} tokenizes to nothing; give other text or --token-id")
-    unk = tok.unk_token_id
-    if unk is not None and unk in ids and text.strip() != tok.unk_token:
-        raise QueryError(
-            f"{text!r} is not in the vocabulary (the tokenizer maps it to its unknown token "
-            f"{tok.unk_token!r}); give other text or --token-id"
-        )
-    strings = _arrays(str(store.files_dir(ckpt) / "arrays"))["tokens"]
+    adir = str(store.files_dir(ckpt) / "arrays")
+    single = _single_tokens(adir)
+    if text in single:  # the tokenizer's own split of this text, recorded (and checked) at scan time
+        ids = [single[text]]
+    else:
+        tok = stored_tokenizer(str(tdir))
+        ids = tok.encode(text)
+        if not ids:
+            raise QueryError(f"{text!r} tokenizes to nothing; give other text or --token-id")
+        unk = tok.unk_token_id
+        if unk is not None and unk in ids and text.strip() != tok.unk_token:
+            raise QueryError(
+                f"{text!r} is not in the vocabulary (the tokenizer maps it to its unknown token "
+                f"{tok.unk_token!r}); give other text or --token-id"
+            )
+    strings = _arrays(adir)["tokens"]
     return [(i, strings[i] if i < len(strings) else f"<unknown:{i}>") for i in ids]
 
 
