@@ -9,8 +9,13 @@ in one run (so that other load on the machine hits all of them alike), repetitio
   matmul_big the same product as one (3072 x 50257) matmul per layer (reference only)
   scan       `discover.scan.scan(view, ScanConfig(), progress=False)`: every statistic
   scan_model `discover.scan.scan_model` into a fresh store: hash + load + scan + DuckDB/FAISS writes
+  cli        a fresh `discover scan DIR --store NEW` process, end to end (imports, hash, load, scan,
+             writes), against
+  bare_cli   a fresh Python process that imports torch and transformers, loads the model with
+             `from_pretrained` and runs the bare chunked matmul: loading plus the matmul
 
-and reports medians and the ratios scan / matmul (target <= 1.5) and scan_model / matmul.
+and reports medians and the ratios scan / matmul (target <= 1.5), scan_model / matmul and
+cli / bare_cli (target <= 1.5: the scan end to end against loading plus the bare matmul).
 Peak memory: each of matmul / scan / scan_model runs once more in a fresh subprocess
 (`--phase NAME`) that reports its RSS high-water mark minus its RSS after the model is loaded.
 
@@ -27,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -159,6 +165,31 @@ def phase_child(phase: str, model_dir: Path, config) -> dict:
     }
 
 
+BARE_CLI = r"""
+import sys, time
+import torch, transformers
+with torch.inference_mode():
+    m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    U = (m.lm_head.weight * m.transformer.ln_f.weight).T.contiguous()  # the final norm's gain folded in
+    rows = int(sys.argv[2])
+    buf = torch.empty(rows, U.shape[1])
+    for block in m.transformer.h:
+        W = block.mlp.c_proj.weight.contiguous()  # (neuron, d_model)
+        for c in range(0, W.shape[0], rows):
+            n = min(rows, W.shape[0] - c)
+            torch.mm(W[c:c + n], U, out=buf[:n])
+"""
+
+
+def run_fresh(argv: list[str]) -> float:
+    """Wall seconds of a fresh process running `argv` (its start and imports included)."""
+    t = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
 def run_child(args: list[str]) -> str:
     """Run this script with `args` in a fresh Python process; its stdout."""
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True)
@@ -202,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-big", action="store_true", help="skip the one-matmul-per-layer reference")
+    ap.add_argument("--no-fresh", action="store_true",
+                    help="skip the fresh-process pair (discover scan end to end against loading plus the matmul)")
     ap.add_argument("--profile", action="store_true", help="also cProfile one scan and print the top functions")
     ap.add_argument("--phase", choices=PHASES + ("build",), help=argparse.SUPPRESS)  # internal: one phase, fresh process
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -250,7 +283,8 @@ def main(argv=None) -> int:
             if big is not None:
                 torch.mm(Ws[0], U, out=big)
 
-        times: dict[str, list[float]] = {k: [] for k in ("matmul", "matmul_big", "scan", "scan_model")}
+        times: dict[str, list[float]] = {k: [] for k in ("matmul", "matmul_big", "scan", "scan_model", "bare_cli",
+                                                         "cli")}
         inner: list[float] = []
         for r in range(args.repeats):
             C.log(f"repeat {r + 1}/{args.repeats}: matmul", quiet=quiet)
@@ -264,6 +298,12 @@ def main(argv=None) -> int:
             t, s = run_scan_model(model_dir, tmp / f"store{r}", config)
             times["scan_model"].append(t)
             inner.append(s)
+            if not args.no_fresh:
+                C.log(f"repeat {r + 1}/{args.repeats}: fresh processes (bare_cli, cli)", quiet=quiet)
+                times["bare_cli"].append(run_fresh([sys.executable, "-c", BARE_CLI, str(model_dir),
+                                                    str(config.chunk_rows)]))
+                times["cli"].append(run_fresh([sys.executable, "-m", "discover", "scan", str(model_dir), "--store",
+                                               str(tmp / f"cli{r}"), "--chunk-rows", str(config.chunk_rows)]))
             C.log("  " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items() if v), quiet=quiet)
         del big, buf
 
@@ -289,6 +329,7 @@ def main(argv=None) -> int:
         "scan_model_inner_scan_s": inner,
         "ratio_scan_over_matmul": med["scan"] / med["matmul"],
         "ratio_scan_model_over_matmul": med["scan_model"] / med["matmul"],
+        "ratio_cli_over_bare_cli": med["cli"] / med["bare_cli"] if "cli" in med else None,
         "target_scan_over_matmul": TARGET,
         "meets_target": med["scan"] / med["matmul"] <= TARGET,
         "memory": memory,
@@ -306,7 +347,8 @@ def report(res: dict) -> str:
     m = med["matmul"]
     rows = []
     for k, label in (("matmul", "bare matmul, chunked (baseline)"), ("matmul_big", "bare matmul, 1 per layer (ref)"),
-                     ("scan", "scan() (all statistics)"), ("scan_model", "scan_model() (+hash/load/DuckDB/FAISS)")):
+                     ("scan", "scan() (all statistics)"), ("scan_model", "scan_model() (+hash/load/DuckDB/FAISS)"),
+                     ("bare_cli", "fresh process: load + bare matmul"), ("cli", "fresh `discover scan` end to end")):
         if k in med:
             rows.append([label, f"{med[k]:.2f}", " ".join(f"{x:.2f}" for x in sec[k]), f"{med[k] / m:.2f}"])
     sh = res["shape"]
@@ -325,6 +367,10 @@ def report(res: dict) -> str:
         f"{'met' if res['meets_target'] else 'NOT met'})",
         f"ratio scan_model / matmul = {res['ratio_scan_model_over_matmul']:.2f}",
     ]
+    if res["ratio_cli_over_bare_cli"] is not None:
+        r = res["ratio_cli_over_bare_cli"]
+        out.append(f"ratio fresh discover scan / fresh load + matmul = {r:.2f}   (target <= {TARGET}: "
+                   f"{'met' if r <= TARGET else 'NOT met'})")
     if res["memory"]:
         out += ["", "peak extra memory, each phase in a fresh process (MiB above RSS after the model is loaded;",
                 "scan_model: above RSS after imports, since it loads the model itself):"]

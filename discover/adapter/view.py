@@ -339,14 +339,11 @@ class ModelView:
     def token_strings(self) -> list[str]:
         """The decoded string of every vocabulary id; ids past the tokenizer are `<unused:ID>`."""
         if self._token_strings is None:
-            n_tok = len(self.tokenizer) if self.tokenizer is not None else 0
-            out = []
-            for i in range(self.d_vocab):
-                if i < n_tok:
-                    out.append(self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
-                else:
-                    out.append(f"<unused:{i}>")
-            self._token_strings = out
+            from discover.tokens import decode_each
+
+            n_tok = min(len(self.tokenizer), self.d_vocab) if self.tokenizer is not None else 0
+            out = decode_each(self.tokenizer, n_tok) if n_tok else []
+            self._token_strings = out + [f"<unused:{i}>" for i in range(n_tok, self.d_vocab)]
         return self._token_strings
 
     def describe(self) -> dict:
