@@ -4,7 +4,7 @@ For each model (the embedded default; a GPT-2-small-shaped model with random wei
 real 50,257-token tokenizer), the same batches of default-corpus text go through
 
 - `bare`: `model(input_ids)` under `torch.inference_mode()`, no hooks (full logits);
-- `pass`: `discover.activations._Pass.fold`: hooks on every layer and the final norm, the
+- `pass`: `discover.activations.PassRunner.fold`: hooks on every layer and the final norm, the
   forward pass, top predictions, and every statistic of every neuron (float64 moments,
   frequency, histogram, top-20 examples by activation and by DLA with their windows), plus
   activation-vs-prediction curves for `--pairs` neuron-token pairs.
@@ -61,7 +61,7 @@ def setup(model_dir: str, args):
     pairs = [(int(rng.integers(view.n_layers)), int(rng.integers(view.d_mlp)), int(rng.integers(view.d_vocab)),
               "bench") for _ in range(args.pairs)]
     cfg = A.ActivationConfig(tokens=10**12, batch_size=batch, context=context)
-    runner = A._Pass(view, cfg, pairs, context, batch)
+    runner = A.PassRunner(view, cfg, pairs, context, batch)
     seqs = A.sequences(open_corpus(None), "all", view.tokenizer, context, A.bos_id(view.tokenizer))
     batches = []
     for _ in range(args.batches + 1):  # + the warm-up batch

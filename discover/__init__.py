@@ -5,6 +5,14 @@ Heavy modules (torch, duckdb, faiss) are imported lazily so that `import discove
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# MKL's results must not depend on its thread count: a corpus pass split across cluster workers
+# (one core each) must equal the same pass in one process (every core). Strict conditional
+# numerical reproducibility does that on one machine type at no measured cost; it has to be set
+# before MKL starts, so it is set here, before discover imports torch. A value the user set wins.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from discover.errors import (  # noqa: F401
     CorpusError,
     DiscoverError,

@@ -70,7 +70,10 @@ def _bin(bits):
 @njit(inline="always")
 def _offer(vals, docs, src, pos, n, v, doc, b, t):
     """Offer (v, doc) to neuron n's top-k table, keeping one entry per document.
-    A kept entry records the batch row `b` and position `t` it came from."""
+    A kept entry records the batch row `b` and position `t` it came from. Documents arrive in
+    order, so the table ends as the k best per-document maxima in the total order (value desc,
+    document asc; within a document the earliest chunk and position): the order in which
+    `discover.shards.merge_topk` merges tables, so that shards merge to the same table."""
     k = vals.shape[1]
     lo = 0
     for j in range(k):
@@ -80,8 +83,8 @@ def _offer(vals, docs, src, pos, n, v, doc, b, t):
                 src[n, j] = b
                 pos[n, j] = t
             return
-        if vals[n, j] < vals[n, lo]:
-            lo = j
+        if vals[n, j] < vals[n, lo] or (vals[n, j] == vals[n, lo] and docs[n, j] > docs[n, lo]):
+            lo = j  # the entry to evict: the lowest value, of the latest document among equals
     if v > vals[n, lo]:
         vals[n, lo] = v
         docs[n, lo] = doc

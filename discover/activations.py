@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -45,12 +44,18 @@ import numpy as np
 
 from discover import _act_kernels as K
 from discover.errors import CorpusError, QueryError
+from discover.pass_store import (  # noqa: F401 (callers use them from here too)
+    CURVE_FIELDS,
+    RESULT_TABLES,
+    create_pass,
+    pass_row,
+    write_results,
+)
+from discover.shards import OPEN, close_shard, merged_moments
 from discover.tokens import bos_id, model_context, single_token  # noqa: F401 (callers use them from here too)
 
 KINDS = ("activation", "dla")  # the two example tables
-CURVE_FIELDS = ("positions", "top_prediction", "with_next", "is_next")
-STATE_VERSION = 2
-EXAMPLE_BLOCK = 4096  # neurons whose examples are sorted, written and inserted at once
+STATE_VERSION = 3
 ROWS_BUDGET_BYTES = 0.5e9  # activations held per batch (all layers) when batch_size is not given
 
 
@@ -69,6 +74,7 @@ class ActivationConfig:
     max_candidates: int = 256  # strongest prediction + suppression candidates that get curves
     save_every: float = 30.0  # seconds between saves of the resumable state
     device: str = "cpu"
+    shard_batches: int = 16  # batches per shard (discover.shards): part of the pass's identity
     purpose: str = "corpus"  # "study": a token study's pass, which `query.latest_pass` passes over
 
     def __post_init__(self):
@@ -86,6 +92,8 @@ class ActivationConfig:
             raise ValueError(f"split must be all, train or heldout, got {self.split!r}")
         if self.max_candidates < 0:
             raise ValueError(f"max_candidates must be >= 0, got {self.max_candidates}")
+        if not (isinstance(self.shard_batches, int) and self.shard_batches >= 1):
+            raise ValueError(f"shard_batches must be a positive integer, got {self.shard_batches!r}")
 
 
 @dataclass
@@ -181,9 +189,12 @@ class PassState:
         self.meta = {"version": STATE_VERSION, "tokens": 0, "sequences": 0, "batches": 0,
                      "next": [0, 0], "exhausted": False, "documents": 0, "doc_names": {}}
         self.a = {
-            "count": np.zeros((L, N), i64),  # positions each neuron counted (routed tokens, for experts)
+            # moments of the closed shards, and of the open one (discover.shards): positions each
+            # neuron counted (routed tokens, for experts), mean and central sums m2, m3, m4
+            "count": np.zeros((L, N), i64),
             "mean": np.zeros((L, N), f64), "m2": np.zeros((L, N), f64), "m3": np.zeros((L, N), f64),
             "m4": np.zeros((L, N), f64),
+            **{k: np.zeros((L, N), i64 if k == "s_count" else f64) for k in OPEN},
             "amin": np.full((L, N), np.inf, f32), "amax": np.full((L, N), -np.inf, f32),
             "n_pos": np.zeros((L, N), i64), "hist": np.zeros((L, N, K.N_BINS), i64),
             "curves": np.zeros((n_pairs, K.N_BINS, len(CURVE_FIELDS)), i64),
@@ -223,7 +234,7 @@ class PassState:
     def moments(self) -> dict:
         """Per neuron over the positions it counted (NaN for a neuron that counted none: an
         expert no token was routed to)."""
-        a = self.a
+        a = {**self.a, **merged_moments(self.a)}
         n = a["count"].astype(np.float64)
         seen = n > 0
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -256,7 +267,7 @@ def hist_tail_sign(hist: np.ndarray, count: np.ndarray, q: float = 0.001) -> np.
 
 
 # ------------------------------------------------------------------------------- the pass
-class _Pass:
+class PassRunner:
     """One run of the pass over a model view (no store: `fold` is the whole computation)."""
 
     def __init__(self, view, cfg: ActivationConfig, pairs: list, context: int, batch_size: int):
@@ -352,7 +363,7 @@ class _Pass:
             dsrc = np.full((self.N, self.cfg.top_k), -1, np.int32)
             K.activation_update(
                 act, act.view(np.int32), lens, start, docs, nxt_idx, inv_scale, ct, wscale, self.group,
-                a["count"][l], a["mean"][l], a["m2"][l], a["m3"][l], a["m4"][l], a["amin"][l], a["amax"][l], a["n_pos"][l],
+                *(a[m][l] for m in OPEN), a["amin"][l], a["amax"][l], a["n_pos"][l],
                 a["hist"][l], a["av"][l], a["adoc"][l], asrc, a["apos"][l], a["dv"][l], a["ddoc"][l], dsrc,
                 a["dpos"][l])
             for p, src in (("a", asrc), ("d", dsrc)):
@@ -485,6 +496,9 @@ class Plan:
     batch_size: int
     corpus: object
     described: dict
+    corpus_spec: str | None = None  # as given (None: the built-in corpus), for workers that open it themselves
+    text_field: str = "text"
+    allow_pickle: bool = False
 
 
 def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus: str | None = None,
@@ -512,14 +526,16 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
     corp = open_corpus(corpus, text_field=text_field)
     described = corp.describe()
     return Plan(spec, identity, view, user_pairs, context, cfg.batch_size or auto_batch_size(view, context),
-                corp, described)
+                corp, described, corpus, text_field, allow_pickle)
 
 
 def run_activations(spec: str | None, store, config: ActivationConfig | None = None, *, corpus: str | None = None,
                     text_field: str = "text", allow_pickle: bool = False, progress: bool = True,
-                    plan: Plan | None = None) -> PassSummary:
+                    plan: Plan | None = None, stream=None) -> PassSummary:
     """Run (or extend, or resume) the corpus pass of `spec` (None: the embedded default model)
-    over `corpus` (None: the built-in default corpus) and commit its results to `store`."""
+    over `corpus` (None: the built-in default corpus) and commit its results to `store`.
+    `stream`: what folds the batches, `stream(runner, state, plan, state_path, progress)` (default:
+    this process, batch after batch; `discover.cluster.ClusterStream`: workers of a Ray cluster)."""
     from discover.scan import scan_model
 
     cfg = config or ActivationConfig()
@@ -537,26 +553,30 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
             seen.add(p[:3])
             uniq_pairs.append(p)
     pairs = uniq_pairs
-    settings = {"context": context, "batch_size": batch_size, "device": str(cfg.device), "top_k": cfg.top_k, "before": cfg.before,
+    settings = {"context": context, "batch_size": batch_size, "shard_batches": cfg.shard_batches,
+                "device": str(cfg.device), "top_k": cfg.top_k, "before": cfg.before,
                 "after": cfg.after, "bins": {"exp_lo": K.EXP_LO, "exp_hi": K.EXP_HI, "per_octave": K.SUB},
                 "bos": bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
     if cfg.purpose != "corpus":  # (absent for the ordinary pass: its identity is unchanged)
         settings["purpose"] = cfg.purpose
     key = {"checkpoint_id": ckpt_id, "corpus": described["fingerprint"], "split": cfg.split, **settings}
     pass_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    row = _pass_row(store, ckpt_id, pass_key)
+    row = pass_row(store, ckpt_id, pass_key)
     if row is None:
-        row = _create_pass(store, ckpt_id, pass_key, described, cfg.split, settings)
+        row = create_pass(store, ckpt_id, pass_key, described, cfg.split, settings)
     pdir = store.root / "activations" / row["files_dir"]
     pdir.mkdir(parents=True, exist_ok=True)
     state_path = pdir / "state.npz"
 
-    runner = _Pass(view, cfg, pairs, context, batch_size)
+    runner = PassRunner(view, cfg, pairs, context, batch_size)
     state = PassState.load(state_path) if state_path.exists() else runner.new_state()
     before_tokens = state.meta["tokens"]
     t0 = time.perf_counter()
     if state.meta["tokens"] < cfg.tokens and not state.meta["exhausted"]:
-        _stream(runner, state, corp, cfg, context, state_path, progress)
+        if stream is None:
+            _stream(runner, state, corp, cfg, context, state_path, progress)
+        else:
+            stream(runner, state, plan, state_path, progress)
     seconds = time.perf_counter() - t0
     folded = state.meta["tokens"] - before_tokens
     if state.meta["tokens"] == 0:
@@ -573,7 +593,33 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
         pairs=len(pairs), corpus=described)
 
 
-def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Path, progress: bool) -> None:
+def fold_batch(runner: PassRunner, state: PassState, batch: list) -> None:
+    """Fold one batch; close the shard it ends (discover.shards) before anything is saved."""
+    runner.fold(state, batch)
+    if state.meta["batches"] % runner.cfg.shard_batches == 0:
+        close_shard(state.a)
+
+
+def fold_piece(runner: PassRunner, state: PassState, corp, start: tuple, n_batches: int) -> None:
+    """Fold `n_batches` whole batches of the pass's stream from sequence position `start`
+    (document ordinal, chunk) into `state` (a cluster worker's piece of one shard: its moments
+    stay open, the driver closes the shard); fewer where the corpus ends (the last partial)."""
+    bos = bos_id(runner.view.tokenizer)
+    state.meta["next"] = list(start)
+    done, batch = 0, []
+    for seq in sequences(corp, runner.cfg.split, runner.view.tokenizer, runner.context, bos, tuple(start)):
+        batch.append(seq)
+        if len(batch) == runner.batch_size:
+            runner.fold(state, batch)
+            batch, done = [], done + 1
+            if done == n_batches:
+                return
+    if batch:
+        runner.fold(state, batch)
+    state.meta["exhausted"] = True
+
+
+def _stream(runner: PassRunner, state: PassState, corp, cfg, context, state_path: Path, progress: bool) -> None:
     """Fold whole batches until the budget is reached or the corpus ends; save periodically."""
     from tqdm import tqdm
 
@@ -590,7 +636,7 @@ def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Pat
             if len(batch) < runner.batch_size:
                 continue
             before = state.meta["tokens"]
-            runner.fold(state, batch)
+            fold_batch(runner, state, batch)
             batch = []
             bar.update(min(state.meta["tokens"], target) - min(before, target))
             done = state.meta["tokens"] >= target
@@ -602,187 +648,10 @@ def _stream(runner: _Pass, state: PassState, corp, cfg, context, state_path: Pat
                 break
         else:
             if batch:
-                runner.fold(state, batch)
+                fold_batch(runner, state, batch)
             state.meta["exhausted"] = True
             state.save(state_path)
     finally:
         bar.close()
 
 
-# ------------------------------------------------------------------------------ catalog
-def _pass_row(store, checkpoint_id: str, pass_key: str) -> dict | None:
-    from discover.store import PASS_JSON, fetch_dict
-
-    cur = store.con.execute("SELECT * FROM activation_passes WHERE checkpoint_id = ? AND pass_key = ?",
-                            [checkpoint_id, pass_key])
-    return fetch_dict(cur, PASS_JSON)
-
-
-def _create_pass(store, checkpoint_id, pass_key, described, split, settings) -> dict:
-    from discover import __version__
-
-    pass_id = uuid.uuid4().hex[:12]
-    store.con.execute(
-        "INSERT INTO activation_passes VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, false, ?, NULL, now(), now(), 0, ?)",
-        [pass_id, checkpoint_id, pass_key, described["fingerprint"], json.dumps(described), split,
-         json.dumps(settings), pass_id, __version__])
-    return _pass_row(store, checkpoint_id, pass_key)
-
-
-RESULT_TABLES = ("neuron_activations", "activation_examples", "activation_histograms", "prediction_curves")
-
-
-def write_results(store, row: dict, state: PassState, runner: _Pass, *, seconds: float, progress: bool = False) -> None:
-    """Commit the pass's current results: arrays first (unreferenced), then one transaction."""
-    import pyarrow as pa
-    from tqdm import tqdm
-
-    from discover.store import insert_arrow, transaction
-
-    view = runner.view
-    L, N, k = runner.L, runner.N, runner.cfg.top_k
-    pid, cid = row["pass_id"], row["checkpoint_id"]
-    pdir = store.root / "activations" / row["files_dir"]
-    rdir_name = f"results-{uuid.uuid4().hex[:8]}"
-    rdir = pdir / rdir_name
-    rdir.mkdir()
-    a = state.a
-    strings = view.token_strings()
-    str_arr = pa.array(strings + [""], type=pa.string())  # the last entry: window slots outside the piece
-    edges = K.bin_edges()
-    body = runner.context - (1 if settings_bos(row) is not None else 0)
-    start = 1 if settings_bos(row) is not None else 0
-    names = state.meta["doc_names"]
-    consts = {"pass_id": pid, "checkpoint_id": cid}
-
-    def examples_block(g0: int, g1: int):
-        """Neurons g0..g1 (global ids): their examples sorted by value (rank 0 = strongest; ties by
-        document order; empty slots last) as arrays (g, 2, k, W) and as catalog rows."""
-        rows = g1 - g0
-        tok = np.empty((rows, 2, k, runner.width), np.int32)
-        val = np.empty((rows, 2, k, runner.width), np.float16)
-        tables = []
-        for s, (p, kind) in enumerate((("a", "activation"), ("d", "dla"))):
-            def part(name):  # this block's rows of a state array (L, N, k, ...)
-                x = a[name].reshape(L * N, k, *a[name].shape[3:])
-                return x[g0:g1]
-            vals, docs = part(f"{p}v"), part(f"{p}doc")
-            order = np.lexsort((np.where(docs >= 0, docs, np.iinfo(np.int64).max), -vals.astype(np.float64)), axis=1)
-
-            def take(x):
-                return np.take_along_axis(x, order.reshape(rows, k, *([1] * (x.ndim - 2))), axis=1)
-
-            vals, docs = take(vals), take(docs)
-            pos, chunk = take(part(f"{p}pos")), take(part(f"{p}chunk"))
-            tok[:, s] = take(part(f"{p}tok"))
-            val[:, s] = take(part(f"{p}val"))
-            g, r = np.nonzero(docs >= 0)
-            win = tok[g, s, r]  # (E, W)
-            mid = win[:, runner.cfg.before]
-            nxt = take(part(f"{p}next"))[g, r]  # the true next token (known at a piece's end too; -1 at a document's)
-            flat = np.where(win >= 0, win, len(strings)).ravel()
-            text = pa.compute.binary_join(pa.ListArray.from_arrays(
-                pa.array(np.arange(0, len(flat) + 1, runner.width, dtype=np.int32)), str_arr.take(pa.array(flat))), "")
-            gg = g + g0
-            tables.append(pa.table({
-                "layer": (gg // N).astype(np.int16), "neuron": (gg % N).astype(np.int32),
-                "kind": pa.repeat(pa.scalar(kind), len(g)), "rank": r.astype(np.int16),
-                "value": vals[g, r].astype(np.float32),
-                "doc_id": pa.array([names.get(str(d), str(d)) for d in docs[g, r].tolist()], type=pa.string()),
-                "doc_ordinal": docs[g, r].astype(np.int64), "chunk": chunk[g, r].astype(np.int32),
-                "position": pos[g, r].astype(np.int32),
-                "doc_token": (chunk[g, r].astype(np.int64) * body + pos[g, r] - start).astype(np.int64),
-                "token_id": mid.astype(np.int32), "token": str_arr.take(pa.array(np.where(mid >= 0, mid, len(strings)))),
-                "next_token_id": np.where(nxt >= 0, nxt, -1).astype(np.int32),
-                "context": text,
-            }))
-        return tok, val, pa.concat_tables(tables)
-
-    try:
-        hist = a["hist"].reshape(L * N, K.N_BINS)
-        np.save(rdir / "histograms.npy", hist)
-        (rdir / "meta.json").write_text(json.dumps({"tokens": state.meta["tokens"], "before": runner.cfg.before,
-                                                    "after": runner.cfg.after, "edges": edges.tolist()}))
-        mom = state.moments()
-        layer_col = np.repeat(np.arange(L, dtype=np.int16), N)
-        neuron_col = np.tile(np.arange(N, dtype=np.int32), L)
-        acts = pa.table({"layer": layer_col, "neuron": neuron_col,
-                         **{c: pa.array(v.ravel(), mask=~np.isfinite(v.ravel())) for c, v in mom.items()}})
-        gi, bi = np.nonzero(hist)
-        hists = pa.table({"layer": (gi // N).astype(np.int16), "neuron": (gi % N).astype(np.int32),
-                          "bin": bi.astype(np.int16), "lo": edges[bi], "hi": edges[bi + 1],
-                          "count": hist[gi, bi].astype(np.int64)})
-        curves = _curves_table(runner.pairs, a["curves"], edges, str_arr)
-        shape = (L * N, 2, k, runner.width)
-        with transaction(store.con) as con, NpyWriter(rdir / "examples_tokens.npy", shape, np.int32) as ex_tok, \
-                NpyWriter(rdir / "examples_values.npy", shape, np.float16) as ex_val:
-            for t in RESULT_TABLES:
-                con.execute(f"DELETE FROM {t} WHERE pass_id = ?", [pid])
-            for name, tbl in (("neuron_activations", acts), ("activation_histograms", hists),
-                              ("prediction_curves", curves)):
-                insert_arrow(con, name, tbl, consts)
-            # examples a block of neurons at a time: memory bounded by the block, not the model
-            for g0 in tqdm(range(0, L * N, EXAMPLE_BLOCK), desc="writing results", unit="block",
-                           disable=not progress or L * N <= EXAMPLE_BLOCK, leave=False):
-                tok, val, tbl = examples_block(g0, min(L * N, g0 + EXAMPLE_BLOCK))
-                ex_tok.write(tok)
-                ex_val.write(val)
-                insert_arrow(con, "activation_examples", tbl, consts)
-                del tok, val, tbl
-            con.execute(
-                "UPDATE activation_passes SET tokens = ?, sequences = ?, documents = ?, exhausted = ?, "
-                "results_dir = ?, updated_at = now(), seconds = ? WHERE pass_id = ?",
-                [state.meta["tokens"], state.meta["sequences"], state.meta["documents"], state.meta["exhausted"],
-                 rdir_name, seconds, pid])
-    except BaseException:
-        shutil.rmtree(rdir, ignore_errors=True)
-        raise
-    old = row.get("results_dir")
-    if old and old != rdir_name:
-        shutil.rmtree(pdir / old, ignore_errors=True)
-    row.update(_pass_row(store, cid, row["pass_key"]))
-
-
-class NpyWriter:
-    """A .npy file of a known shape written front to back in blocks of leading rows (readers map
-    it with np.load(mmap_mode='r')); complete only when every row was written (checked on close)."""
-
-    def __init__(self, path, shape: tuple, dtype):
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
-        self.rows = 0
-
-    def __enter__(self):
-        self.f = open(self.path, "wb")
-        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                      "fortran_order": False, "shape": self.shape})
-        return self
-
-    def write(self, block: np.ndarray) -> None:
-        assert block.shape[1:] == self.shape[1:] and block.dtype == self.dtype
-        self.f.write(np.ascontiguousarray(block).tobytes())
-        self.rows += block.shape[0]
-
-    def __exit__(self, exc_type, *exc):
-        self.f.close()
-        if exc_type is None and self.rows != self.shape[0]:
-            raise RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
-
-
-def settings_bos(row: dict):
-    return row["settings"].get("bos")
-
-
-def _curves_table(pairs, curves, edges, str_arr):
-    import pyarrow as pa
-
-    P = len(pairs)
-    pi, bi = np.nonzero(curves[:, :, 0]) if P else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    layer = np.array([p[0] for p in pairs], np.int16)[pi] if P else np.zeros(0, np.int16)
-    neuron = np.array([p[1] for p in pairs], np.int32)[pi] if P else np.zeros(0, np.int32)
-    tok = np.array([p[2] for p in pairs], np.int32)[pi] if P else np.zeros(0, np.int32)
-    src = [pairs[i][3] for i in pi.tolist()]
-    return pa.table({
-        "layer": layer, "neuron": neuron, "token_id": tok, "token": str_arr.take(pa.array(tok)),
-        "source": pa.array(src, type=pa.string()), "bin": bi.astype(np.int16), "lo": edges[bi], "hi": edges[bi + 1],
-        **{f: curves[pi, bi, i].astype(np.int64) for i, f in enumerate(CURVE_FIELDS)},
-    })

@@ -52,3 +52,8 @@ class TrainError(DiscoverError):
 
 class ServeError(DiscoverError):
     """`discover serve` cannot start (address in use, bad host...)."""
+
+
+class ClusterError(DiscoverError):
+    """A Ray cluster cannot be used: a malformed or unreachable address, no resource that fits a
+    worker, Ray not installed, or a worker that kept failing."""

@@ -18,6 +18,7 @@ from test_cli import assert_one_error_line, run, run_json, snapshot, sql_rows
 
 import discover.activations as A
 from discover import _act_kernels as K
+from discover import pass_store
 from discover.adapter import load_model
 from discover.corpus import open_corpus
 from discover.store import Store
@@ -42,7 +43,7 @@ def env(tmp_path_factory):
     model = save(make_model("gpt2"), d / "gpt2")
     corpus = _corpus(d / "corpus")
     store = d / "store"
-    cfg = A.ActivationConfig(tokens=10**9, batch_size=BATCH, context=CONTEXT, top_k=5, before=4, after=2,
+    cfg = A.ActivationConfig(tokens=10**9, batch_size=BATCH, context=CONTEXT, top_k=5, before=4, after=2, shard_batches=2,
                              pairs=('L1.N3:"an"', "L0.N7:the"), save_every=0)
     with Store(store) as st:
         summary = A.run_activations(str(model), st, cfg, corpus=str(corpus), progress=False)
@@ -139,7 +140,7 @@ def test_sequences_cover_every_document_token_once(env):
 def test_batched_padding_does_not_leak(env):
     """Right-padded batches give the activations of one-sequence forward passes."""
     view = load_model(str(env.model))
-    runner = A._Pass(view, env.cfg, [], CONTEXT, BATCH)
+    runner = A.PassRunner(view, env.cfg, [], CONTEXT, BATCH)
     seqs = env.ref.seqs[:BATCH]
     T = max(len(s[3]) for s in seqs)
     ids = torch.tensor([s[3] + [0] * (T - len(s[3])) for s in seqs])
@@ -338,7 +339,7 @@ def _results(store: Path):
 def straight(env, tmp_path_factory):
     """One uninterrupted pass of 300 tokens (whole batches) into its own store."""
     store = tmp_path_factory.mktemp("straight") / "store"
-    cfg = A.ActivationConfig(tokens=300, batch_size=BATCH, context=CONTEXT, top_k=5, before=4, after=2,
+    cfg = A.ActivationConfig(tokens=300, batch_size=BATCH, context=CONTEXT, top_k=5, before=4, after=2, shard_batches=2,
                              pairs=('L1.N3:"an"',), save_every=0)
     with Store(store) as st:
         s = A.run_activations(str(env.model), st, cfg, corpus=str(env.corpus), progress=False)
@@ -400,6 +401,7 @@ def test_killed_process_resumes(env, straight, tmp_path):
             "from discover.cli import main; sys.exit(main(sys.argv[1:]))",
             "activations", str(env.model), "--corpus", str(env.corpus), "--tokens", "300", "--batch-size",
             str(BATCH), "--context", str(CONTEXT), "--top-k", "5", "--pair", 'L1.N3:"an"', "--save-every", "0",
+            "--shard-batches", "2",
             "--store", str(store)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     t0 = time.time()
@@ -412,7 +414,7 @@ def test_killed_process_resumes(env, straight, tmp_path):
     from discover.cli import main
 
     assert main(["activations", str(env.model), "--corpus", str(env.corpus), "--tokens", "300", "--batch-size",
-                 str(BATCH), "--context", str(CONTEXT), "--top-k", "5", "--pair", 'L1.N3:"an"', "--store",
+                 str(BATCH), "--context", str(CONTEXT), "--top-k", "5", "--pair", 'L1.N3:"an"', "--shard-batches", "2", "--store",
                  str(store), "--json"]) == 0
     # the window sizes differ from the fixture's (--before/--after are not CLI flags): compare stats only
     got, want = _results(store), straight.results
@@ -502,7 +504,7 @@ def test_dla_scale_includes_a_post_mlp_norm(post_norm):
     else:
         model = make_model("llama")
     view = from_model(model, make_tokenizer())
-    runner = A._Pass(view, A.ActivationConfig(), [], 16, 2)
+    runner = A.PassRunner(view, A.ActivationConfig(), [], 16, 2)
     ids = torch.randint(1, 97, (2, 9))
     acts, inv, _, _ = runner.forward(ids)
     U = view.processed_unembed().double()
@@ -569,7 +571,7 @@ def test_act_tail_is_stored(env):
 def test_results_written_in_blocks_equal_one_block(env, straight, tmp_path, monkeypatch):
     """Examples are sorted, written and inserted a block of neurons at a time (bounded memory):
     blocks of 7 neurons give the same rows and the same example arrays as one block."""
-    monkeypatch.setattr(A, "EXAMPLE_BLOCK", 7)
+    monkeypatch.setattr(pass_store, "EXAMPLE_BLOCK", 7)
     store = tmp_path / "store"
     with Store(store) as st:
         A.run_activations(str(env.model), st, straight.cfg, corpus=str(env.corpus), progress=False)

@@ -114,3 +114,34 @@ def default_model() -> str:
     from discover.defaults import default_model_spec
 
     return default_model_spec()
+
+
+def add_ray(p: argparse.ArgumentParser) -> None:
+    """--ray ADDRESS, --ray-cpus N, --ray-gpus G (a corpus pass across a Ray cluster)."""
+    g = p.add_argument_group("cluster (Ray)")
+    g.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the corpus pass on a Ray cluster: local[:N] (start one of N CPUs here), auto (the "
+                        "cluster this node joined with `ray start`) or HOST:PORT; results equal one process's")
+    g.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="CPU cores per worker (1)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, metavar="G",
+                   help="GPUs per worker (0: CPU workers); > 0 makes GPU workers")
+
+
+def ray_cluster(args):
+    """A context manager: the Ray cluster --ray names (checked and joined), or nothing."""
+    import contextlib
+
+    if getattr(args, "ray", None) is None:
+        return contextlib.nullcontext(None)
+    from discover.cluster import Cluster, parse_address
+
+    return Cluster(parse_address(args.ray, cpus=args.ray_cpus, gpus=args.ray_gpus))
+
+
+def cluster_stream(cluster):
+    """The corpus pass's `stream` on a joined cluster (None: this process)."""
+    if cluster is None:
+        return None
+    from discover.cluster import ClusterStream
+
+    return ClusterStream(cluster)

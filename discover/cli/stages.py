@@ -7,10 +7,13 @@ from pathlib import Path
 
 from discover.cli.common import (
     add_model_arg,
+    add_ray,
     add_store,
+    cluster_stream,
     default_model,
     open_store,
     print_json,
+    ray_cluster,
     settings,
     table,
     verb,
@@ -91,9 +94,11 @@ def add_activations(sub) -> None:
     p.add_argument("--tokens", type=int, default=1_000_000, metavar="N",
                    help="document tokens to process, in whole batches; more than before extends the pass (1000000)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="sequences per forward pass (default: from a 1.5 GB activation budget, at most 32)")
+                   help="sequences per forward pass (default: from a 0.5 GB activation budget, at most 32)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="tokens per sequence including the BOS (default: the model's, at most 256)")
+    p.add_argument("--shard-batches", type=int, default=16, metavar="N",
+                   help="batches per shard: the unit a cluster's workers compute and merge (16)")
     p.add_argument("--top-k", type=int, default=20, metavar="K", help="examples kept per neuron and kind (20)")
     p.add_argument("--pair", action="append", default=[], metavar="L1.N42:TOKEN",
                    help="also record the activation-vs-prediction curve of this neuron and token (repeatable)")
@@ -103,6 +108,7 @@ def add_activations(sub) -> None:
                    help="seconds between saves of the resumable state (30)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    add_ray(p)
     add_store(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_activations)
@@ -115,13 +121,15 @@ def _cmd_activations(args) -> int:
 
     cfg = settings("activations", lambda: ActivationConfig(
         tokens=args.tokens, batch_size=args.batch_size, context=args.context, top_k=args.top_k, split=args.split,
-        pairs=tuple(args.pair), max_candidates=args.max_candidates, save_every=args.save_every, device=args.device))
+        pairs=tuple(args.pair), max_candidates=args.max_candidates, save_every=args.save_every, device=args.device,
+        shard_batches=args.shard_batches))
     model = args.model or default_model()
+    cluster = ray_cluster(args)  # a malformed --ray fails here, before the model loads
     # model, pairs and corpus are checked before the store is created or touched
     plan = prepare(model, cfg, corpus=args.corpus, text_field=args.text_field, allow_pickle=args.allow_pickle)
-    with open_store(args, read_only=False) as store:
+    with cluster as cl, open_store(args, read_only=False) as store:
         try:
-            res = run_activations(model, store, cfg, progress=not args.json, plan=plan)
+            res = run_activations(model, store, cfg, progress=not args.json, plan=plan, stream=cluster_stream(cl))
         except KeyboardInterrupt:
             print("discover: interrupted; the catalog keeps the last committed results; rerun the same "
                   "command to continue from the last saved state", file=sys.stderr)

@@ -1,0 +1,302 @@
+"""Scale out on Ray (Ray Core, the optional extra `discover[ray]`): a corpus pass across the
+workers of a cluster, with results identical to one process.
+
+`--ray ADDRESS` names the cluster: `local[:N]` starts a local one of N CPUs (default: this
+machine's), `auto` joins the running cluster this machine belongs to (`ray start`), `HOST:PORT`
+(or `ray://HOST:PORT`) joins that head node.
+
+The pass is cut into shards by the corpus alone (`discover.shards`); the driver tokenizes the
+stream once to find where each shard starts (document, chunk) and never sends text: each worker
+(an actor holding one model replica, loaded once; `--ray-cpus` cores each, or `--ray-gpus`
+GPUs) opens the corpus itself (shared storage) and folds its shard from an empty state. The
+driver holds references, at most two per worker in flight (`ray.wait`), fetches each finished
+shard's state in shard order, merges it (`shards.merge_piece`: a fixed left-deep tree over shard
+ids) and saves its running state atomically every `save_every` seconds in the pass's folder,
+as one process does. Only the driver writes the catalog.
+
+Faults: a worker that dies is restarted and its shard recomputed (Ray's actor restarts and
+task retries); a driver that dies resumes, when rerun, from its last saved state: the shards
+after it are computed again and merge to the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from discover.errors import ClusterError
+
+HINT = "use --ray local[:N] for a cluster on this machine, or --ray auto on a node started with `ray start`"
+MAX_RESTARTS = 3  # times a dead worker is restarted (and its shard retried) before the pass fails
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where to run: `kind` local / auto / address; per worker `cpus` cores (CPU workers) or
+    `gpus` GPUs (GPU workers, when > 0)."""
+
+    address: str
+    kind: str
+    local_cpus: int | None = None
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+def parse_address(text: str, *, cpus: float = 1.0, gpus: float = 0.0) -> ClusterSpec:
+    """'local', 'local:4', 'auto', 'HOST:PORT' or 'ray://HOST:PORT' -> a ClusterSpec."""
+    t = (text or "").strip()
+    if not (cpus > 0) or gpus < 0:
+        raise ClusterError(f"--ray-cpus must be > 0 and --ray-gpus >= 0 (got {cpus} and {gpus})")
+    m = re.fullmatch(r"local(?::(\d+))?", t)
+    if m:
+        n = int(m.group(1)) if m.group(1) else (os.cpu_count() or 1)
+        if n < 1:
+            raise ClusterError(f"--ray {text!r}: a local cluster needs at least 1 CPU; write local:N with N >= 1")
+        return ClusterSpec(t, "local", n, cpus, gpus)
+    if t == "auto":
+        return ClusterSpec(t, "auto", None, cpus, gpus)
+    m = re.fullmatch(r"(?:ray://)?([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})", t)
+    if m and 0 < int(m.group(2)) < 65536:
+        return ClusterSpec(t, "address", None, cpus, gpus)
+    raise ClusterError(f"--ray {text!r} is not a cluster address: write local[:N], auto or HOST:PORT (e.g. "
+                       f"10.0.0.5:6379)")
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs Ray: install it with pip install 'discover[ray]' (Ray Core)") from None
+    return ray
+
+
+def _reachable(address: str, timeout: float = 3.0) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}): check the "
+                           f"address and that the head node runs (`ray start --head`); or {HINT}") from None
+
+
+class Cluster:
+    """A connection to a Ray cluster (`with Cluster(spec) as c:`): starts a local one or joins one,
+    checks that a worker fits, and shuts down what it started. Inside a process that is already
+    connected (tests), it uses that connection."""
+
+    def __init__(self, spec: ClusterSpec):
+        self.spec = spec
+        self.started = False
+        self.workers = 0
+
+    def __enter__(self) -> Cluster:
+        ray = _ray()
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster needs no token (and warns without)
+        quiet = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+        if not ray.is_initialized():
+            s = self.spec
+            try:
+                if s.kind == "local":
+                    ray.init(address="local", num_cpus=s.local_cpus, **quiet)
+                elif s.kind == "auto":
+                    ray.init(address="auto", **quiet)
+                else:
+                    _reachable(s.address)
+                    ray.init(address=s.address, **quiet)
+            except ClusterError:
+                raise
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                from discover.errors import first_line
+
+                what = "no running Ray cluster was found" if s.kind == "auto" else f"cannot join {s.address}"
+                raise ClusterError(f"--ray {s.address}: {what} ({first_line(e, 160)}); {HINT}") from None
+            self.started = True
+        try:
+            self.workers = self._fit()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _fit(self) -> int:
+        ray = _ray()
+        res = ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        s = self.spec
+        n = int(gpus // s.gpus) if s.gpus > 0 else int(cpus // s.cpus)
+        if n < 1:
+            need = f"{s.gpus:g} GPU" if s.gpus > 0 else f"{s.cpus:g} CPU"
+            raise ClusterError(f"the Ray cluster at {s.address} has {cpus:g} CPUs and {gpus:g} GPUs: no worker fits "
+                               f"(each needs {need}); lower --ray-cpus / --ray-gpus or add nodes")
+        return n
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            _ray().shutdown()
+            self.started = False
+
+
+class PassWorker:
+    """A Ray actor: one model replica, loaded once, that folds pieces of a corpus pass."""
+
+    def __init__(self, spec: str, identity: tuple, cfg: dict, corpus_spec, text_field: str, pairs: list,
+                 context: int, batch_size: int, allow_pickle: bool, threads: int):
+        import torch
+
+        from discover.activations import ActivationConfig, PassRunner, prepare
+
+        torch.set_num_threads(max(1, threads))
+        cfg = ActivationConfig(**{**cfg, "pairs": tuple(cfg["pairs"])})
+        plan = prepare(spec, cfg, corpus=corpus_spec, text_field=text_field, allow_pickle=allow_pickle,
+                       identity=tuple(identity))
+        self.runner = PassRunner(plan.view, cfg, [tuple(p) for p in pairs], context, batch_size)
+        self.corpus = plan.corpus
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def piece(self, start: tuple, n_batches: int, open_moments: dict | None):
+        """The state of `n_batches` batches from `start`, from an empty state (its open moments
+        from `open_moments` where the piece continues a shard); (meta, arrays)."""
+        from discover.activations import fold_piece
+        from discover.shards import OPEN
+
+        state = self.runner.new_state()
+        if open_moments is not None:
+            for k in OPEN:
+                state.a[k][...] = open_moments[k]
+        fold_piece(self.runner, state, self.corpus, tuple(start), n_batches)
+        return state.meta, state.a
+
+
+def plan_pieces(runner, state, corp, target: int) -> tuple[list[tuple], bool]:
+    """The pieces that take `state` to `target` tokens (whole batches), as (start, n_batches):
+    each within one shard, the first continuing the open shard; and whether the corpus ends.
+    The stream is tokenized here to find where each piece starts; no text leaves the driver."""
+    from discover.activations import bos_id, sequences
+
+    bos = bos_id(runner.view.tokenizer)
+    first = 1 if bos is not None else 0
+    sb, bs = runner.cfg.shard_batches, runner.batch_size
+    batches, tokens = state.meta["batches"], state.meta["tokens"]
+    pieces: list[list] = []
+    n_in_batch, batch_tokens, batch_start = 0, 0, None
+    stream = sequences(corp, runner.cfg.split, runner.view.tokenizer, runner.context, bos, tuple(state.meta["next"]))
+
+    def close_batch():
+        nonlocal batches, tokens
+        if not pieces or batches % sb == 0:
+            pieces.append([batch_start, 0])
+        pieces[-1][1] += 1
+        batches += 1
+        tokens += batch_tokens
+
+    for ordinal, _doc, chunk, ids, _nxt in stream:
+        if n_in_batch == 0:
+            batch_start = (ordinal, chunk)
+        n_in_batch += 1
+        batch_tokens += len(ids) - first
+        if n_in_batch == bs:
+            close_batch()
+            n_in_batch, batch_tokens = 0, 0
+            if tokens >= target:
+                return [tuple(p) for p in pieces], False
+    if n_in_batch:
+        close_batch()
+    return [tuple(p) for p in pieces], True
+
+
+def _after_piece(merged: int) -> None:
+    """Test hook: called after every merged (and possibly saved) piece."""
+
+
+class ClusterStream:
+    """Folds a corpus pass on the workers of a cluster (the `stream` of `run_activations`)."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+
+    def __call__(self, runner, state, plan, state_path, progress: bool) -> None:
+        from tqdm import tqdm
+
+        from discover.shards import OPEN, merge_piece
+
+        ray = _ray()
+        cfg, spec = runner.cfg, self.cluster.spec
+        pieces, ends = plan_pieces(runner, state, plan.corpus, cfg.tokens)
+        if not pieces:
+            state.meta["exhausted"] = state.meta["exhausted"] or ends
+            state.save(state_path)
+            return
+        cls = ray.remote(PassWorker).options(
+            num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus, max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_RESTARTS)
+        cfg_d = asdict(cfg)
+        if spec.gpus > 0 and cfg_d["device"] == "cpu":
+            cfg_d["device"] = "cuda"
+        n = min(self.cluster.workers, len(pieces))
+        workers = [cls.remote(plan.spec, list(plan.identity), cfg_d, plan.corpus_spec, plan.text_field,
+                              [list(p) for p in runner.pairs], runner.context, runner.batch_size, plan.allow_pickle,
+                              max(1, int(spec.cpus))) for _ in range(n)]
+        self.workers = workers  # (tests: the worker processes to kill)
+        target = cfg.tokens
+        bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
+                   desc=f"activations on {n} Ray workers", disable=not progress, dynamic_ncols=True, leave=False)
+        sb, b0 = cfg.shard_batches, state.meta["batches"]
+        first_open = {k: state.a[k].copy() for k in OPEN} if b0 % sb else None
+        todo = list(enumerate(pieces))[::-1]
+        inflight: dict = {}  # ref -> (piece index, worker)
+        finished: dict = {}  # piece index -> ref
+        free = list(range(n))
+        merged, last_save = 0, time.monotonic()
+        try:
+            while merged < len(pieces):
+                while todo and free and len(inflight) + len(finished) < 2 * n:
+                    i, (start, nb) = todo.pop()
+                    w = free.pop()
+                    ref = workers[w].piece.remote(start, nb, first_open if i == 0 else None)
+                    inflight[ref] = (i, w)
+                if inflight:
+                    ready, _ = ray.wait(list(inflight), num_returns=1)
+                    for ref in ready:
+                        i, w = inflight.pop(ref)
+                        free.append(w)
+                        finished[i] = ref
+                while merged in finished:
+                    ref = finished.pop(merged)
+                    try:
+                        meta, arrays = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        from discover.errors import first_line
+
+                        raise ClusterError(f"a Ray worker failed on shard piece {merged} after {MAX_RESTARTS} "
+                                           f"restarts: {first_line(e, 200)}") from None
+                    del ref
+                    src = _State(meta, arrays)
+                    before = state.meta["tokens"]
+                    merge_piece(state, src, closes=(state.meta["batches"] + meta["batches"]) % sb == 0)
+                    del src, meta, arrays
+                    merged += 1
+                    if merged == len(pieces):
+                        state.meta["exhausted"] = ends
+                    bar.update(min(state.meta["tokens"], target) - min(before, target))
+                    if merged == len(pieces) or time.monotonic() - last_save >= cfg.save_every:
+                        state.save(state_path)
+                        last_save = time.monotonic()
+                    _after_piece(merged)
+        finally:
+            bar.close()
+            for w in workers:
+                ray.kill(w)
+
+
+class _State:
+    """A worker's piece as merge_piece reads it (meta and arrays)."""
+
+    def __init__(self, meta: dict, arrays: dict):
+        self.meta, self.a = meta, arrays
