@@ -220,6 +220,11 @@ class ClusterStream:
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
+        self.workers: list = []
+        # where the driver's time went (seconds): planning the pieces (tokenizing the stream),
+        # starting the workers (each loads the model), waiting, fetching and merging states
+        self.stats = {"pieces": 0, "workers": 0, "plan_s": 0.0, "start_s": 0.0, "fetch_s": 0.0, "merge_s": 0.0,
+                      "save_s": 0.0, "wall_s": 0.0}
 
     def __call__(self, runner, state, plan, state_path, progress: bool) -> None:
         from tqdm import tqdm
@@ -227,8 +232,12 @@ class ClusterStream:
         from discover.shards import OPEN, merge_piece
 
         ray = _ray()
+        t_wall = time.perf_counter()
         cfg, spec = runner.cfg, self.cluster.spec
         pieces, ends = plan_pieces(runner, state, plan.corpus, cfg.tokens)
+        st = self.stats
+        st["plan_s"] += time.perf_counter() - t_wall
+        st["pieces"] += len(pieces)
         if not pieces:
             state.meta["exhausted"] = state.meta["exhausted"] or ends
             state.save(state_path)
@@ -244,6 +253,10 @@ class ClusterStream:
                               [list(p) for p in runner.pairs], runner.context, runner.batch_size, plan.allow_pickle,
                               max(1, int(spec.cpus))) for _ in range(n)]
         self.workers = workers  # (tests: the worker processes to kill)
+        st["workers"] = n
+        t = time.perf_counter()
+        ray.get([w.pid.remote() for w in workers])  # every replica loaded
+        st["start_s"] += time.perf_counter() - t
         target = cfg.tokens
         bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
                    desc=f"activations on {n} Ray workers", disable=not progress, dynamic_ncols=True, leave=False)
@@ -270,7 +283,9 @@ class ClusterStream:
                 while merged in finished:
                     ref = finished.pop(merged)
                     try:
+                        t = time.perf_counter()
                         meta, arrays = ray.get(ref)
+                        st["fetch_s"] += time.perf_counter() - t
                     except ray.exceptions.RayError as e:
                         from discover.errors import first_line
 
@@ -279,20 +294,25 @@ class ClusterStream:
                     del ref
                     src = _State(meta, arrays)
                     before = state.meta["tokens"]
+                    t = time.perf_counter()
                     merge_piece(state, src, closes=(state.meta["batches"] + meta["batches"]) % sb == 0)
+                    st["merge_s"] += time.perf_counter() - t
                     del src, meta, arrays
                     merged += 1
                     if merged == len(pieces):
                         state.meta["exhausted"] = ends
                     bar.update(min(state.meta["tokens"], target) - min(before, target))
                     if merged == len(pieces) or time.monotonic() - last_save >= cfg.save_every:
+                        t = time.perf_counter()
                         state.save(state_path)
+                        st["save_s"] += time.perf_counter() - t
                         last_save = time.monotonic()
                     _after_piece(merged)
         finally:
             bar.close()
             for w in workers:
                 ray.kill(w)
+            st["wall_s"] += time.perf_counter() - t_wall
 
 
 class _State:

@@ -63,8 +63,10 @@ def _peak(res: RunSummary, stage: str) -> None:
 def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_field: str = "text",
                  act_config=None, verify_config=None, rules_dirs=None, out: str | Path | None = "report.html",
                  fmt: str = "html", cards: int = 200, allow_pickle: bool = False, progress: bool = True,
-                 prepared=None) -> RunSummary:
-    """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in)."""
+                 prepared=None, stream=None) -> RunSummary:
+    """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in).
+    `stream`: what folds the corpus pass's batches (`discover.cluster.ClusterStream`: a Ray
+    cluster's workers; None: this process)."""
     from discover.activations import ActivationConfig, run_activations
     from discover.query import parse_neuron
     from discover.scan import scan_model
@@ -93,7 +95,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     _release()
     _say(f"[2/4] activations: {act_config.tokens:,} tokens of corpus text", quiet)
     t = time.perf_counter()
-    p = run_activations(view.spec, store, act_config, progress=progress, plan=plan)
+    p = run_activations(view.spec, store, act_config, progress=progress, plan=plan, stream=stream)
     res.stages["activations"] = {"status": p.status, "seconds": time.perf_counter() - t, "tokens": p.tokens,
                                  "tokens_per_second": p.tokens_per_second, "pass_id": p.pass_id}
 

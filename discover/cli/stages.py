@@ -276,6 +276,7 @@ def add_run(sub) -> None:
     p.add_argument("--format", choices=("html", "md", "json"), default="html", help="report format (html)")
     p.add_argument("--cards", type=int, default=200, metavar="N", help="report cards (200)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    add_ray(p)
     add_store(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_run)
@@ -296,11 +297,12 @@ def _cmd_run(args) -> int:
     out = Path(args.out or f"report.{args.format}")
     if out.is_dir() or not out.parent.exists():
         raise DiscoverError(f"--out {out}: name a file in an existing directory")
+    cluster = ray_cluster(args)  # a malformed --ray fails here, before the model loads
     prepared = prepare(args.model or default_model(), corpus=args.corpus, text_field=args.text_field,
                        act_config=act, rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=ver.split)
-    with open_store(args, read_only=False) as store:
+    with cluster as cl, open_store(args, read_only=False) as store:
         res = run_pipeline(None, store, act_config=act, verify_config=ver, out=out, fmt=args.format,
-                           cards=args.cards, progress=not args.json, prepared=prepared)
+                           cards=args.cards, progress=not args.json, prepared=prepared, stream=cluster_stream(cl))
     if args.json:
         print_json(asdict(res))
         return 0

@@ -1,0 +1,204 @@
+"""The corpus pass on a Ray cluster equals the same pass in one process.
+
+One local cluster of 2 CPUs is started for the module (a real Ray Core cluster: raylet, GCS,
+worker processes); passes run on 2 one-CPU workers (and on 1 two-CPU worker), with shards of two
+batches, so that every pass merges several shards per worker. Faults: a worker killed mid-pass,
+a driver killed with `kill -9` and rerun. Bad addresses and clusters where no worker fits give
+one line and exit 2 with the store untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import discover.activations as A  # noqa: E402
+from conftest import make_model, save  # noqa: E402
+from discover import cluster as C  # noqa: E402
+from discover.store import Store  # noqa: E402
+from test_activations import BATCH, CONTEXT, _corpus, _results  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs for the module; its GCS address for driver subprocesses."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ray")
+    model = save(make_model("gpt2"), d / "gpt2")
+    corpus = _corpus(d / "corpus")
+    cfg = A.ActivationConfig(tokens=300, batch_size=BATCH, context=CONTEXT, top_k=5, before=4, after=2,
+                             shard_batches=2, pairs=('L1.N3:"an"', "L0.N7:the"), save_every=0)
+    return d, model, corpus, cfg
+
+
+def _single(env, cfg, name):
+    d, model, corpus, _ = env
+    store = d / name
+    with Store(store) as st:
+        s = A.run_activations(str(model), st, cfg, corpus=str(corpus), progress=False)
+    return s, _results(store)
+
+
+def _on_cluster(env, cfg, store, address="local:2", cpus=1.0):
+    _, model, corpus, _ = env
+    with C.Cluster(C.parse_address(address, cpus=cpus)) as cl, Store(store) as st:
+        stream = C.ClusterStream(cl)
+        s = A.run_activations(str(model), st, cfg, corpus=str(corpus), progress=False, stream=stream)
+    return s, stream
+
+
+@pytest.fixture(scope="module")
+def single(env):
+    """The budgeted pass (300 tokens) and the whole corpus (partial last batch), in this process."""
+    cfg = env[3]
+    return {"budget": _single(env, cfg, "single_budget"),
+            "whole": _single(env, replace(cfg, tokens=10**9), "single_whole")}
+
+
+@pytest.mark.parametrize("which", ["budget", "whole"])
+def test_two_workers_equal_one_process(cluster, env, single, which, tmp_path):
+    """Moments, histograms, examples (with their windows), curves and the pass's counts are
+    identical, over more shards than workers; the whole corpus ends in a partial batch."""
+    cfg = env[3] if which == "budget" else replace(env[3], tokens=10**9)
+    s, stream = _on_cluster(env, cfg, tmp_path / "store")
+    want_s, want = single[which]
+    assert len(stream.workers) == 2
+    assert s.tokens == want_s.tokens and s.exhausted == (which == "whole")
+    assert -(-s.sequences // BATCH) > 2 * cfg.shard_batches  # several shards each
+    assert _results(tmp_path / "store") == want
+
+
+def test_shards_do_not_depend_on_the_worker_count(cluster, env, single, tmp_path):
+    """One worker of two cores computes the same shards and merges them to the same results."""
+    s, stream = _on_cluster(env, env[3], tmp_path / "store", cpus=2)
+    assert len(stream.workers) == 1
+    assert _results(tmp_path / "store") == single["budget"][1]
+
+
+def test_extension_on_the_cluster_continues_the_open_shard(cluster, env, single, tmp_path):
+    """150 tokens (ending inside a shard: an odd number of batches), then 300 on the cluster:
+    equal to one 300-token run."""
+    store = tmp_path / "store"
+    a, _ = _on_cluster(env, replace(env[3], tokens=150), store)
+    assert (a.sequences // BATCH) % env[3].shard_batches == 1
+    b, _ = _on_cluster(env, env[3], store)
+    assert (a.status, b.status) == ("ran", "extended")
+    assert _results(store) == single["budget"][1]
+
+
+def test_killed_worker_is_restarted_and_its_shard_recomputed(cluster, env, single, tmp_path, monkeypatch):
+    """`kill -9` of a worker process after the first merged piece: Ray restarts the actor, the
+    shard it held is computed again, and the results are the same."""
+    killed = []
+
+    def kill_one(merged):
+        if merged == 1 and not killed:
+            pid = ray.get(stream_box[0].workers[0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    stream_box = []
+    orig_init = C.ClusterStream.__init__
+
+    def init(self, cl):
+        orig_init(self, cl)
+        stream_box.append(self)
+
+    monkeypatch.setattr(C.ClusterStream, "__init__", init)
+    monkeypatch.setattr(C, "_after_piece", kill_one)
+    _on_cluster(env, env[3], tmp_path / "store")
+    assert killed
+    assert _results(tmp_path / "store") == single["budget"][1]
+
+
+def _argv(env, store, address):
+    _, model, corpus, cfg = env
+    return ["activations", str(model), "--corpus", str(corpus), "--tokens", str(cfg.tokens), "--batch-size",
+            str(BATCH), "--context", str(CONTEXT), "--top-k", "5", "--shard-batches", "2", "--pair", 'L1.N3:"an"',
+            "--pair", "L0.N7:the", "--save-every", "0", "--store", str(store), "--ray", address]
+
+
+def test_killed_driver_resumes_with_the_same_result(cluster, env, single, tmp_path):
+    """A real `kill -9` of the driver (`discover activations --ray ADDRESS`) after its third merged
+    piece; rerun, it continues from its saved state. The before/after windows differ from the
+    fixture's (not CLI flags), so the statistics are compared."""
+    store = tmp_path / "store"
+    code = ("import discover.cluster as C, sys, time\n"
+            "C._after_piece = lambda m: (print('piece', m, flush=True), time.sleep(0.5))\n"
+            "from discover.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *_argv(env, store, cluster)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    t0, seen = time.time(), []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(b"piece 3") or time.time() - t0 > 180:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(x.startswith(b"piece 3") for x in seen), proc.stderr.read()[-2000:]
+    from discover.cli import main
+
+    assert main(_argv(env, store, cluster) + ["--json"]) == 0
+    want = _single(env, replace(env[3], before=50, after=10), "single_cli")[1]
+    got = _results(store)
+    for t in ("neuron_activations", "activation_histograms", "prediction_curves", "pass"):
+        assert got[t] == want[t], t
+
+
+@pytest.mark.parametrize("address,cpus,says", [
+    ("nonsense", "1", "is not a cluster address"),
+    ("local:0", "1", "at least 1 CPU"),
+    ("127.0.0.1:1", "1", "cannot reach the Ray cluster at 127.0.0.1:1"),
+    ("local:2", "4", "no worker fits"),
+])
+def test_bad_cluster_is_one_line_and_the_store_untouched(env, tmp_path, address, cpus, says):
+    """In a fresh process (not the module's cluster): one line naming the problem, exit 2, no store."""
+    store = tmp_path / "store"
+    argv = _argv(env, store, address) + ["--ray-cpus", cpus]
+    out = subprocess.run([sys.executable, "-m", "discover", *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("discover:")]
+    assert len(lines) == 1 and says in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not store.exists()
+
+
+def test_run_on_the_cluster_equals_run_in_one_process(cluster, env, tmp_path):
+    """`discover run --ray ADDRESS` (the corpus pass on the workers, verify here): the same pass
+    results and the same verdicts as `discover run`."""
+    from discover.cli import main
+
+    _, model, corpus, _ = env
+    outs = {}
+    for name, extra in (("single", []), ("cluster", ["--ray", cluster])):
+        store = tmp_path / name
+        argv = ["run", str(model), "--corpus", str(corpus), "--tokens", "300", "--verify-tokens", "200",
+                "--verify-split", "all", "--candidates", "2", "--out", str(tmp_path / f"{name}.html"),
+                "--store", str(store), "--json", *extra]
+        assert main(argv) == 0
+        with Store(store, read_only=True) as st:
+            verdicts = st.con.execute("SELECT * EXCLUDE (verify_id) FROM hypotheses ORDER BY ALL").fetchall()
+        outs[name] = (_results(store), verdicts)
+    assert outs["single"][1]  # hypotheses were tested
+    assert outs["single"] == outs["cluster"]
