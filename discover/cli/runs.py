@@ -8,10 +8,13 @@ import argparse
 import sys
 
 from discover.cli.common import (
+    add_ray,
     add_store,
+    cluster_stream,
     fmt,
     open_store,
     print_json,
+    ray_cluster,
     settings,
     table,
     verb,
@@ -45,6 +48,7 @@ def add_watch(sub) -> None:
     p.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
                    help="leave checkpoints whose files changed less than this long ago for the next look (60)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    add_ray(p)
     add_store(p)
     p.add_argument("--json", action="store_true", help="print each look's summary as JSON")
     p.set_defaults(func=cmd_watch)
@@ -81,11 +85,13 @@ def cmd_watch(args) -> int:
                         if tr.get("status") == "matched" else "first of its run" if not tr else tr.get("why", ""))
                 print(f"  {r['path']}: {what}; report {r['report']}")
 
-    if args.once:
-        s = watch_once(args.dir, args.store, cfg, progress=not args.json)
-        show(s)
-        return s.exit_code
-    watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show)
+    with ray_cluster(args) as cl:  # each checkpoint's corpus pass on the cluster's workers
+        if args.once:
+            s = watch_once(args.dir, args.store, cfg, progress=not args.json, stream=cluster_stream(cl))
+            show(s)
+            return s.exit_code
+        watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show,
+                   stream=cluster_stream(cl))
     return 0
 
 
