@@ -320,3 +320,89 @@ class _State:
 
     def __init__(self, meta: dict, arrays: dict):
         self.meta, self.a = meta, arrays
+
+
+class _AblationData:
+    """What `verify.Ablator` reads of the held-out data: next tokens and sequences (token ids)."""
+
+    def __init__(self, next_token, seqs):
+        self.next_token, self.seqs = next_token, seqs
+
+
+class AblationWorker:
+    """A Ray actor: one model replica and the held-out sequences; runs verify's mean ablations."""
+
+    def __init__(self, spec: str, identity: tuple, allow_pickle: bool, threads: int, next_token, seqs):
+        import torch
+
+        from discover.adapter import load_model
+        from discover.verify import Ablator
+
+        torch.set_num_threads(max(1, threads))
+        view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
+        self.abl = Ablator(view, _AblationData(next_token, seqs))
+
+    def effects(self, jobs: list, means) -> list:
+        return [self.abl.effects(job[0], [tuple(x) for x in job[1]], means, job[2], elsewhere=job[3]) for job in jobs]
+
+
+class ClusterEffects:
+    """Runs verify's mean ablations on the workers of a cluster (the `effects` of
+    `verify.prediction_hypotheses`): the jobs of one layer go to one worker together (they share
+    traced forward passes there), in layer order; results come back in the jobs' order. Each job
+    is deterministic, so the verdicts and their evidence equal one process's."""
+
+    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
+        self.cluster, self.allow_pickle = cluster, allow_pickle
+        self.stats = {"jobs": 0, "groups": 0, "workers": 0, "wall_s": 0.0}
+
+    def __call__(self, view, data, jobs: list, means, progress: bool = False) -> list:
+        from tqdm import tqdm
+
+        ray = _ray()
+        if not jobs:
+            return []
+        t0 = time.perf_counter()
+        groups: list[list[int]] = []
+        for i, job in enumerate(jobs):  # consecutive jobs of one layer form one task
+            if groups and jobs[groups[-1][0]][1][0][0] == job[1][0][0]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        spec = self.cluster.spec
+        n = min(self.cluster.workers, len(groups))
+        cls = ray.remote(AblationWorker).options(num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus,
+                                                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+        if view.model_dir is None:
+            raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the cluster's "
+                               "workers load it from one: run without --ray")
+        identity = (view.spec, view.checkpoint_id, view.model_dir)
+        next_ref, seqs_ref, means_ref = ray.put(data.next_token), ray.put(data.seqs), ray.put(means)
+        workers = [cls.remote(view.spec, identity, self.allow_pickle, max(1, int(spec.cpus)), next_ref, seqs_ref)
+                   for _ in range(n)]
+        plain = [(j[0], [list(x) for x in j[1]], j[2], j[3]) for j in jobs]
+        out: list = [None] * len(jobs)
+        bar = tqdm(total=len(jobs), desc=f"verify predictions on {n} Ray workers", unit="hypothesis",
+                   disable=not progress, leave=False)
+        try:
+            refs = {workers[g % n].effects.remote([plain[i] for i in grp], means_ref): g for g, grp in enumerate(groups)}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    g = refs.pop(ref)
+                    try:
+                        got = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        from discover.errors import first_line
+
+                        raise ClusterError(f"a Ray worker failed on verify's ablations after {MAX_RESTARTS} restarts: "
+                                           f"{first_line(e, 200)}") from None
+                    for i, r in zip(groups[g], got):
+                        out[i] = r
+                    bar.update(len(groups[g]))
+        finally:
+            bar.close()
+            for w in workers:
+                ray.kill(w)
+        self.stats.update(jobs=len(jobs), groups=len(groups), workers=n, wall_s=time.perf_counter() - t0)
+        return out

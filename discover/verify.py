@@ -237,9 +237,13 @@ def subject_label(subject: str, evidence: dict) -> str:
     return f"{subject} +{more}" if more > 0 else subject
 
 
-def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False) -> list[Hypothesis]:
-    from tqdm import tqdm
-
+def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, progress: bool = False,
+                          effects=None) -> list[Hypothesis]:
+    """Test the scan's prediction / suppression candidates (and the corpus's under-predicted
+    words') by AUROC and mean ablation. `effects`: what runs the mean ablations,
+    `effects(view, data, jobs, means, progress)` -> one `Ablator.effects` result per job
+    (default: `local_effects`, this process; `discover.cluster.ClusterEffects`: a Ray cluster's
+    workers). Each job is (tokens of X, [(layer, neuron), *controls], max sequences, elsewhere)."""
     from discover.candidates import Tails, candidates, underpredicted, word_tokens
 
     tails = Tails(view, cfg.tail_alpha)
@@ -253,16 +257,23 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     means = counted_means(data).reshape(L, N)
     has_next_all = data.next_token >= 0
     rng = np.random.default_rng(cfg.seed)
-    abl = Ablator(view, data)
     curves = pass_curves(store, ckpt_id)
     drawn = [draw_controls(rng, N, c["neuron"], data.group, cfg.controls) for c in cands]  # in candidate order
-    out: list = [None] * len(cands)
-    # layer by layer: candidates of one layer whose X is next in the same sequences share one traced forward pass
+    # the tails and the ablation jobs first; the ablations run layer by layer (candidates of one
+    # layer whose X is next in the same sequences share one traced forward pass)
     order = sorted(range(len(cands)), key=lambda i: (cands[i]["layer"], i))
-    for i in tqdm(order, desc="verify predictions", unit="hypothesis", disable=not progress, leave=False):
+    tail_of = {}
+    for i in order:
+        c = cands[i]
+        tail_of[i] = tails(c["layer"], c["neuron"], c["role"], c["token_id"], MAX_TAIL)
+    jobs = [(np.array(tail_of[i][0], np.int64), [(cands[i]["layer"], cands[i]["neuron"])]
+             + [(cands[i]["layer"], k) for k in drawn[i]], cfg.max_ablation_sequences, ELSEWHERE) for i in order]
+    results = dict(zip(order, (effects or local_effects)(view, data, jobs, means, progress)))
+    out: list = [None] * len(cands)
+    for i in order:
         c, controls = cands[i], drawn[i]
         l, n, tok, role = c["layer"], c["neuron"], c["token_id"], c["role"]
-        tail, tail_z, n_tail = tails(l, n, role, tok, MAX_TAIL)
+        tail, tail_z, n_tail = tail_of[i]
         ids = np.array(tail, np.int64)
         x = np.asarray(acts[l * N + n], dtype=np.float64)
         is_next, is_top = np.isin(data.next_token, ids), np.isin(data.top_pred, ids)
@@ -280,8 +291,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
         if "underpredicted" in c:  # the corpus source's reason: X is predicted far less often than it occurs
             ev["underpredicted"] = c["underpredicted"]
         ev.update(curve_trend(curves.get((l, n, tok))))
-        eff, n_pos, at_x, other = abl.effects(ids, [(l, n)] + [(l, c) for c in controls], means,
-                                              cfg.max_ablation_sequences, elsewhere=ELSEWHERE)
+        eff, n_pos, at_x, other = results[i]
         z = t = float("nan")
         if n_pos:
             t = welch_t(at_x, other)
@@ -297,6 +307,16 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
                    f"none of the {len(ids)} tokens of X is ever the next token in the held-out text")
         out[i] = Hypothesis(l, n, kind, strings[tok], tok, v, why, ev)
     return out
+
+
+def local_effects(view, data, jobs: list, means: np.ndarray, progress: bool = False) -> list:
+    """`Ablator.effects` of every job in this process, in order (a trace is reused while
+    consecutive jobs ablate the same sequences and layer)."""
+    from tqdm import tqdm
+
+    abl = Ablator(view, data)
+    return [abl.effects(*job[:2], means, job[2], elsewhere=job[3])
+            for job in tqdm(jobs, desc="verify predictions", unit="hypothesis", disable=not progress, leave=False)]
 
 
 def draw_controls(rng, N: int, n: int, group, k: int) -> list[int]:
@@ -440,8 +460,9 @@ class VerifySummary:
 
 def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *, corpus: str | None = None,
                  text_field: str = "text", rules_dirs=None, allow_pickle: bool = False, progress: bool = True,
-                 prepared=None, key: str | None = None) -> VerifySummary:
-    """Test the top hypotheses of a model and commit verdicts and evidence to `store`."""
+                 prepared=None, key: str | None = None, effects=None) -> VerifySummary:
+    """Test the top hypotheses of a model and commit verdicts and evidence to `store`. `effects`:
+    what runs the mean ablations (see `prediction_hypotheses`; None: this process)."""
     from discover.features import collect, score_sets, shuffle_summary, shuffled_labels
     from discover.scan import scan_model
 
@@ -458,7 +479,7 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
                               progress=progress)
     shuffled = shuffle_summary(shuf, cfg.alpha)
     hyps = feature_hypotheses(scores, view.d_mlp, cfg)
-    hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress)
+    hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress, effects=effects)
     seconds = time.perf_counter() - t0
     vid = uuid.uuid4().hex[:12]
     _write(store, vid, identity[1], described, cfg, data, shuffled, hyps, seconds, key)

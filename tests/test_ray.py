@@ -243,3 +243,27 @@ def test_watch_on_two_workers_equals_a_serial_watch(cluster, tmp_path):
         assert want or "curves" in sql or "changes" in sql, sql  # (this tiny model may have no candidates)
         assert rows(stores["cluster"], sql) == want, sql
     assert len(rows(stores["cluster"], "SELECT * FROM watch_checkpoints WHERE status = 'done'")) == 4
+
+
+def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path):
+    """`discover verify --ray ADDRESS`: the mean ablations of the prediction hypotheses run on the
+    workers (one layer's jobs together); every verdict and every number of its evidence equal
+    one process's."""
+    import json
+
+    from discover.cli import main
+
+    _, model, corpus, _ = env
+    outs = {}
+    for name, extra in (("single", []), ("cluster", ["--ray", cluster])):
+        store = tmp_path / name
+        argv = ["verify", str(model), "--corpus", str(corpus), "--tokens", "600", "--split", "all", "--candidates",
+                "6", "--controls", "5", "--per-rule", "1", "--store", str(store), "--json", *extra]
+        assert main(argv) == 0
+        with Store(store, read_only=True) as st:
+            rows = st.con.execute("SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses "
+                                  "WHERE kind <> 'feature' ORDER BY ALL").fetchall()
+        outs[name] = [r[:6] + (json.loads(r[6]),) for r in rows]
+    tested = [r for r in outs["single"] if r[6].get("ablation_positions", 0) > 0]
+    assert len({r[0] for r in tested}) >= 2, outs["single"]  # ablations on more than one layer
+    assert outs["cluster"] == outs["single"]

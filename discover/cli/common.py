@@ -120,8 +120,9 @@ def add_ray(p: argparse.ArgumentParser) -> None:
     """--ray ADDRESS, --ray-cpus N, --ray-gpus G (a corpus pass across a Ray cluster)."""
     g = p.add_argument_group("cluster (Ray)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
-                   help="run the corpus pass on a Ray cluster: local[:N] (start one of N CPUs here), auto (the "
-                        "cluster this node joined with `ray start`) or HOST:PORT; results equal one process's")
+                   help="spread the work over a Ray cluster (the corpus pass; verify's mean ablations): local[:N] "
+                        "(start one of N CPUs here), auto (the cluster this node joined with `ray start`) or "
+                        "HOST:PORT; results equal one process's")
     g.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="CPU cores per worker (1)")
     g.add_argument("--ray-gpus", type=float, default=0.0, metavar="G",
                    help="GPUs per worker (0: CPU workers); > 0 makes GPU workers")
@@ -145,3 +146,12 @@ def cluster_stream(cluster):
     from discover.cluster import ClusterStream
 
     return ClusterStream(cluster)
+
+
+def cluster_effects(cluster, allow_pickle: bool = False):
+    """Verify's mean ablations on a joined cluster (None: this process)."""
+    if cluster is None:
+        return None
+    from discover.cluster import ClusterEffects
+
+    return ClusterEffects(cluster, allow_pickle=allow_pickle)

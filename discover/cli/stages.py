@@ -9,6 +9,7 @@ from discover.cli.common import (
     add_model_arg,
     add_ray,
     add_store,
+    cluster_effects,
     cluster_stream,
     default_model,
     open_store,
@@ -173,6 +174,7 @@ def add_verify(sub) -> None:
     p.add_argument("--min-auroc", type=float, default=0.85, help="feature: AUROC needed to confirm (0.85)")
     p.add_argument("--min-f1", type=float, default=0.5, help="feature: held-out F1 needed to confirm (0.5)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    add_ray(p)
     add_store(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_verify)
@@ -186,13 +188,15 @@ def _cmd_verify(args) -> int:
     cfg = settings("verify", lambda: VerifyConfig(
         candidates=args.candidates, per_rule=args.per_rule, tokens=args.tokens, controls=args.controls,
         alpha=args.alpha, min_auroc=args.min_auroc, min_f1=args.min_f1, split=args.split))
+    cluster = ray_cluster(args)  # a malformed --ray fails here, before the model loads
     prepared = prepare(args.model or default_model(), corpus=args.corpus, text_field=args.text_field,
                        rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=args.split)
     from discover.pipeline import verify_key
 
     key = verify_key(prepared[1][1], prepared[4]["fingerprint"], cfg, prepared[2])  # lets `discover run` reuse it
-    with open_store(args, read_only=False) as store:
-        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key)
+    with cluster as cl, open_store(args, read_only=False) as store:
+        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key,
+                           effects=cluster_effects(cl, args.allow_pickle))
     if args.json:
         print_json(asdict(res))
         return 0
@@ -302,7 +306,8 @@ def _cmd_run(args) -> int:
                        act_config=act, rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=ver.split)
     with cluster as cl, open_store(args, read_only=False) as store:
         res = run_pipeline(None, store, act_config=act, verify_config=ver, out=out, fmt=args.format,
-                           cards=args.cards, progress=not args.json, prepared=prepared, stream=cluster_stream(cl))
+                           cards=args.cards, progress=not args.json, prepared=prepared, stream=cluster_stream(cl),
+                           effects=cluster_effects(cl, args.allow_pickle))
     if args.json:
         print_json(asdict(res))
         return 0
