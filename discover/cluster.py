@@ -406,3 +406,103 @@ class ClusterEffects:
                 ray.kill(w)
         self.stats.update(jobs=len(jobs), groups=len(groups), workers=n, wall_s=time.perf_counter() - t0)
         return out
+
+
+class UniversalityWorker:
+    """A Ray actor: a replica of every model of a universality run; streams shards of batches."""
+
+    def __init__(self, specs: list, identities: list, allow_pickle: bool, device: str, threads: int):
+        import torch
+
+        from discover.adapter import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.device = device
+        self.views = [load_model(s, allow_pickle=allow_pickle, device=device, identity=tuple(i))
+                      for s, i in zip(specs, identities)]
+
+    def shard(self, batches: list, pairs: list) -> dict:
+        from discover.universality import stream_batches
+
+        pairs = [(tuple(a), tuple(b)) for a, b in pairs]
+        return stream_batches(self.views, batches, pairs, self.device).state()
+
+
+class ClusterPasses:
+    """Runs the passes of `discover universality` on the workers of a cluster (its `run_pass`):
+    work items are (shard, pass): each worker streams a shard of the batches (token ids, the
+    same for every model) for the pass's units from empty; the driver merges the shards' moments
+    in shard order, as one process does with the same `shard_batches`, so the correlations are
+    identical to it."""
+
+    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
+        self.cluster, self.allow_pickle = cluster, allow_pickle
+        self.workers: list = []
+        self.stats = {"items": 0, "workers": 0, "merge_s": 0.0, "wall_s": 0.0}
+
+    def _start(self, plan) -> None:
+        ray = _ray()
+        spec = self.cluster.spec
+        n = min(self.cluster.workers, max(1, len(_shards(plan))))
+        cls = ray.remote(UniversalityWorker).options(
+            num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus, max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_RESTARTS)
+        device = "cuda" if spec.gpus > 0 and plan.config.device == "cpu" else plan.config.device
+        self.device = device
+        self.workers = [cls.remote(plan.specs, [list(i) for i in plan.identities], self.allow_pickle, device,
+                                   max(1, int(spec.cpus))) for _ in range(n)]
+        self.stats["workers"] = n
+
+    def __call__(self, plan, units, bar):
+        from discover.universality import _Stream
+
+        ray = _ray()
+        t0 = time.perf_counter()
+        if not self.workers:
+            self._start(plan)
+        pairs = [[list(u.a), list(u.b)] for u in units]
+        parts = _shards(plan)
+        n = len(self.workers)
+        refs: dict = {}  # ref -> shard index
+        done: dict = {}
+        merged, st, nxt = 0, None, 0
+        try:
+            while merged < len(parts):
+                while nxt < len(parts) and len(refs) + len(done) < 2 * n:
+                    refs[self.workers[nxt % n].shard.remote(ray.put(parts[nxt]), pairs)] = nxt
+                    nxt += 1
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    done[refs.pop(ref)] = ref
+                while merged in done:
+                    try:
+                        part = _Stream.from_state(ray.get(done.pop(merged)), plan.config.device)
+                    except ray.exceptions.RayError as e:
+                        from discover.errors import first_line
+
+                        raise ClusterError(f"a Ray worker failed on a universality shard after {MAX_RESTARTS} "
+                                           f"restarts: {first_line(e, 200)}") from None
+                    t = time.perf_counter()
+                    if st is None:
+                        st = part
+                    else:
+                        st.merge(part)
+                    self.stats["merge_s"] += time.perf_counter() - t
+                    bar.update(int(sum(c.sum() for _, c in parts[merged])))
+                    merged += 1
+            self.stats["items"] += len(parts)
+        finally:
+            self.stats["wall_s"] += time.perf_counter() - t0
+        return st
+
+    def close(self) -> None:
+        ray = _ray()
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def _shards(plan) -> list:
+    from discover.universality import shards
+
+    return shards(plan)

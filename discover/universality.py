@@ -90,6 +90,9 @@ class UniversalityConfig:
     batch_size: int | None = None  # sequences per forward pass; None: from the budget, at most 32
     context: int | None = None  # tokens per sequence incl. the BOS; None: min(models' maximum, 256)
     device: str = "cpu"
+    # None: one stream batch after batch; N: shards of N batches, each accumulated from empty and
+    # merged in shard order (what a cluster's workers compute; twice the accumulators' memory)
+    shard_batches: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.tokens, int) and self.tokens > 0):
@@ -106,6 +109,8 @@ class UniversalityConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.context is not None and self.context < 2:
             raise ValueError(f"context must be >= 2 (a BOS and one token), got {self.context}")
+        if self.shard_batches is not None and not (isinstance(self.shard_batches, int) and self.shard_batches >= 1):
+            raise ValueError(f"shard_batches must be a positive integer, got {self.shard_batches!r}")
 
 
 @dataclass
@@ -167,6 +172,37 @@ class _Stream:
         for (g, h), c in self.co.items():
             c.addmm_(aug[g].T, aug[h])  # c += centred chunk product + f * outer(delta_g, delta_h)
         self.n = n + n_c
+
+    def merge(self, other: _Stream) -> None:
+        """Fold the moments of other, disjoint positions (a shard's stream) into this one (Chan et al.)."""
+        if other.n == 0:
+            return
+        n, m = self.n, other.n
+        f = n * m / (n + m)
+        delta = {g: other.mean[g] - self.mean[g] for g in self.mean}
+        for g in self.mean:
+            self.m2[g] += other.m2[g] + f * delta[g] * delta[g]
+            self.mean[g] += delta[g] * (m / (n + m))
+        for (g, h), c in self.co.items():
+            c += other.co[(g, h)]
+            c.addr_(delta[g], delta[h], alpha=f)
+        self.n = n + m
+
+    def state(self) -> dict:
+        """The stream as numpy arrays (to send between processes)."""
+        return {"n": self.n, "mean": {g: v.cpu().numpy() for g, v in self.mean.items()},
+                "m2": {g: v.cpu().numpy() for g, v in self.m2.items()},
+                "co": {p: v.cpu().numpy() for p, v in self.co.items()}}
+
+    @classmethod
+    def from_state(cls, st: dict, device="cpu") -> _Stream:
+        import torch
+
+        self = cls.__new__(cls)
+        self.torch, self.n = torch, st["n"]
+        for k in ("mean", "m2", "co"):  # copies: arrays from ray.get are read-only
+            setattr(self, k, {g: torch.tensor(v, device=device) for g, v in st[k].items()})
+        return self
 
 
 def _inv_std(m2, mean, n: int):
@@ -285,14 +321,18 @@ class Schedule:
     batch_bytes: int
     reserve_bytes: int  # finalising one block: two rotations and one block-sized product
     budget_bytes: int
+    copies: int = 1  # accumulators held per unit: 2 in shards (the running one and the shard's)
 
     def spare_bytes(self, p: int) -> int:
         """What pass p leaves of the budget."""
-        return self.budget_bytes - self.reserve_bytes - self.batch_bytes - sum(u.nbytes for u in self.passes[p])
+        return (self.budget_bytes - self.reserve_bytes - self.batch_bytes
+                - self.copies * sum(u.nbytes for u in self.passes[p]))
 
 
-def schedule(shapes: list, budget_bytes: int, context: int, batch_size: int | None = None) -> Schedule:
-    """Pack the units of models with `shapes` [(n_layers, d_mlp), ...] into passes (module docstring)."""
+def schedule(shapes: list, budget_bytes: int, context: int, batch_size: int | None = None, *,
+             copies: int = 1) -> Schedule:
+    """Pack the units of models with `shapes` [(n_layers, d_mlp), ...] into passes (module
+    docstring); `copies` accumulators per unit (2 when the positions are streamed in shards)."""
     d_max = max(d for _, d in shapes)
     reserve = 8 * (2 * d_max * d_max + max(shapes[i][1] * shapes[j][1] for i in range(len(shapes))
                                            for j in range(i + 1, len(shapes))))
@@ -305,10 +345,10 @@ def schedule(shapes: list, budget_bytes: int, context: int, batch_size: int | No
         for j in range(i + 1, len(shapes)):
             units += [Unit((i, la), (j, lb), 8 * shapes[i][1] * shapes[j][1])
                       for la in range(shapes[i][0]) for lb in range(shapes[j][0])]
-    room = budget_bytes - reserve - batch_bytes
+    room = (budget_bytes - reserve - batch_bytes) // copies
     biggest = max(u.nbytes for u in units)
     if biggest > room:
-        need = (biggest + reserve + batch_bytes) / GiB
+        need = (copies * biggest + reserve + batch_bytes) / GiB
         raise UniversalityError(
             f"--memory-gb {budget_bytes / GiB:.3g} cannot hold one block: {biggest / 2**20:.0f} MiB plus "
             f"{(reserve + batch_bytes) / 2**20:.0f} MiB of working memory (batch of {batch_size} sequences); "
@@ -321,7 +361,7 @@ def schedule(shapes: list, budget_bytes: int, context: int, batch_size: int | No
         cur.append(u)
         used += u.nbytes
     passes.append(tuple(cur))
-    return Schedule(tuple(passes), batch_size, batch_bytes, reserve, budget_bytes)
+    return Schedule(tuple(passes), batch_size, batch_bytes, reserve, budget_bytes, copies)
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -392,7 +432,8 @@ def prepare(specs: list, config: UniversalityConfig | None = None, *, corpus: st
     context = cfg.context or min(max_ctx, 256)
     if context > max_ctx:
         raise QueryError(f"--context {context} is longer than the {max_ctx} positions these models take")
-    sched = schedule([(v.n_layers, v.d_mlp) for v in views], int(cfg.memory_gb * GiB), context, cfg.batch_size)
+    sched = schedule([(v.n_layers, v.d_mlp) for v in views], int(cfg.memory_gb * GiB), context, cfg.batch_size,
+                     copies=2 if cfg.shard_batches else 1)
     corp = open_corpus(corpus, text_field=text_field)
     described = corp.describe()
     bos = bos_id(views[0].tokenizer)
@@ -457,37 +498,58 @@ class _Maxima:
         self.baseline[sl] = np.maximum(self.baseline[sl], base)
 
 
-def _run_pass(plan: Plan, units: tuple, bar) -> _Stream:
-    """Run the models over every batch, accumulating this pass's units."""
+def stream_batches(views: list, batches: list, pairs: list, device, bar=None) -> _Stream:
+    """The streamed moments of `pairs` [((model, layer), (model, layer)), ...] over `batches`,
+    from empty: the models run over each batch and every counted position is folded in."""
     import torch
 
     from discover.activations import capture
 
-    groups = sorted({g for u in units for g in (u.a, u.b)})
-    dev = torch.device(plan.config.device)
-    st = _Stream({g: plan.views[g[0]].d_mlp for g in groups}, [(u.a, u.b) for u in units], dev)
+    groups = sorted({g for pr in pairs for g in pr})
+    dev = torch.device(device)
+    st = _Stream({g: views[g[0]].d_mlp for g in groups}, [tuple(pr) for pr in pairs], dev)
     by_model: dict = {}
     for m, l in groups:
         by_model.setdefault(m, []).append(l)
-    for ids, counted in plan.batches:
+    for ids, counted in batches:
         ids_t = torch.from_numpy(ids).to(dev)
         mask = torch.from_numpy(counted).to(dev)
         xs = {}
         with torch.no_grad():
             for m, layers in by_model.items():
-                view = plan.views[m]
+                view = views[m]
                 with capture(view) as got:
                     view.model.base_model(input_ids=ids_t, use_cache=False)
                     for l in layers:
                         xs[(m, l)] = got["acts"][l][mask].to(torch.float64)  # (n_c, d_mlp)
                 del got
             st.update(xs)
-        bar.update(int(counted.sum()))
+        if bar is not None:
+            bar.update(int(counted.sum()))
     return st
 
 
-def _compute(plan: Plan, progress: bool) -> dict:
-    """Every pass, then every block's maxima: {(i, j): _Maxima} for i != j."""
+def shards(plan: Plan) -> list:
+    """The batches in shards of `shard_batches` (one shard of all when not sharded)."""
+    sb = plan.config.shard_batches or max(1, len(plan.batches))
+    return [plan.batches[i:i + sb] for i in range(0, len(plan.batches), sb)]
+
+
+def _run_pass(plan: Plan, units: tuple, bar) -> _Stream:
+    """Run the models over every batch, accumulating this pass's units: one stream, or (sharded)
+    each shard's stream from empty merged into the running one in shard order."""
+    pairs = [(u.a, u.b) for u in units]
+    parts = shards(plan)
+    st = stream_batches(plan.views, parts[0], pairs, plan.config.device, bar)
+    for part in parts[1:]:
+        st.merge(stream_batches(plan.views, part, pairs, plan.config.device, bar))
+    return st
+
+
+def _compute(plan: Plan, progress: bool, run_pass=None) -> dict:
+    """Every pass, then every block's maxima: {(i, j): _Maxima} for i != j. `run_pass(plan, units,
+    bar)` accumulates one pass (default: this process; `discover.cluster.ClusterPasses`: the
+    workers of a Ray cluster, shard by shard)."""
     import torch
     from tqdm import tqdm
 
@@ -516,7 +578,7 @@ def _compute(plan: Plan, progress: bool) -> dict:
         bar = tqdm(total=plan.tokens, unit="tok", unit_scale=True, desc=f"universality pass {p + 1}/{P}",
                    disable=not progress, dynamic_ncols=True, leave=False)
         try:
-            st = _run_pass(plan, units, bar)
+            st = (run_pass or _run_pass)(plan, units, bar)
         finally:
             bar.close()
         with torch.no_grad():
@@ -543,16 +605,16 @@ def universality(specs: list, store, *, corpus: str | None = None, text_field: s
                  split: str = "all", seed: int = 0, threshold: float = 0.5, memory_gb: float = 2.0,
                  batch_size: int | None = None, context: int | None = None, device: str = "cpu",
                  allow_pickle: bool = False, progress: bool = True, plan: Plan | None = None,
-                 top: int = 10) -> UniversalitySummary:
+                 top: int = 10, run_pass=None, shard_batches: int | None = None) -> UniversalitySummary:
     """Correlate the MLP neurons of two or more models over the same tokens and commit the run
     (maxima, partners, rotated baselines, universal flags) to `store` in one transaction.
     `plan` (from `prepare`) replaces the model, corpus and settings arguments."""
     if plan is None:
         cfg = UniversalityConfig(tokens=tokens, split=split, seed=seed, threshold=threshold, memory_gb=memory_gb,
-                                 batch_size=batch_size, context=context, device=device)
+                                 batch_size=batch_size, context=context, device=device, shard_batches=shard_batches)
         plan = prepare(specs, cfg, corpus=corpus, text_field=text_field, allow_pickle=allow_pickle)
     t0 = time.perf_counter()
-    best = _compute(plan, progress)
+    best = _compute(plan, progress, run_pass)
     seconds = time.perf_counter() - t0
     uid = uuid.uuid4().hex[:12]
     tables = _tables(plan, best)
@@ -606,7 +668,7 @@ def _settings(plan: Plan) -> dict:
             "bos": plan.bos, "bos_excluded": plan.bos is not None, "padding_excluded": True,
             "tokenizer_of": plan.identities[0][1], "rotation": "haar per layer",
             "activation": "MLP activation after the nonlinearity (input of the output projection)",
-            "device": str(cfg.device)}
+            "device": str(cfg.device), "shard_batches": cfg.shard_batches}
 
 
 def _models(plan: Plan) -> list:

@@ -267,3 +267,30 @@ def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path):
     tested = [r for r in outs["single"] if r[6].get("ablation_positions", 0) > 0]
     assert len({r[0] for r in tested}) >= 2, outs["single"]  # ablations on more than one layer
     assert outs["cluster"] == outs["single"]
+
+
+def test_universality_on_two_workers_equals_one_process(cluster, env, tmp_path):
+    """`discover universality --ray ADDRESS`: (shard, pass) work items on the workers, shard
+    moments merged in order here; every correlation, partner and baseline equals one process
+    streaming the same shards (`--shard-batches 2`), over two passes (a small --memory-gb)."""
+    import torch
+
+    from discover.cli import main
+
+    d, model_a, corpus, _ = env
+    torch.manual_seed(7)
+    model_b = save(make_model("gpt2"), d / "gpt2_seed7")
+    outs = {}
+    for name, extra in (("single", []), ("cluster", ["--ray", cluster])):
+        store = tmp_path / name
+        argv = ["universality", str(model_a), str(model_b), "--corpus", str(corpus), "--tokens", "1500", "--context",
+                str(CONTEXT), "--batch-size", str(BATCH), "--shard-batches", "2", "--memory-gb", "0.0015",
+                "--store", str(store), "--json", *extra]
+        assert main(argv) == 0
+        with Store(store, read_only=True) as st:
+            passes = st.con.execute("SELECT json_extract(settings, '$.passes')::INT FROM universality_runs").fetchone()[0]
+            rows = st.con.execute("SELECT * EXCLUDE (universality_id) FROM neuron_correlations ORDER BY ALL").fetchall()
+            uni = st.con.execute("SELECT * EXCLUDE (universality_id) FROM universal_neurons ORDER BY ALL").fetchall()
+        outs[name] = (passes, rows, uni)
+    assert outs["single"][0] >= 2 and outs["single"][1]
+    assert outs["cluster"] == outs["single"]

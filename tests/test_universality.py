@@ -498,3 +498,23 @@ def test_report_shows_universality(env, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         dom = json.loads(res.stdout)
         assert dom["ok"] and dom["universality"] >= 2 and "universality:" in dom["cardsText"]
+
+
+def test_shards_merged_in_order_equal_one_stream(env, indep_run, tmp_path):
+    """Positions streamed in shards of one batch (each from empty, merged in shard order: what a
+    cluster's workers compute) give the numbers of one stream to float64 rounding, and the
+    schedule counts two accumulators per unit."""
+    s1, r1, u1 = indep_run
+    s2, r2, u2 = _run(env, [env.a, env.c], tmp_path / "sharded", shard_batches=1)
+    plan = U.prepare([str(env.a), str(env.c)], U.UniversalityConfig(tokens=TOKENS, context=CONTEXT, batch_size=BATCH,
+                                                                    shard_batches=1), corpus=str(env.corpus))
+    assert len(U.shards(plan)) == len(plan.batches) >= 2 and plan.schedule.copies == 2
+    for k in ("checkpoint_id", "other_checkpoint_id", "layer", "neuron", "partner_layer", "partner_neuron"):
+        assert (np.asarray(r1[k]) == np.asarray(r2[k])).all(), k
+    for k in ("max_corr", "baseline_corr", "excess"):
+        a, b = np.asarray(r1[k], np.float64), np.asarray(r2[k], np.float64)
+        assert np.allclose(a, b, rtol=0, atol=1e-12, equal_nan=True), k
+    assert [m["universal"] for m in s1.models] == [m["universal"] for m in s2.models]
+    shapes = [(LAYERS, D_MLP)] * 2
+    one, two = U.schedule(shapes, int(U.GiB), CONTEXT, BATCH), U.schedule(shapes, int(U.GiB), CONTEXT, BATCH, copies=2)
+    assert two.spare_bytes(0) == one.spare_bytes(0) - sum(u.nbytes for u in one.passes[0])

@@ -200,7 +200,11 @@ def add_universality(sub) -> None:
                    help="tokens per sequence including the BOS (default: the models', at most 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="universal neurons listed (10)")
+    p.add_argument("--shard-batches", type=int, default=None, metavar="N",
+                   help="stream the positions in shards of N batches merged in order, as a cluster computes them "
+                        "(twice the accumulators' memory; default: one stream, or 16 with --ray)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    add_ray(p)
     add_store(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_universality)
@@ -212,15 +216,26 @@ def cmd_universality(args) -> int:
 
     from discover.universality import UniversalityConfig, prepare, universality
 
+    shard_batches = args.shard_batches or (16 if args.ray else None)  # a cluster computes shards
     cfg = settings("universality", lambda: UniversalityConfig(
         tokens=args.tokens, split=args.split, seed=args.seed, threshold=args.threshold, memory_gb=args.memory_gb,
-        batch_size=args.batch_size, context=args.context, device=args.device))
+        batch_size=args.batch_size, context=args.context, device=args.device, shard_batches=shard_batches))
     if args.top < 0:
         raise DiscoverError("--top must be >= 0")
+    cluster = ray_cluster(args)  # a malformed --ray fails here, before the models load
     # models, vocabularies, budget and corpus are checked before the store is created or touched
     plan = prepare(args.models, cfg, corpus=args.corpus, text_field=args.text_field, allow_pickle=args.allow_pickle)
-    with open_store(args, read_only=False) as store:
-        res = universality(None, store, plan=plan, progress=not args.json, top=args.top)
+    with cluster as cl, open_store(args, read_only=False) as store:
+        passes = None
+        if cl is not None:
+            from discover.cluster import ClusterPasses
+
+            passes = ClusterPasses(cl, allow_pickle=args.allow_pickle)
+        try:
+            res = universality(None, store, plan=plan, progress=not args.json, top=args.top, run_pass=passes)
+        finally:
+            if passes is not None:
+                passes.close()
     if args.json:
         print_json(asdict(res))
         return 0
