@@ -506,3 +506,72 @@ def _shards(plan) -> list:
     from discover.universality import shards
 
     return shards(plan)
+
+
+class ForwardWorker:
+    """A Ray actor: one model replica; runs verify's held-out forward passes (features.forward_batch)."""
+
+    def __init__(self, spec: str, identity: tuple, allow_pickle: bool, threads: int):
+        import torch
+
+        from discover.adapter import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
+
+    def forward(self, batch: list, start: int):
+        from discover.features import forward_batch
+
+        return forward_batch(self.view, batch, start)
+
+
+class ClusterForward:
+    """Verify's held-out collection on the workers of a cluster (the `forward` of
+    `features.collect`): each batch's forward pass on a worker (token ids sent, at most two
+    batches per worker in flight), the activations written here in batch order. Forward passes
+    are deterministic, so the activations, and every score and verdict after them, equal one
+    process's."""
+
+    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
+        self.cluster, self.allow_pickle = cluster, allow_pickle
+
+    def __call__(self, view, batches: list, start: int):
+        ray = _ray()
+        if not batches:
+            return
+        if view.model_dir is None:
+            raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the cluster's "
+                               "workers load it from one: run without --ray")
+        spec = self.cluster.spec
+        n = min(self.cluster.workers, len(batches))
+        cls = ray.remote(ForwardWorker).options(num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus,
+                                                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+        workers = [cls.remote(view.spec, (view.spec, view.checkpoint_id, view.model_dir), self.allow_pickle,
+                              max(1, int(spec.cpus))) for _ in range(n)]
+        refs: list = []
+        try:
+            for i in range(len(batches)):
+                while len(refs) < min(len(batches), i + 2 * n) and len(refs) < len(batches):
+                    j = len(refs)
+                    refs.append(workers[j % n].forward.remote(batches[j], start))
+                try:
+                    got = ray.get(refs[i])
+                except ray.exceptions.RayError as e:
+                    from discover.errors import first_line
+
+                    raise ClusterError(f"a Ray worker failed on verify's held-out activations after {MAX_RESTARTS} "
+                                       f"restarts: {first_line(e, 200)}") from None
+                refs[i] = None
+                yield got
+        finally:
+            for w in workers:
+                ray.kill(w)
+
+
+class ClusterVerify:
+    """What verify spreads over a cluster: its held-out forward passes (`forward`) and the mean
+    ablations of its prediction hypotheses (`effects`)."""
+
+    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
+        self.forward = ClusterForward(cluster, allow_pickle)
+        self.effects = ClusterEffects(cluster, allow_pickle)

@@ -160,15 +160,16 @@ def _part(doc_id: str) -> int:
 
 
 def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = None, split: str = "heldout",
-            batch_size: int | None = None, max_doc_tokens: int = 2048, progress: bool = False) -> FeatureData:
+            batch_size: int | None = None, max_doc_tokens: int = 2048, progress: bool = False,
+            forward=None) -> FeatureData:
     """Activations and rule labels of up to `tokens` document tokens of `split`, at most
     `max_doc_tokens` from each document (the first ones), so that many documents count.
     `batch_size` None: as many sequences (at most 16) as keep one batch's activations within
-    BATCH_BYTES (they are held twice: as captured, and as the buffer written to disk)."""
-    import torch
+    BATCH_BYTES (they are held twice: as captured, and as the buffer written to disk).
+    `forward(view, batches, start)`: yields each batch's `forward_batch` result in order (default
+    `forward_batches`, this process; `discover.cluster.ClusterForward`: a Ray cluster's workers)."""
     from tqdm import tqdm
 
-    from discover.activations import capture
     from discover.rules import label_tokens, rule_spans
     from discover.tokens import bos_id, model_context
 
@@ -190,7 +191,6 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     nxt = np.full(tokens, -1, np.int64)
     pred = np.zeros(tokens, np.int64)
     seqs: list = []
-    head = view.model.get_output_embeddings()
     moe = view.layout.moe
     if moe:
         from discover.activations import neuron_groups
@@ -201,42 +201,8 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     skipped = [r.name for r in rules if probe[r.name] is None]
     n = docs = 0
     pending: list = []  # (ids with BOS, row offset, n tokens)
-    bar = tqdm(total=tokens, unit="tok", desc="features", disable=not progress, leave=False)
-
-    def flush():
-        if not pending:
-            return
-        T = max(len(p[0]) for p in pending)
-        ids = torch.full((len(pending), T), pending[0][0][0], dtype=torch.long)
-        for b, (seq, _, _) in enumerate(pending):
-            ids[b, :len(seq)] = torch.tensor(seq)
-        with torch.inference_mode(), capture(view) as got:
-            h = view.model.base_model(input_ids=ids).last_hidden_state
-            top = torch.stack([head(h[b]).argmax(-1) for b in range(h.shape[0])])  # (B, T), one row of logits at a time
-        start = 1 if bos is not None else 0
-        N = view.d_mlp
-        runs: list = []  # batch entries of consecutive rows: one buffer and one write per neuron each
-        for b, (seq, row, m) in enumerate(pending):
-            if runs and runs[-1][-1][1] + runs[-1][-1][2] == row:
-                runs[-1].append((b, row, m))
-            else:
-                runs.append([(b, row, m)])
-        for run in runs:
-            buf = np.empty((G, sum(m for _, _, m in run)), np.float32)  # filled layer by layer: no (T, G) copies
-            off = 0
-            for b, row, m in run:
-                for l in range(view.n_layers):
-                    buf[l * N:(l + 1) * N, off:off + m] = got["acts"][l][b, start:start + m].float().numpy().T
-                pred[row:row + m] = top[b, start:start + m].numpy()
-                if moe:
-                    for l in range(view.n_layers):
-                        routed[l, :, row:row + m] = (got["scale"][l][b, start:start + m][:, first] != 0).numpy().T
-                off += m
-            acts.write_columns(run[0][1], buf)
-            del buf
-        seqs.extend(pending)
-        pending.clear()
-
+    batches: list = []  # the forward passes to run, planned first (token ids only)
+    reading = tqdm(total=tokens, unit="tok", desc="features: text and rule labels", disable=not progress, leave=False)
     for doc in corpus.iter_documents(split):
         if n >= tokens:
             break
@@ -254,11 +220,26 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
             m = min(body, take - c)
             pending.append((([bos] if bos is not None else []) + ids[c:c + m], n + c, m))
             if len(pending) == batch_size:
-                flush()
+                batches.append(pending)
+                pending = []
         n += take
         docs += 1
-        bar.update(take)
-    flush()
+        reading.update(take)
+    reading.close()
+    if pending:
+        batches.append(pending)
+    start = 1 if bos is not None else 0
+    bar = tqdm(total=n, unit="tok", desc="features: activations", disable=not progress, leave=False)
+    for batch, (runs, top, scale) in zip(batches, (forward or forward_batches)(view, batches, start)):
+        for row, buf in runs:  # one buffer and one write per run of consecutive rows
+            acts.write_columns(row, buf)
+        for b, (_, row, m) in enumerate(batch):
+            pred[row:row + m] = top[b]
+            if moe:
+                routed[:, :, row:row + m] = scale[b]
+        seqs.extend(batch)
+        bar.update(sum(m for _, _, m in batch))
+        del runs
     bar.close()
     if n == 0:
         raise CorpusError(f"the {split} split of the corpus has no tokens; point --corpus at text")
@@ -266,6 +247,56 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
                        n_layers=view.n_layers, d_mlp=view.d_mlp, documents=docs, next_token=nxt[:n],
                        top_pred=pred[:n], seqs=seqs, tmpdir=tmp,
                        routed=routed[:, :, :n] if moe else None, group=group if moe else None)
+
+
+def forward_batch(view, batch: list, start: int) -> tuple:
+    """One forward pass over a batch [(ids with BOS, first row, n rows), ...]: (runs, top, scale):
+    runs [(first row, (G, rows) float32)] of the batch's consecutive rows, neuron-major; top per
+    entry its top predictions (n,); scale (mixtures of experts) per entry (L, groups, n) bool,
+    the tokens routed to each expert, else None."""
+    import torch
+
+    from discover.activations import capture
+
+    head = view.model.get_output_embeddings()
+    T = max(len(p[0]) for p in batch)
+    ids = torch.full((len(batch), T), batch[0][0][0], dtype=torch.long)
+    for b, (seq, _, _) in enumerate(batch):
+        ids[b, :len(seq)] = torch.tensor(seq)
+    with torch.inference_mode(), capture(view) as got:
+        h = view.model.base_model(input_ids=ids).last_hidden_state
+        top = torch.stack([head(h[b]).argmax(-1) for b in range(h.shape[0])])  # (B, T), one row of logits at a time
+    G, N = view.n_layers * view.d_mlp, view.d_mlp
+    groups: list = []
+    for b, (_, row, m) in enumerate(batch):
+        if groups and groups[-1][-1][1] + groups[-1][-1][2] == row:
+            groups[-1].append((b, row, m))
+        else:
+            groups.append([(b, row, m)])
+    runs = []
+    for group in groups:
+        buf = np.empty((G, sum(m for _, _, m in group)), np.float32)  # filled layer by layer: no (T, G) copies
+        off = 0
+        for b, row, m in group:
+            for l in range(view.n_layers):
+                buf[l * N:(l + 1) * N, off:off + m] = got["acts"][l][b, start:start + m].float().numpy().T
+            off += m
+        runs.append((group[0][1], buf))
+    preds = [top[b, start:start + m].numpy() for b, (_, _, m) in enumerate(batch)]
+    scale = None
+    if view.layout.moe:
+        from discover.activations import neuron_groups
+
+        _, first = neuron_groups(view.layout, N)
+        scale = [np.stack([(got["scale"][l][b, start:start + m][:, first] != 0).numpy().T
+                           for l in range(view.n_layers)]) for b, (_, _, m) in enumerate(batch)]
+    return runs, preds, scale
+
+
+def forward_batches(view, batches: list, start: int):
+    """`forward_batch` of every batch, in order, in this process."""
+    for batch in batches:
+        yield forward_batch(view, batch, start)
 
 
 @dataclass

@@ -63,11 +63,11 @@ def _peak(res: RunSummary, stage: str) -> None:
 def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_field: str = "text",
                  act_config=None, verify_config=None, rules_dirs=None, out: str | Path | None = "report.html",
                  fmt: str = "html", cards: int = 200, allow_pickle: bool = False, progress: bool = True,
-                 prepared=None, stream=None, effects=None) -> RunSummary:
+                 prepared=None, stream=None, spread=None) -> RunSummary:
     """Run every stage on `spec` (None: the embedded default) and `corpus` (None: the built-in).
-    `stream`: what folds the corpus pass's batches, `effects`: what runs verify's mean ablations
-    (`discover.cluster.ClusterStream` / `ClusterEffects`: a Ray cluster's workers; None: this
-    process)."""
+    `stream`: what folds the corpus pass's batches, `spread`: what runs verify's forward passes
+    and ablations (`discover.cluster.ClusterStream` / `ClusterVerify`: a Ray cluster's workers;
+    None: this process)."""
     from discover.activations import ActivationConfig, run_activations
     from discover.query import parse_neuron
     from discover.scan import scan_model
@@ -108,7 +108,7 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
     reused = _find_verify(store, identity[1], key)
     if reused is None:
         v = verify_model(view.spec, store, verify_config, progress=progress, prepared=verify_prep, key=key,
-                         effects=effects)
+                         spread=spread)
         vid = v.verify_id
         res.stages["verify"] = {"status": "ran", "seconds": time.perf_counter() - t, "counts": v.counts,
                                 "verify_id": vid}

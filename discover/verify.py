@@ -460,9 +460,10 @@ class VerifySummary:
 
 def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *, corpus: str | None = None,
                  text_field: str = "text", rules_dirs=None, allow_pickle: bool = False, progress: bool = True,
-                 prepared=None, key: str | None = None, effects=None) -> VerifySummary:
-    """Test the top hypotheses of a model and commit verdicts and evidence to `store`. `effects`:
-    what runs the mean ablations (see `prediction_hypotheses`; None: this process)."""
+                 prepared=None, key: str | None = None, spread=None) -> VerifySummary:
+    """Test the top hypotheses of a model and commit verdicts and evidence to `store`. `spread`:
+    what runs the held-out forward passes and the mean ablations elsewhere (`.forward`, `.effects`:
+    `discover.cluster.ClusterVerify`, a Ray cluster's workers; None: this process)."""
     from discover.features import collect, score_sets, shuffle_summary, shuffled_labels
     from discover.scan import scan_model
 
@@ -473,13 +474,15 @@ def verify_model(spec: str | None, store, config: VerifyConfig | None = None, *,
                                                                  split=cfg.split)
     if store.checkpoint(identity[1]) is None:  # an existing scan keeps its settings and role thresholds
         scan_model(view.spec, store, progress=progress, identity=identity, view=view)
-    data = collect(view, corp, rules, tokens=cfg.tokens, context=cfg.context, split=cfg.split, progress=progress)
+    data = collect(view, corp, rules, tokens=cfg.tokens, context=cfg.context, split=cfg.split, progress=progress,
+                   forward=spread.forward if spread is not None else None)
     # the rules' labels and their shuffle (the false-positive check) in one pass over the activations
     scores, shuf = score_sets(data, [data.labels, shuffled_labels(data, cfg.seed)], min_positives=cfg.min_positives,
                               progress=progress)
     shuffled = shuffle_summary(shuf, cfg.alpha)
     hyps = feature_hypotheses(scores, view.d_mlp, cfg)
-    hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress, effects=effects)
+    hyps += prediction_hypotheses(view, store, identity[1], data, cfg, progress=progress,
+                                  effects=spread.effects if spread is not None else None)
     seconds = time.perf_counter() - t0
     vid = uuid.uuid4().hex[:12]
     _write(store, vid, identity[1], described, cfg, data, shuffled, hyps, seconds, key)

@@ -267,18 +267,19 @@ def _store_root(store_root) -> Path:
 
 
 def watch_once(watch_dir, store_root=None, config: WatchConfig | None = None, *, progress: bool = True,
-               stream=None) -> WatchSummary:
+               stream=None, spread=None) -> WatchSummary:
     """One pass over `watch_dir`: process every new or changed checkpoint, under the store's lock.
-    `stream`: what folds each checkpoint's corpus pass (`discover.cluster.ClusterStream`: the
-    workers of a Ray cluster; None: this process)."""
+    `stream`, `spread`: what runs each checkpoint's corpus pass and verify's forward passes and
+    ablations (`discover.cluster.ClusterStream` / `ClusterVerify`: the workers of a Ray cluster;
+    None: this process)."""
     root = check_dir(watch_dir)
     sroot = _store_root(store_root)
     with store_lock(sroot):
-        return _watch(root, sroot, config or WatchConfig(), progress, stream)
+        return _watch(root, sroot, config or WatchConfig(), progress, stream, spread)
 
 
 def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *, interval: float = 600.0,
-               progress: bool = True, on_pass=None, stream=None) -> None:
+               progress: bool = True, on_pass=None, stream=None, spread=None) -> None:
     """Poll forever: one pass, then sleep `interval` seconds. The lock is held throughout; the
     catalog is closed between passes so that queries can read it."""
     root = check_dir(watch_dir)
@@ -286,14 +287,14 @@ def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *,
     cfg = config or WatchConfig()
     with store_lock(sroot):
         while True:
-            s = _watch(root, sroot, cfg, progress, stream)
+            s = _watch(root, sroot, cfg, progress, stream, spread)
             if on_pass is not None and on_pass(s) is False:
                 return
             _say(f"next look at {root} in {interval:g} s", progress)
             time.sleep(interval)
 
 
-def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, stream=None) -> WatchSummary:
+def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, stream=None, spread=None) -> WatchSummary:
     from discover.store import Store
 
     t0 = time.perf_counter()
@@ -323,7 +324,7 @@ def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, stream=Non
         if not todo:
             _say(f"{root}: {len(found)} checkpoint(s), nothing new", progress)
         try:
-            _each(store, root, sroot, todo, known, cfg, s, progress, stream)
+            _each(store, root, sroot, todo, known, cfg, s, progress, stream, spread)
         except KeyboardInterrupt:
             con.execute("UPDATE watch_runs SET status = 'interrupted', processed = ?, failed = ? WHERE run_id = ?",
                         [s.processed, s.failed, s.run_id])
@@ -345,10 +346,10 @@ def _check_settings(cfg: WatchConfig) -> None:
     load_rules(None)
 
 
-def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, stream=None) -> None:
+def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, stream=None, spread=None) -> None:
     for i, f in enumerate(todo):
         _say(f"[{i + 1}/{len(todo)}] {f.path}" + (f" (step {f.step})" if f.step is not None else ""), progress)
-        r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress, stream)
+        r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress, stream, spread)
         s.results.append(r)
         if r["status"] == "failed":
             s.failed += 1
@@ -361,7 +362,7 @@ def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, strea
 
 
 def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: WatchConfig, run_id: str,
-             progress: bool, stream=None) -> dict:
+             progress: bool, stream=None, spread=None) -> dict:
     from discover.store import transaction
 
     t0 = time.perf_counter()
@@ -379,7 +380,7 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
                 con.execute("UPDATE watch_checkpoints SET signature = ? WHERE path = ?", [f.signature, str(f.path)])
                 _result_row(con, run_id, res, time.perf_counter() - t0)
             return res
-        _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream)
+        _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream, spread)
     except Exception as e:  # recorded with its reason; the run goes on with the other checkpoints
         import duckdb
 
@@ -428,7 +429,8 @@ def _track(store, new: dict, old_id: str, *, new_verify, new_pass, old_verify, o
                          prev_verify=old_verify, new_pass=new_pass, prev_pass=old_pass)
 
 
-def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream=None) -> None:
+def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream=None,
+                spread=None) -> None:
     from discover import track
     from discover.pipeline import prepare, run_pipeline, write_report
     from discover.store import transaction
@@ -438,7 +440,7 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0,
                        allow_pickle=cfg.allow_pickle, split=ver.split, identity=identity)
     _kill_point("scan")
     run = run_pipeline(None, store, act_config=act, verify_config=ver, out=None, progress=progress,
-                       prepared=prepared, stream=stream)
+                       prepared=prepared, stream=stream, spread=spread)
     res["stages"] = {k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
                      for k, v in run.stages.items()}
     _kill_point("pipeline")

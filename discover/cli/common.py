@@ -148,10 +148,10 @@ def cluster_stream(cluster):
     return ClusterStream(cluster)
 
 
-def cluster_effects(cluster, allow_pickle: bool = False):
-    """Verify's mean ablations on a joined cluster (None: this process)."""
+def cluster_verify(cluster, allow_pickle: bool = False):
+    """Verify's forward passes and mean ablations on a joined cluster (None: this process)."""
     if cluster is None:
         return None
-    from discover.cluster import ClusterEffects
+    from discover.cluster import ClusterVerify
 
-    return ClusterEffects(cluster, allow_pickle=allow_pickle)
+    return ClusterVerify(cluster, allow_pickle=allow_pickle)

@@ -11,6 +11,7 @@ from discover.cli.common import (
     add_ray,
     add_store,
     cluster_stream,
+    cluster_verify,
     fmt,
     open_store,
     print_json,
@@ -87,11 +88,12 @@ def cmd_watch(args) -> int:
 
     with ray_cluster(args) as cl:  # each checkpoint's corpus pass on the cluster's workers
         if args.once:
-            s = watch_once(args.dir, args.store, cfg, progress=not args.json, stream=cluster_stream(cl))
+            s = watch_once(args.dir, args.store, cfg, progress=not args.json, stream=cluster_stream(cl),
+                           spread=cluster_verify(cl, args.allow_pickle))
             show(s)
             return s.exit_code
         watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show,
-                   stream=cluster_stream(cl))
+                   stream=cluster_stream(cl), spread=cluster_verify(cl, args.allow_pickle))
     return 0
 
 

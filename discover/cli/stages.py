@@ -9,7 +9,7 @@ from discover.cli.common import (
     add_model_arg,
     add_ray,
     add_store,
-    cluster_effects,
+    cluster_verify,
     cluster_stream,
     default_model,
     open_store,
@@ -196,7 +196,7 @@ def _cmd_verify(args) -> int:
     key = verify_key(prepared[1][1], prepared[4]["fingerprint"], cfg, prepared[2])  # lets `discover run` reuse it
     with cluster as cl, open_store(args, read_only=False) as store:
         res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key,
-                           effects=cluster_effects(cl, args.allow_pickle))
+                           spread=cluster_verify(cl, args.allow_pickle))
     if args.json:
         print_json(asdict(res))
         return 0
@@ -307,7 +307,7 @@ def _cmd_run(args) -> int:
     with cluster as cl, open_store(args, read_only=False) as store:
         res = run_pipeline(None, store, act_config=act, verify_config=ver, out=out, fmt=args.format,
                            cards=args.cards, progress=not args.json, prepared=prepared, stream=cluster_stream(cl),
-                           effects=cluster_effects(cl, args.allow_pickle))
+                           spread=cluster_verify(cl, args.allow_pickle))
     if args.json:
         print_json(asdict(res))
         return 0
