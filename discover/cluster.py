@@ -1,4 +1,5 @@
-"""Scale out on Ray (Ray Core, the optional extra `discover[ray]`): a corpus pass across the
+"""Scale out on Ray (Ray Core, the optional extra `discover[ray]`): the corpus pass, verify's
+held-out forward passes and mean ablations, and universality's (shard, pass) items across the
 workers of a cluster, with results identical to one process.
 
 `--ray ADDRESS` names the cluster: `local[:N]` starts a local one of N CPUs (default: this
@@ -17,6 +18,12 @@ as one process does. Only the driver writes the catalog.
 Faults: a worker that dies is restarted and its shard recomputed (Ray's actor restarts and
 task retries); a driver that dies resumes, when rerun, from its last saved state: the shards
 after it are computed again and merge to the same result.
+
+Verify (`ClusterVerify`): its held-out batches' forward passes run on workers and come back in
+batch order; its prediction hypotheses' mean ablations go to workers one layer's hypotheses at a
+time. Universality (`ClusterPasses`): per pass of accumulators, each shard of batches (token ids)
+is streamed from empty on a worker holding every model, and the shards' moments are merged here
+in shard order. Every one of these is deterministic, so the results equal one process's.
 """
 
 from __future__ import annotations
@@ -141,6 +148,33 @@ class Cluster:
             self.started = False
 
 
+def start_actors(cluster: Cluster, cls, n: int, *args) -> list:
+    """n Ray actors of class `cls` (constructed with `args`), each with one worker's resources; a
+    dead one is restarted and its tasks retried up to MAX_RESTARTS times."""
+    ray = _ray()
+    s = cluster.spec
+    remote = ray.remote(cls).options(num_cpus=0 if s.gpus > 0 else s.cpus, num_gpus=s.gpus,
+                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+    return [remote.remote(*args) for _ in range(n)]
+
+
+def fetch(ref, what: str):
+    """`ray.get(ref)`; a task that failed beyond its retries is one ClusterError line."""
+    ray = _ray()
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        from discover.errors import first_line
+
+        raise ClusterError(f"a Ray worker failed on {what} after {MAX_RESTARTS} restarts: {first_line(e, 200)}") from None
+
+
+def stop_actors(actors: list) -> None:
+    ray = _ray()
+    for a in actors:
+        ray.kill(a)
+
+
 class PassWorker:
     """A Ray actor: one model replica, loaded once, that folds pieces of a corpus pass."""
 
@@ -242,16 +276,13 @@ class ClusterStream:
             state.meta["exhausted"] = state.meta["exhausted"] or ends
             state.save(state_path)
             return
-        cls = ray.remote(PassWorker).options(
-            num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus, max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS)
         cfg_d = asdict(cfg)
         if spec.gpus > 0 and cfg_d["device"] == "cpu":
             cfg_d["device"] = "cuda"
         n = min(self.cluster.workers, len(pieces))
-        workers = [cls.remote(plan.spec, list(plan.identity), cfg_d, plan.corpus_spec, plan.text_field,
-                              [list(p) for p in runner.pairs], runner.context, runner.batch_size, plan.allow_pickle,
-                              max(1, int(spec.cpus))) for _ in range(n)]
+        workers = start_actors(self.cluster, PassWorker, n, plan.spec, list(plan.identity), cfg_d, plan.corpus_spec,
+                               plan.text_field, [list(p) for p in runner.pairs], runner.context, runner.batch_size,
+                               plan.allow_pickle, max(1, int(spec.cpus)))
         self.workers = workers  # (tests: the worker processes to kill)
         st["workers"] = n
         t = time.perf_counter()
@@ -282,15 +313,9 @@ class ClusterStream:
                         finished[i] = ref
                 while merged in finished:
                     ref = finished.pop(merged)
-                    try:
-                        t = time.perf_counter()
-                        meta, arrays = ray.get(ref)
-                        st["fetch_s"] += time.perf_counter() - t
-                    except ray.exceptions.RayError as e:
-                        from discover.errors import first_line
-
-                        raise ClusterError(f"a Ray worker failed on shard piece {merged} after {MAX_RESTARTS} "
-                                           f"restarts: {first_line(e, 200)}") from None
+                    t = time.perf_counter()
+                    meta, arrays = fetch(ref, f"piece {merged} of the corpus pass")
+                    st["fetch_s"] += time.perf_counter() - t
                     del ref
                     src = _State(meta, arrays)
                     before = state.meta["tokens"]
@@ -310,8 +335,7 @@ class ClusterStream:
                     _after_piece(merged)
         finally:
             bar.close()
-            for w in workers:
-                ray.kill(w)
+            stop_actors(workers)
             st["wall_s"] += time.perf_counter() - t_wall
 
 
@@ -371,15 +395,13 @@ class ClusterEffects:
                 groups.append([i])
         spec = self.cluster.spec
         n = min(self.cluster.workers, len(groups))
-        cls = ray.remote(AblationWorker).options(num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus,
-                                                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         if view.model_dir is None:
             raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the cluster's "
                                "workers load it from one: run without --ray")
         identity = (view.spec, view.checkpoint_id, view.model_dir)
         next_ref, seqs_ref, means_ref = ray.put(data.next_token), ray.put(data.seqs), ray.put(means)
-        workers = [cls.remote(view.spec, identity, self.allow_pickle, max(1, int(spec.cpus)), next_ref, seqs_ref)
-                   for _ in range(n)]
+        workers = start_actors(self.cluster, AblationWorker, n, view.spec, identity, self.allow_pickle,
+                               max(1, int(spec.cpus)), next_ref, seqs_ref)
         plain = [(j[0], [list(x) for x in j[1]], j[2], j[3]) for j in jobs]
         out: list = [None] * len(jobs)
         bar = tqdm(total=len(jobs), desc=f"verify predictions on {n} Ray workers", unit="hypothesis",
@@ -390,20 +412,13 @@ class ClusterEffects:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 for ref in ready:
                     g = refs.pop(ref)
-                    try:
-                        got = ray.get(ref)
-                    except ray.exceptions.RayError as e:
-                        from discover.errors import first_line
-
-                        raise ClusterError(f"a Ray worker failed on verify's ablations after {MAX_RESTARTS} restarts: "
-                                           f"{first_line(e, 200)}") from None
+                    got = fetch(ref, "verify's ablations")
                     for i, r in zip(groups[g], got):
                         out[i] = r
                     bar.update(len(groups[g]))
         finally:
             bar.close()
-            for w in workers:
-                ray.kill(w)
+            stop_actors(workers)
         self.stats.update(jobs=len(jobs), groups=len(groups), workers=n, wall_s=time.perf_counter() - t0)
         return out
 
@@ -441,20 +456,15 @@ class ClusterPasses:
         self.stats = {"items": 0, "workers": 0, "merge_s": 0.0, "wall_s": 0.0}
 
     def _start(self, plan) -> None:
-        ray = _ray()
         spec = self.cluster.spec
         n = min(self.cluster.workers, max(1, len(_shards(plan))))
-        cls = ray.remote(UniversalityWorker).options(
-            num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus, max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS)
         device = "cuda" if spec.gpus > 0 and plan.config.device == "cpu" else plan.config.device
-        self.device = device
-        self.workers = [cls.remote(plan.specs, [list(i) for i in plan.identities], self.allow_pickle, device,
-                                   max(1, int(spec.cpus))) for _ in range(n)]
+        self.workers = start_actors(self.cluster, UniversalityWorker, n, plan.specs, [list(i) for i in plan.identities],
+                                    self.allow_pickle, device, max(1, int(spec.cpus)))
         self.stats["workers"] = n
 
     def __call__(self, plan, units, bar):
-        from discover.universality import _Stream
+        from discover.universality import stream_from_state
 
         ray = _ray()
         t0 = time.perf_counter()
@@ -475,13 +485,8 @@ class ClusterPasses:
                 for ref in ready:
                     done[refs.pop(ref)] = ref
                 while merged in done:
-                    try:
-                        part = _Stream.from_state(ray.get(done.pop(merged)), plan.config.device)
-                    except ray.exceptions.RayError as e:
-                        from discover.errors import first_line
-
-                        raise ClusterError(f"a Ray worker failed on a universality shard after {MAX_RESTARTS} "
-                                           f"restarts: {first_line(e, 200)}") from None
+                    part = stream_from_state(fetch(done.pop(merged), f"universality shard {merged}"),
+                                              plan.config.device)
                     t = time.perf_counter()
                     if st is None:
                         st = part
@@ -496,9 +501,7 @@ class ClusterPasses:
         return st
 
     def close(self) -> None:
-        ray = _ray()
-        for w in self.workers:
-            ray.kill(w)
+        stop_actors(self.workers)
         self.workers = []
 
 
@@ -536,7 +539,6 @@ class ClusterForward:
         self.cluster, self.allow_pickle = cluster, allow_pickle
 
     def __call__(self, view, batches: list, start: int):
-        ray = _ray()
         if not batches:
             return
         if view.model_dir is None:
@@ -544,28 +546,19 @@ class ClusterForward:
                                "workers load it from one: run without --ray")
         spec = self.cluster.spec
         n = min(self.cluster.workers, len(batches))
-        cls = ray.remote(ForwardWorker).options(num_cpus=0 if spec.gpus > 0 else spec.cpus, num_gpus=spec.gpus,
-                                                max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-        workers = [cls.remote(view.spec, (view.spec, view.checkpoint_id, view.model_dir), self.allow_pickle,
-                              max(1, int(spec.cpus))) for _ in range(n)]
+        workers = start_actors(self.cluster, ForwardWorker, n, view.spec, (view.spec, view.checkpoint_id, view.model_dir),
+                               self.allow_pickle, max(1, int(spec.cpus)))
         refs: list = []
         try:
             for i in range(len(batches)):
                 while len(refs) < min(len(batches), i + 2 * n) and len(refs) < len(batches):
                     j = len(refs)
                     refs.append(workers[j % n].forward.remote(batches[j], start))
-                try:
-                    got = ray.get(refs[i])
-                except ray.exceptions.RayError as e:
-                    from discover.errors import first_line
-
-                    raise ClusterError(f"a Ray worker failed on verify's held-out activations after {MAX_RESTARTS} "
-                                       f"restarts: {first_line(e, 200)}") from None
+                got = fetch(refs[i], "verify's held-out activations")
                 refs[i] = None
                 yield got
         finally:
-            for w in workers:
-                ray.kill(w)
+            stop_actors(workers)
 
 
 class ClusterVerify:

@@ -529,6 +529,11 @@ def stream_batches(views: list, batches: list, pairs: list, device, bar=None) ->
     return st
 
 
+def stream_from_state(state: dict, device="cpu"):
+    """A stream rebuilt from `_Stream.state()` (a worker's shard, sent between processes)."""
+    return _Stream.from_state(state, device)
+
+
 def shards(plan: Plan) -> list:
     """The batches in shards of `shard_batches` (one shard of all when not sharded)."""
     sb = plan.config.shard_batches or max(1, len(plan.batches))
