@@ -525,8 +525,9 @@ def prepare(spec: str | None, config: ActivationConfig | None = None, *, corpus:
         raise QueryError(f"--context {context} is longer than this model's {max_ctx} positions")
     corp = open_corpus(corpus, text_field=text_field)
     described = corp.describe()
+    where = corpus if corpus is None or not Path(corpus).exists() else str(Path(corpus).resolve())  # for workers
     return Plan(spec, identity, view, user_pairs, context, cfg.batch_size or auto_batch_size(view, context),
-                corp, described, corpus, text_field, allow_pickle)
+                corp, described, where, text_field, allow_pickle)
 
 
 def run_activations(spec: str | None, store, config: ActivationConfig | None = None, *, corpus: str | None = None,
@@ -553,8 +554,9 @@ def run_activations(spec: str | None, store, config: ActivationConfig | None = N
             seen.add(p[:3])
             uniq_pairs.append(p)
     pairs = uniq_pairs
+    device = stream.device(cfg.device) if hasattr(stream, "device") else str(cfg.device)  # where the pass runs
     settings = {"context": context, "batch_size": batch_size, "shard_batches": cfg.shard_batches,
-                "device": str(cfg.device), "top_k": cfg.top_k, "before": cfg.before,
+                "device": device, "top_k": cfg.top_k, "before": cfg.before,
                 "after": cfg.after, "bins": {"exp_lo": K.EXP_LO, "exp_hi": K.EXP_HI, "per_octave": K.SUB},
                 "bos": bos_id(view.tokenizer), "pairs": [list(p) for p in pairs], "version": STATE_VERSION}
     if cfg.purpose != "corpus":  # (absent for the ordinary pass: its identity is unchanged)

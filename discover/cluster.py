@@ -38,6 +38,8 @@ from discover.errors import ClusterError
 
 HINT = "use --ray local[:N] for a cluster on this machine, or --ray auto on a node started with `ray start`"
 MAX_RESTARTS = 3  # times a dead worker is restarted (and its shard retried) before the pass fails
+START_TIMEOUT = 900.0  # seconds for the workers to load their models
+FREE_WAIT = 15.0  # seconds to wait for a cluster's resources to be free before using what is
 
 
 @dataclass(frozen=True)
@@ -131,15 +133,27 @@ class Cluster:
         return self
 
     def _fit(self) -> int:
+        """Workers that fit the cluster's free resources now (actors that do not fit would wait)."""
         ray = _ray()
-        res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        total, free = ray.cluster_resources(), ray.available_resources()
         s = self.spec
-        n = int(gpus // s.gpus) if s.gpus > 0 else int(cpus // s.cpus)
+
+        def count(res):
+            return int(float(res.get("GPU", 0)) // s.gpus) if s.gpus > 0 else int(float(res.get("CPU", 0)) // s.cpus)
+
+        need = f"{s.gpus:g} GPU" if s.gpus > 0 else f"{s.cpus:g} CPU"
+        if count(total) < 1:
+            raise ClusterError(f"the Ray cluster at {s.address} has {float(total.get('CPU', 0)):g} CPUs and "
+                               f"{float(total.get('GPU', 0)):g} GPUs: no worker fits (each needs {need}); lower "
+                               f"--ray-cpus / --ray-gpus or add nodes")
+        deadline = time.monotonic() + FREE_WAIT  # actors just killed hand their resources back shortly
+        while count(free) < count(total) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            free = ray.available_resources()
+        n = count(free)
         if n < 1:
-            need = f"{s.gpus:g} GPU" if s.gpus > 0 else f"{s.cpus:g} CPU"
-            raise ClusterError(f"the Ray cluster at {s.address} has {cpus:g} CPUs and {gpus:g} GPUs: no worker fits "
-                               f"(each needs {need}); lower --ray-cpus / --ray-gpus or add nodes")
+            raise ClusterError(f"the Ray cluster at {s.address} is busy: no worker fits in its free resources now "
+                               f"(each needs {need}); wait for its other jobs or lower --ray-cpus / --ray-gpus")
         return n
 
     def __exit__(self, *exc) -> None:
@@ -148,25 +162,34 @@ class Cluster:
             self.started = False
 
 
-def start_actors(cluster: Cluster, cls, n: int, *args) -> list:
-    """n Ray actors of class `cls` (constructed with `args`), each with one worker's resources; a
-    dead one is restarted and its tasks retried up to MAX_RESTARTS times."""
+def start_actors(cluster: Cluster, cls, n: int, *args, gpu: bool = False) -> list:
+    """n Ray actors of class `cls` (constructed with `args`), each with one worker's resources
+    (`--ray-gpus` GPUs where `gpu` and the cluster spec asks for them, else `--ray-cpus` cores);
+    a dead one is restarted and its tasks retried up to MAX_RESTARTS times."""
     ray = _ray()
     s = cluster.spec
-    remote = ray.remote(cls).options(num_cpus=0 if s.gpus > 0 else s.cpus, num_gpus=s.gpus,
+    gpus = s.gpus if gpu else 0
+    remote = ray.remote(cls).options(num_cpus=0 if gpus > 0 else s.cpus, num_gpus=gpus,
                                      max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
     return [remote.remote(*args) for _ in range(n)]
 
 
-def fetch(ref, what: str):
-    """`ray.get(ref)`; a task that failed beyond its retries is one ClusterError line."""
+
+
+def fetch(ref, what: str, timeout: float | None = None):
+    """`ray.get(ref)`; a failure is one ClusterError line with the worker's own reason (an error
+    raised in the worker's code is not retried; a dead worker is restarted up to MAX_RESTARTS)."""
     ray = _ray()
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"{what}: no answer within {timeout:g} s; is the cluster busy, or a worker stuck?") from None
     except ray.exceptions.RayError as e:
         from discover.errors import first_line
 
-        raise ClusterError(f"a Ray worker failed on {what} after {MAX_RESTARTS} restarts: {first_line(e, 200)}") from None
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
+        text = re.sub(r"\x1b\[[0-9;]*m", "", first_line(cause, 300))
+        raise ClusterError(f"a Ray worker failed on {what}: {text}") from None
 
 
 def stop_actors(actors: list) -> None:
@@ -175,24 +198,57 @@ def stop_actors(actors: list) -> None:
         ray.kill(a)
 
 
-class PassWorker:
+def use_threads(n: int) -> None:
+    """A worker's share of cores for torch and for numba's kernels alike (numba's OpenMP layer
+    otherwise resets the count to every core of the node when its kernels run)."""
+    import numba
+    import torch
+
+    n = max(1, int(n))
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+class _Worker:
+    """Base of the actors: an error while setting up (a model that does not load, another corpus)
+    is kept and raised by the first task, so that the driver reports its own message (an error
+    raised in an actor's constructor only says that the actor died)."""
+
+    error: BaseException | None = None
+
+    def __init__(self, *args):
+        try:
+            self.setup(*args)
+        except Exception as e:  # noqa: BLE001 (reported by the first task)
+            self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def pid(self) -> int:
+        self.check()
+        return os.getpid()
+
+
+class PassWorker(_Worker):
     """A Ray actor: one model replica, loaded once, that folds pieces of a corpus pass."""
 
-    def __init__(self, spec: str, identity: tuple, cfg: dict, corpus_spec, text_field: str, pairs: list,
-                 context: int, batch_size: int, allow_pickle: bool, threads: int):
-        import torch
+    def setup(self, spec: str, identity: tuple, cfg: dict, corpus_spec, text_field: str, pairs: list,
+              context: int, batch_size: int, allow_pickle: bool, threads: int, fingerprint: str):
 
         from discover.activations import ActivationConfig, PassRunner, prepare
 
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         cfg = ActivationConfig(**{**cfg, "pairs": tuple(cfg["pairs"])})
         plan = prepare(spec, cfg, corpus=corpus_spec, text_field=text_field, allow_pickle=allow_pickle,
                        identity=tuple(identity))
+        if plan.described["fingerprint"] != fingerprint:  # another copy of the corpus on this node
+            raise ClusterError(f"the corpus {corpus_spec or 'default'} on worker node {os.uname().nodename} differs "
+                               f"from the driver's (fingerprint {plan.described['fingerprint'][:12]} against "
+                               f"{fingerprint[:12]}); put the same files on shared storage")
         self.runner = PassRunner(plan.view, cfg, [tuple(p) for p in pairs], context, batch_size)
         self.corpus = plan.corpus
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def piece(self, start: tuple, n_batches: int, open_moments: dict | None):
         """The state of `n_batches` batches from `start`, from an empty state (its open moments
@@ -200,6 +256,7 @@ class PassWorker:
         from discover.activations import fold_piece
         from discover.shards import OPEN
 
+        self.check()
         state = self.runner.new_state()
         if open_moments is not None:
             for k in OPEN:
@@ -260,6 +317,11 @@ class ClusterStream:
         self.stats = {"pieces": 0, "workers": 0, "plan_s": 0.0, "start_s": 0.0, "fetch_s": 0.0, "merge_s": 0.0,
                       "save_s": 0.0, "wall_s": 0.0}
 
+    def device(self, configured: str) -> str:
+        """The device the workers run the pass on: CUDA for GPU workers, else the configured one
+        (recorded in the pass's settings: a pass is not extended on other hardware)."""
+        return "cuda" if self.cluster.spec.gpus > 0 and str(configured) == "cpu" else str(configured)
+
     def __call__(self, runner, state, plan, state_path, progress: bool) -> None:
         from tqdm import tqdm
 
@@ -276,18 +338,21 @@ class ClusterStream:
             state.meta["exhausted"] = state.meta["exhausted"] or ends
             state.save(state_path)
             return
-        cfg_d = asdict(cfg)
-        if spec.gpus > 0 and cfg_d["device"] == "cpu":
-            cfg_d["device"] = "cuda"
+        cfg_d = {**asdict(cfg), "device": self.device(cfg.device)}
         n = min(self.cluster.workers, len(pieces))
         workers = start_actors(self.cluster, PassWorker, n, plan.spec, list(plan.identity), cfg_d, plan.corpus_spec,
                                plan.text_field, [list(p) for p in runner.pairs], runner.context, runner.batch_size,
-                               plan.allow_pickle, max(1, int(spec.cpus)))
+                               plan.allow_pickle, max(1, int(spec.cpus)), plan.described["fingerprint"], gpu=True)
         self.workers = workers  # (tests: the worker processes to kill)
         st["workers"] = n
-        t = time.perf_counter()
-        ray.get([w.pid.remote() for w in workers])  # every replica loaded
-        st["start_s"] += time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            for w in workers:  # every replica loaded
+                fetch(w.pid.remote(), "starting the corpus pass's workers", START_TIMEOUT)
+            st["start_s"] += time.perf_counter() - t
+        except BaseException:
+            stop_actors(workers)
+            raise
         target = cfg.tokens
         bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
                    desc=f"activations on {n} Ray workers", disable=not progress, dynamic_ncols=True, leave=False)
@@ -296,26 +361,32 @@ class ClusterStream:
         todo = list(enumerate(pieces))[::-1]
         inflight: dict = {}  # ref -> (piece index, worker)
         finished: dict = {}  # piece index -> ref
-        free = list(range(n))
+        busy = [0] * n  # pieces queued on each worker (two each: one computing, one waiting)
         merged, last_save = 0, time.monotonic()
         try:
             while merged < len(pieces):
-                while todo and free and len(inflight) + len(finished) < 2 * n:
+                while todo and min(busy) < 2 and len(inflight) + len(finished) < 2 * n:
                     i, (start, nb) = todo.pop()
-                    w = free.pop()
+                    w = busy.index(min(busy))
+                    busy[w] += 1
                     ref = workers[w].piece.remote(start, nb, first_open if i == 0 else None)
                     inflight[ref] = (i, w)
                 if inflight:
                     ready, _ = ray.wait(list(inflight), num_returns=1)
                     for ref in ready:
                         i, w = inflight.pop(ref)
-                        free.append(w)
+                        busy[w] -= 1
                         finished[i] = ref
                 while merged in finished:
                     ref = finished.pop(merged)
                     t = time.perf_counter()
                     meta, arrays = fetch(ref, f"piece {merged} of the corpus pass")
                     st["fetch_s"] += time.perf_counter() - t
+                    planned = pieces[merged][1]
+                    if meta["batches"] != planned and not (ends and merged == len(pieces) - 1):
+                        raise ClusterError(f"piece {merged} of the corpus pass came back with {meta['batches']} "
+                                           f"batches instead of {planned}: a worker reads other text than the "
+                                           "driver; put the corpus on shared storage")
                     del ref
                     src = _State(meta, arrays)
                     before = state.meta["tokens"]
@@ -353,20 +424,20 @@ class _AblationData:
         self.next_token, self.seqs = next_token, seqs
 
 
-class AblationWorker:
+class AblationWorker(_Worker):
     """A Ray actor: one model replica and the held-out sequences; runs verify's mean ablations."""
 
-    def __init__(self, spec: str, identity: tuple, allow_pickle: bool, threads: int, next_token, seqs):
-        import torch
+    def setup(self, spec: str, identity: tuple, allow_pickle: bool, threads: int, next_token, seqs):
 
         from discover.adapter import load_model
         from discover.verify import Ablator
 
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
         self.abl = Ablator(view, _AblationData(next_token, seqs))
 
     def effects(self, jobs: list, means) -> list:
+        self.check()
         return [self.abl.effects(job[0], [tuple(x) for x in job[1]], means, job[2], elsewhere=job[3]) for job in jobs]
 
 
@@ -423,15 +494,14 @@ class ClusterEffects:
         return out
 
 
-class UniversalityWorker:
+class UniversalityWorker(_Worker):
     """A Ray actor: a replica of every model of a universality run; streams shards of batches."""
 
-    def __init__(self, specs: list, identities: list, allow_pickle: bool, device: str, threads: int):
-        import torch
+    def setup(self, specs: list, identities: list, allow_pickle: bool, device: str, threads: int):
 
         from discover.adapter import load_model
 
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         self.device = device
         self.views = [load_model(s, allow_pickle=allow_pickle, device=device, identity=tuple(i))
                       for s, i in zip(specs, identities)]
@@ -439,6 +509,7 @@ class UniversalityWorker:
     def shard(self, batches: list, pairs: list) -> dict:
         from discover.universality import stream_batches
 
+        self.check()
         pairs = [(tuple(a), tuple(b)) for a, b in pairs]
         return stream_batches(self.views, batches, pairs, self.device).state()
 
@@ -458,7 +529,7 @@ class ClusterPasses:
     def _start(self, plan) -> None:
         spec = self.cluster.spec
         n = min(self.cluster.workers, max(1, len(_shards(plan))))
-        device = "cuda" if spec.gpus > 0 and plan.config.device == "cpu" else plan.config.device
+        device = plan.config.device  # CPU workers (GPU workers serve the corpus pass only)
         self.workers = start_actors(self.cluster, UniversalityWorker, n, plan.specs, [list(i) for i in plan.identities],
                                     self.allow_pickle, device, max(1, int(spec.cpus)))
         self.stats["workers"] = n
@@ -511,20 +582,20 @@ def _shards(plan) -> list:
     return shards(plan)
 
 
-class ForwardWorker:
+class ForwardWorker(_Worker):
     """A Ray actor: one model replica; runs verify's held-out forward passes (features.forward_batch)."""
 
-    def __init__(self, spec: str, identity: tuple, allow_pickle: bool, threads: int):
-        import torch
+    def setup(self, spec: str, identity: tuple, allow_pickle: bool, threads: int):
 
         from discover.adapter import load_model
 
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)
         self.view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
 
     def forward(self, batch: list, start: int):
         from discover.features import forward_batch
 
+        self.check()
         return forward_batch(self.view, batch, start)
 
 

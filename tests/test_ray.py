@@ -294,3 +294,26 @@ def test_universality_on_two_workers_equals_one_process(cluster, env, tmp_path):
         outs[name] = (passes, rows, uni)
     assert outs["single"][0] >= 2 and outs["single"][1]
     assert outs["cluster"] == outs["single"]
+
+
+def test_a_worker_that_reads_other_text_is_one_line_and_its_actors_stop(cluster, env, tmp_path):
+    """The workers check that their copy of the corpus is the driver's (its fingerprint): here the
+    driver's is altered, so every worker refuses; the driver reports the worker's own reason in
+    one line, stops its actors, and nothing is committed."""
+    from discover.errors import ClusterError
+
+    _, model, corpus, cfg = env
+    plan = A.prepare(str(model), cfg, corpus=str(corpus))
+    plan.described["fingerprint"] = "0" * 16
+    store = tmp_path / "store"
+    with C.Cluster(C.parse_address("local:2")) as cl, Store(store) as st:
+        stream = C.ClusterStream(cl)
+        with pytest.raises(ClusterError) as e:
+            A.run_activations(str(model), st, cfg, progress=False, plan=plan, stream=stream)
+        assert st.con.execute("SELECT count(*) FROM neuron_activations").fetchone() == (0,)
+    msg = str(e.value)
+    assert "differs from the driver's" in msg and "\n" not in msg and "\x1b" not in msg
+    assert len(stream.workers) == 2
+    for w in stream.workers:  # killed: a call on the actor fails instead of being served
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(w.pid.remote(), timeout=60)
