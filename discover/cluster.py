@@ -524,6 +524,7 @@ class ClusterPasses:
     def __init__(self, cluster: Cluster, allow_pickle: bool = False):
         self.cluster, self.allow_pickle = cluster, allow_pickle
         self.workers: list = []
+        self.parts: list = []  # each shard's token ids in the object store, put once for every pass
         self.stats = {"items": 0, "workers": 0, "merge_s": 0.0, "wall_s": 0.0}
 
     def _start(self, plan) -> None:
@@ -543,6 +544,8 @@ class ClusterPasses:
             self._start(plan)
         pairs = [[list(u.a), list(u.b)] for u in units]
         parts = _shards(plan)
+        if len(self.parts) != len(parts):
+            self.parts = [ray.put(p) for p in parts]
         n = len(self.workers)
         refs: dict = {}  # ref -> shard index
         done: dict = {}
@@ -550,7 +553,7 @@ class ClusterPasses:
         try:
             while merged < len(parts):
                 while nxt < len(parts) and len(refs) + len(done) < 2 * n:
-                    refs[self.workers[nxt % n].shard.remote(ray.put(parts[nxt]), pairs)] = nxt
+                    refs[self.workers[nxt % n].shard.remote(self.parts[nxt], pairs)] = nxt
                     nxt += 1
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 for ref in ready:
@@ -573,7 +576,7 @@ class ClusterPasses:
 
     def close(self) -> None:
         stop_actors(self.workers)
-        self.workers = []
+        self.workers, self.parts = [], []
 
 
 def _shards(plan) -> list:
