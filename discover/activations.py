@@ -130,6 +130,18 @@ def sequences(corpus, split: str, tokenizer, context: int, bos: int | None, star
             yield ordinal, doc.doc_id, c, ([bos] if bos is not None else []) + piece, nxt
 
 
+def batched(seqs, size: int):
+    """Consecutive lists of `size` items of `seqs` (the pass's batches); the last may be shorter."""
+    batch: list = []
+    for s in seqs:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 # ------------------------------------------------------------------------------- hooks
 @contextmanager
 def capture(view):
@@ -221,11 +233,17 @@ class PassState:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> PassState:
+    def of(cls, meta: dict, arrays: dict) -> PassState:
+        """A state from its parts (a saved file's, or a cluster worker's piece)."""
         self = cls.__new__(cls)
+        self.meta, self.a = meta, arrays
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> PassState:
         with np.load(path) as z:
-            self.meta = json.loads(bytes(z["__meta__"]).decode())
-            self.a = {k: z[k].copy() for k in z.files if k != "__meta__"}
+            self = cls.of(json.loads(bytes(z["__meta__"]).decode()),
+                          {k: z[k].copy() for k in z.files if k != "__meta__"})
         if self.meta.get("version") != STATE_VERSION:
             raise QueryError(f"{path} was written by another discover version; delete it to start the pass over")
         return self
@@ -608,16 +626,11 @@ def fold_piece(runner: PassRunner, state: PassState, corp, start: tuple, n_batch
     stay open, the driver closes the shard); fewer where the corpus ends (the last partial)."""
     bos = bos_id(runner.view.tokenizer)
     state.meta["next"] = list(start)
-    done, batch = 0, []
-    for seq in sequences(corp, runner.cfg.split, runner.view.tokenizer, runner.context, bos, tuple(start)):
-        batch.append(seq)
-        if len(batch) == runner.batch_size:
-            runner.fold(state, batch)
-            batch, done = [], done + 1
-            if done == n_batches:
-                return
-    if batch:
+    stream = sequences(corp, runner.cfg.split, runner.view.tokenizer, runner.context, bos, tuple(start))
+    for done, batch in enumerate(batched(stream, runner.batch_size), 1):
         runner.fold(state, batch)
+        if done == n_batches and len(batch) == runner.batch_size:
+            return
     state.meta["exhausted"] = True
 
 
@@ -630,16 +643,14 @@ def _stream(runner: PassRunner, state: PassState, corp, cfg, context, state_path
     bar = tqdm(total=target, initial=min(state.meta["tokens"], target), unit="tok", unit_scale=True,
                desc="activations", disable=not progress, dynamic_ncols=True, leave=False)
     last_save = time.monotonic()
-    batch: list = []
     try:
         stream = sequences(corp, cfg.split, runner.view.tokenizer, context, bos, tuple(state.meta["next"]))
-        for seq in stream:
-            batch.append(seq)
-            if len(batch) < runner.batch_size:
+        for batch in batched(stream, runner.batch_size):
+            if len(batch) < runner.batch_size:  # the corpus's last, partial batch: then it ends
+                fold_batch(runner, state, batch)
                 continue
             before = state.meta["tokens"]
             fold_batch(runner, state, batch)
-            batch = []
             bar.update(min(state.meta["tokens"], target) - min(before, target))
             done = state.meta["tokens"] >= target
             if done or time.monotonic() - last_save >= cfg.save_every:
@@ -649,8 +660,6 @@ def _stream(runner: PassRunner, state: PassState, corp, cfg, context, state_path
             if done:
                 break
         else:
-            if batch:
-                fold_batch(runner, state, batch)
             state.meta["exhausted"] = True
             state.save(state_path)
     finally:

@@ -198,6 +198,31 @@ def stop_actors(actors: list) -> None:
         ray.kill(a)
 
 
+def in_order(actors: list, tasks: list, per_actor: int = 2):
+    """Run `tasks` (each: actor -> ObjectRef) on `actors` and yield their refs in task order as
+    they finish: each task goes to the actor with the fewest queued, at most `per_actor` queued
+    on each, and no more than that many per actor finished and waiting (`ray.wait` backpressure)."""
+    ray = _ray()
+    busy = [0] * len(actors)
+    inflight: dict = {}  # ref -> (task index, actor)
+    finished: dict = {}  # task index -> ref
+    nxt = 0
+    for i in range(len(tasks)):
+        while i not in finished:
+            while (nxt < len(tasks) and min(busy) < per_actor
+                   and len(inflight) + len(finished) < per_actor * len(actors)):
+                a = busy.index(min(busy))
+                busy[a] += 1
+                inflight[tasks[nxt](actors[a])] = (nxt, a)
+                nxt += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                j, a = inflight.pop(ref)
+                busy[a] -= 1
+                finished[j] = ref
+        yield finished.pop(i)
+
+
 def use_threads(n: int) -> None:
     """A worker's share of cores for torch and for numba's kernels alike (numba's OpenMP layer
     otherwise resets the count to every core of the node when its kernels run)."""
@@ -269,36 +294,22 @@ def plan_pieces(runner, state, corp, target: int) -> tuple[list[tuple], bool]:
     """The pieces that take `state` to `target` tokens (whole batches), as (start, n_batches):
     each within one shard, the first continuing the open shard; and whether the corpus ends.
     The stream is tokenized here to find where each piece starts; no text leaves the driver."""
-    from discover.activations import bos_id, sequences
+    from discover.activations import batched, bos_id, sequences
 
     bos = bos_id(runner.view.tokenizer)
     first = 1 if bos is not None else 0
     sb, bs = runner.cfg.shard_batches, runner.batch_size
     batches, tokens = state.meta["batches"], state.meta["tokens"]
     pieces: list[list] = []
-    n_in_batch, batch_tokens, batch_start = 0, 0, None
     stream = sequences(corp, runner.cfg.split, runner.view.tokenizer, runner.context, bos, tuple(state.meta["next"]))
-
-    def close_batch():
-        nonlocal batches, tokens
-        if not pieces or batches % sb == 0:
-            pieces.append([batch_start, 0])
+    for batch in batched(stream, bs):
+        if not pieces or batches % sb == 0:  # a piece starts: (document ordinal, chunk) of its first sequence
+            pieces.append([(batch[0][0], batch[0][2]), 0])
         pieces[-1][1] += 1
         batches += 1
-        tokens += batch_tokens
-
-    for ordinal, _doc, chunk, ids, _nxt in stream:
-        if n_in_batch == 0:
-            batch_start = (ordinal, chunk)
-        n_in_batch += 1
-        batch_tokens += len(ids) - first
-        if n_in_batch == bs:
-            close_batch()
-            n_in_batch, batch_tokens = 0, 0
-            if tokens >= target:
-                return [tuple(p) for p in pieces], False
-    if n_in_batch:
-        close_batch()
+        tokens += sum(len(seq[3]) - first for seq in batch)
+        if len(batch) == bs and tokens >= target:
+            return [tuple(p) for p in pieces], False
     return [tuple(p) for p in pieces], True
 
 
@@ -325,9 +336,9 @@ class ClusterStream:
     def __call__(self, runner, state, plan, state_path, progress: bool) -> None:
         from tqdm import tqdm
 
+        from discover.activations import PassState
         from discover.shards import OPEN, merge_piece
 
-        ray = _ray()
         t_wall = time.perf_counter()
         cfg, spec = runner.cfg, self.cluster.spec
         pieces, ends = plan_pieces(runner, state, plan.corpus, cfg.tokens)
@@ -358,63 +369,40 @@ class ClusterStream:
                    desc=f"activations on {n} Ray workers", disable=not progress, dynamic_ncols=True, leave=False)
         sb, b0 = cfg.shard_batches, state.meta["batches"]
         first_open = {k: state.a[k].copy() for k in OPEN} if b0 % sb else None
-        todo = list(enumerate(pieces))[::-1]
-        inflight: dict = {}  # ref -> (piece index, worker)
-        finished: dict = {}  # piece index -> ref
-        busy = [0] * n  # pieces queued on each worker (two each: one computing, one waiting)
+        tasks = [lambda w, i=i, start=start, nb=nb: w.piece.remote(start, nb, first_open if i == 0 else None)
+                 for i, (start, nb) in enumerate(pieces)]
         merged, last_save = 0, time.monotonic()
         try:
-            while merged < len(pieces):
-                while todo and min(busy) < 2 and len(inflight) + len(finished) < 2 * n:
-                    i, (start, nb) = todo.pop()
-                    w = busy.index(min(busy))
-                    busy[w] += 1
-                    ref = workers[w].piece.remote(start, nb, first_open if i == 0 else None)
-                    inflight[ref] = (i, w)
-                if inflight:
-                    ready, _ = ray.wait(list(inflight), num_returns=1)
-                    for ref in ready:
-                        i, w = inflight.pop(ref)
-                        busy[w] -= 1
-                        finished[i] = ref
-                while merged in finished:
-                    ref = finished.pop(merged)
+            for ref in in_order(workers, tasks):
+                t = time.perf_counter()
+                meta, arrays = fetch(ref, f"piece {merged} of the corpus pass")
+                st["fetch_s"] += time.perf_counter() - t
+                planned = pieces[merged][1]
+                if meta["batches"] != planned and not (ends and merged == len(pieces) - 1):
+                    raise ClusterError(f"piece {merged} of the corpus pass came back with {meta['batches']} "
+                                       f"batches instead of {planned}: a worker reads other text than the "
+                                       "driver; put the corpus on shared storage")
+                del ref
+                src = PassState.of(meta, arrays)
+                before = state.meta["tokens"]
+                t = time.perf_counter()
+                merge_piece(state, src, closes=(state.meta["batches"] + meta["batches"]) % sb == 0)
+                st["merge_s"] += time.perf_counter() - t
+                del src, meta, arrays
+                merged += 1
+                if merged == len(pieces):
+                    state.meta["exhausted"] = ends
+                bar.update(min(state.meta["tokens"], target) - min(before, target))
+                if merged == len(pieces) or time.monotonic() - last_save >= cfg.save_every:
                     t = time.perf_counter()
-                    meta, arrays = fetch(ref, f"piece {merged} of the corpus pass")
-                    st["fetch_s"] += time.perf_counter() - t
-                    planned = pieces[merged][1]
-                    if meta["batches"] != planned and not (ends and merged == len(pieces) - 1):
-                        raise ClusterError(f"piece {merged} of the corpus pass came back with {meta['batches']} "
-                                           f"batches instead of {planned}: a worker reads other text than the "
-                                           "driver; put the corpus on shared storage")
-                    del ref
-                    src = _State(meta, arrays)
-                    before = state.meta["tokens"]
-                    t = time.perf_counter()
-                    merge_piece(state, src, closes=(state.meta["batches"] + meta["batches"]) % sb == 0)
-                    st["merge_s"] += time.perf_counter() - t
-                    del src, meta, arrays
-                    merged += 1
-                    if merged == len(pieces):
-                        state.meta["exhausted"] = ends
-                    bar.update(min(state.meta["tokens"], target) - min(before, target))
-                    if merged == len(pieces) or time.monotonic() - last_save >= cfg.save_every:
-                        t = time.perf_counter()
-                        state.save(state_path)
-                        st["save_s"] += time.perf_counter() - t
-                        last_save = time.monotonic()
-                    _after_piece(merged)
+                    state.save(state_path)
+                    st["save_s"] += time.perf_counter() - t
+                    last_save = time.monotonic()
+                _after_piece(merged)
         finally:
             bar.close()
             stop_actors(workers)
             st["wall_s"] += time.perf_counter() - t_wall
-
-
-class _State:
-    """A worker's piece as merge_piece reads it (meta and arrays)."""
-
-    def __init__(self, meta: dict, arrays: dict):
-        self.meta, self.a = meta, arrays
 
 
 class _AblationData:
@@ -477,16 +465,12 @@ class ClusterEffects:
         out: list = [None] * len(jobs)
         bar = tqdm(total=len(jobs), desc=f"verify predictions on {n} Ray workers", unit="hypothesis",
                    disable=not progress, leave=False)
+        tasks = [lambda w, grp=grp: w.effects.remote([plain[i] for i in grp], means_ref) for grp in groups]
         try:
-            refs = {workers[g % n].effects.remote([plain[i] for i in grp], means_ref): g for g, grp in enumerate(groups)}
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                for ref in ready:
-                    g = refs.pop(ref)
-                    got = fetch(ref, "verify's ablations")
-                    for i, r in zip(groups[g], got):
-                        out[i] = r
-                    bar.update(len(groups[g]))
+            for grp, ref in zip(groups, in_order(workers, tasks)):
+                for i, r in zip(grp, fetch(ref, "verify's ablations")):
+                    out[i] = r
+                bar.update(len(grp))
         finally:
             bar.close()
             stop_actors(workers)
@@ -546,29 +530,18 @@ class ClusterPasses:
         parts = _shards(plan)
         if len(self.parts) != len(parts):
             self.parts = [ray.put(p) for p in parts]
-        n = len(self.workers)
-        refs: dict = {}  # ref -> shard index
-        done: dict = {}
-        merged, st, nxt = 0, None, 0
+        tasks = [lambda w, k=k: w.shard.remote(self.parts[k], pairs) for k in range(len(parts))]
+        st = None
         try:
-            while merged < len(parts):
-                while nxt < len(parts) and len(refs) + len(done) < 2 * n:
-                    refs[self.workers[nxt % n].shard.remote(self.parts[nxt], pairs)] = nxt
-                    nxt += 1
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                for ref in ready:
-                    done[refs.pop(ref)] = ref
-                while merged in done:
-                    part = stream_from_state(fetch(done.pop(merged), f"universality shard {merged}"),
-                                              plan.config.device)
-                    t = time.perf_counter()
-                    if st is None:
-                        st = part
-                    else:
-                        st.merge(part)
-                    self.stats["merge_s"] += time.perf_counter() - t
-                    bar.update(int(sum(c.sum() for _, c in parts[merged])))
-                    merged += 1
+            for k, ref in enumerate(in_order(self.workers, tasks)):
+                part = stream_from_state(fetch(ref, f"universality shard {k}"), plan.config.device)
+                t = time.perf_counter()
+                if st is None:
+                    st = part
+                else:
+                    st.merge(part)
+                self.stats["merge_s"] += time.perf_counter() - t
+                bar.update(int(sum(c.sum() for _, c in parts[k])))
             self.stats["items"] += len(parts)
         finally:
             self.stats["wall_s"] += time.perf_counter() - t0
@@ -622,15 +595,10 @@ class ClusterForward:
         n = min(self.cluster.workers, len(batches))
         workers = start_actors(self.cluster, ForwardWorker, n, view.spec, (view.spec, view.checkpoint_id, view.model_dir),
                                self.allow_pickle, max(1, int(spec.cpus)))
-        refs: list = []
+        tasks = [lambda w, b=b: w.forward.remote(b, start) for b in batches]
         try:
-            for i in range(len(batches)):
-                while len(refs) < min(len(batches), i + 2 * n) and len(refs) < len(batches):
-                    j = len(refs)
-                    refs.append(workers[j % n].forward.remote(batches[j], start))
-                got = fetch(refs[i], "verify's held-out activations")
-                refs[i] = None
-                yield got
+            for ref in in_order(workers, tasks):
+                yield fetch(ref, "verify's held-out activations")
         finally:
             stop_actors(workers)
 
