@@ -24,6 +24,7 @@ batch order; its prediction hypotheses' mean ablations go to workers one layer's
 time. Universality (`ClusterPasses`): per pass of accumulators, each shard of batches (token ids)
 is streamed from empty on a worker holding every model, and the shards' moments are merged here
 in shard order. Every one of these is deterministic, so the results equal one process's.
+Watch runs whole checkpoints as parallel jobs (`discover.watch_jobs`, tasks of `remote_task`).
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def start_actors(cluster: Cluster, cls, n: int, *args, gpu: bool = False) -> lis
     return [remote.remote(*args) for _ in range(n)]
 
 
+def remote_task(cluster: Cluster, fn):
+    """`fn` as a Ray task with one worker's resources (`--ray-gpus` GPUs, else `--ray-cpus`
+    cores), retried up to MAX_RESTARTS times when its worker dies."""
+    s = cluster.spec
+    return _ray().remote(fn).options(num_cpus=0 if s.gpus > 0 else s.cpus, num_gpus=s.gpus,
+                                     max_retries=MAX_RESTARTS)
 
 
 def fetch(ref, what: str, timeout: float | None = None):

@@ -23,6 +23,9 @@ the dead run `interrupted` and redoes the checkpoint it was on: every stage comm
 all (the corpus pass resumes from its saved state), and a checkpoint's tracking rows, its status
 and its per-run result are written in one transaction, so nothing is duplicated or half-written.
 
+With `--ray ADDRESS` the checkpoints run as parallel jobs on a cluster, each into a scratch store,
+and are committed here one at a time in the order above (`discover.watch_jobs`): the same rows.
+
 Exit codes: 0 every checkpoint found is processed (or nothing was new); 2 bad input (no such
 directory, bad settings); 3 some checkpoint failed (recorded; the others were processed); 4 another
 `discover watch` holds the store's lock; 130 interrupted.
@@ -267,19 +270,18 @@ def _store_root(store_root) -> Path:
 
 
 def watch_once(watch_dir, store_root=None, config: WatchConfig | None = None, *, progress: bool = True,
-               stream=None, spread=None) -> WatchSummary:
+               jobs=None) -> WatchSummary:
     """One pass over `watch_dir`: process every new or changed checkpoint, under the store's lock.
-    `stream`, `spread`: what runs each checkpoint's corpus pass and verify's forward passes and
-    ablations (`discover.cluster.ClusterStream` / `ClusterVerify`: the workers of a Ray cluster;
-    None: this process)."""
+    `jobs`: what computes the checkpoints (`discover.watch_jobs.CheckpointJobs`: parallel jobs on
+    a Ray cluster, committed here one at a time; None: this process, one after another)."""
     root = check_dir(watch_dir)
     sroot = _store_root(store_root)
     with store_lock(sroot):
-        return _watch(root, sroot, config or WatchConfig(), progress, stream, spread)
+        return _watch(root, sroot, config or WatchConfig(), progress, jobs)
 
 
 def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *, interval: float = 600.0,
-               progress: bool = True, on_pass=None, stream=None, spread=None) -> None:
+               progress: bool = True, on_pass=None, jobs=None) -> None:
     """Poll forever: one pass, then sleep `interval` seconds. The lock is held throughout; the
     catalog is closed between passes so that queries can read it."""
     root = check_dir(watch_dir)
@@ -287,14 +289,14 @@ def watch_loop(watch_dir, store_root=None, config: WatchConfig | None = None, *,
     cfg = config or WatchConfig()
     with store_lock(sroot):
         while True:
-            s = _watch(root, sroot, cfg, progress, stream, spread)
+            s = _watch(root, sroot, cfg, progress, jobs)
             if on_pass is not None and on_pass(s) is False:
                 return
             _say(f"next look at {root} in {interval:g} s", progress)
             time.sleep(interval)
 
 
-def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, stream=None, spread=None) -> WatchSummary:
+def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, jobs=None) -> WatchSummary:
     from discover.store import Store
 
     t0 = time.perf_counter()
@@ -324,7 +326,7 @@ def _watch(root: Path, sroot: Path, cfg: WatchConfig, progress: bool, stream=Non
         if not todo:
             _say(f"{root}: {len(found)} checkpoint(s), nothing new", progress)
         try:
-            _each(store, root, sroot, todo, known, cfg, s, progress, stream, spread)
+            _each(store, root, sroot, todo, known, cfg, s, progress, jobs)
         except KeyboardInterrupt:
             con.execute("UPDATE watch_runs SET status = 'interrupted', processed = ?, failed = ? WHERE run_id = ?",
                         [s.processed, s.failed, s.run_id])
@@ -346,10 +348,20 @@ def _check_settings(cfg: WatchConfig) -> None:
     load_rules(None)
 
 
-def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, stream=None, spread=None) -> None:
+def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, jobs=None) -> None:
+    results = _job_results(store, sroot, todo, known, cfg, jobs) if jobs is not None else None
+    t0 = time.perf_counter()
     for i, f in enumerate(todo):
-        _say(f"[{i + 1}/{len(todo)}] {f.path}" + (f" (step {f.step})" if f.step is not None else ""), progress)
-        r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress, stream, spread)
+        where = f" (step {f.step})" if f.step is not None else ""
+        if results is None:
+            _say(f"[{i + 1}/{len(todo)}] {f.path}{where}", progress)
+            r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress)
+        else:
+            job = next(results)
+            left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
+            _say(f"[{i + 1}/{len(todo)}] {f.path}{where}: its job took {job['seconds']:.1f} s on a worker"
+                 + (f"; about {left:.0f} s to go" if i + 1 < len(todo) else ""), progress)
+            r = _process(store, root, sroot, f, known.get(str(f.path)), cfg, s.run_id, progress, job)
         s.results.append(r)
         if r["status"] == "failed":
             s.failed += 1
@@ -361,18 +373,42 @@ def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, strea
             s.processed += 1
 
 
+def _job_results(store, sroot, todo, known, cfg, jobs):
+    """The checkpoint jobs' results (`discover.watch_jobs`), in `todo` order."""
+    from discover import watch_jobs
+
+    items = [(f, watch_jobs.scratch_dir(sroot, f),
+              (known.get(str(f.path)) or {}).get("checkpoint_id")
+              if (known.get(str(f.path)) or {}).get("status") == "done" else None) for f in todo]
+    watch_jobs.clear_stale(sroot, {d.name for _, d, _ in items})  # a killed run's jobs resume in theirs
+    ids = [r[0] for r in store.con.execute("SELECT checkpoint_id FROM checkpoints").fetchall()]
+    return jobs(items, asdict(cfg), ids)
+
+
+class _JobFailed(Exception):
+    """A checkpoint job's failure, its message already in a serial watch's words."""
+
+
 def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: WatchConfig, run_id: str,
-             progress: bool, stream=None, spread=None) -> dict:
+             progress: bool, job: dict | None = None) -> dict:
+    """Process checkpoint `f` here, or commit what its job (`job`: run on a cluster) computed."""
     from discover.store import transaction
 
     t0 = time.perf_counter()
     res = {"path": str(f.path), "step": f.step, "checkpoint_id": None, "status": "done", "error": None,
            "stages": {}, "report": None}
     try:
-        from discover.adapter import identify
+        if job is None:
+            from discover.adapter import identify
 
-        _kill_point("hash")
-        identity = identify(str(f.path), allow_pickle=cfg.allow_pickle)
+            _kill_point("hash")
+            identity = identify(str(f.path), allow_pickle=cfg.allow_pickle)
+        else:
+            if job["identity"] is not None:
+                res["checkpoint_id"] = job["identity"][1]
+            if job["status"] == "failed":
+                raise _JobFailed(job["error"])
+            identity = tuple(job["identity"])
         res["checkpoint_id"] = identity[1]
         if known and known["status"] == "done" and known["checkpoint_id"] == identity[1]:
             res["status"] = "unchanged"
@@ -380,20 +416,31 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
                 con.execute("UPDATE watch_checkpoints SET signature = ? WHERE path = ?", [f.signature, str(f.path)])
                 _result_row(con, run_id, res, time.perf_counter() - t0)
             return res
-        _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream, spread)
+        if job is not None and job["status"] == "done" and store.checkpoint(identity[1]) is None:
+            _adopt(store, root, sroot, f, job, cfg, run_id, res, progress, t0)
+        else:  # here; or a job whose weights the catalog holds by now: reuse them, as a serial watch does
+            _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
     except Exception as e:  # recorded with its reason; the run goes on with the other checkpoints
         import duckdb
 
         if isinstance(e, duckdb.InterruptException):  # Ctrl-C inside a catalog query
             raise KeyboardInterrupt from None
         res["status"] = "failed"
-        res["error"] = first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
+        res["error"] = str(e) if isinstance(e, _JobFailed) else (
+            first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}")
         with transaction(store.con) as con:
             con.execute(
                 "INSERT OR REPLACE INTO watch_checkpoints (path, watch_dir, series, step, signature, checkpoint_id, "
                 "status, error, run_id, processed_at) VALUES (?, ?, ?, ?, ?, ?, 'failed', ?, ?, now())",
                 [str(f.path), str(root), f.series, f.step, f.signature, res["checkpoint_id"], res["error"], run_id])
             _result_row(con, run_id, res, time.perf_counter() - t0)
+    finally:
+        if job is not None:
+            import shutil
+
+            from discover.watch_jobs import scratch_dir
+
+            shutil.rmtree(scratch_dir(sroot, f), ignore_errors=True)
     return res
 
 
@@ -429,46 +476,60 @@ def _track(store, new: dict, old_id: str, *, new_verify, new_pass, old_verify, o
                          prev_verify=old_verify, new_pass=new_pass, prev_pass=old_pass)
 
 
-def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0, stream=None,
-                spread=None) -> None:
-    from discover import track
+def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0) -> None:
+    """Every stage of checkpoint `f` in this process, then its commit."""
     from discover.pipeline import prepare, run_pipeline, write_report
-    from discover.store import transaction
 
     act, ver = cfg.act_config(), cfg.verify_config()
     prepared = prepare(str(f.path), corpus=cfg.corpus, text_field=cfg.text_field, act_config=act,
                        allow_pickle=cfg.allow_pickle, split=ver.split, identity=identity)
     _kill_point("scan")
     run = run_pipeline(None, store, act_config=act, verify_config=ver, out=None, progress=progress,
-                       prepared=prepared, stream=stream, spread=spread)
+                       prepared=prepared)
     res["stages"] = {k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
                      for k, v in run.stages.items()}
     _kill_point("pipeline")
-    ckpt_id = identity[1]
-    new = store.checkpoint(ckpt_id)
     vid, pid = run.stages["verify"]["verify_id"], run.stages["activations"]["pass_id"]
-    prev = _neighbour(store, f, ckpt_id, after=False)
-    tracked = None
-    t = time.perf_counter()
-    if prev is not None:
-        tracked = _track(store, new, prev["checkpoint_id"], new_verify=vid, new_pass=pid,
-                         old_verify=prev["verify_id"], old_pass=prev["pass_id"])
-        if isinstance(tracked, str):
-            res["stages"]["track"] = {"status": "skipped", "why": tracked}
-            tracked = None
-        else:
-            res["stages"]["track"] = {"status": "matched", "seconds": time.perf_counter() - t,
-                                      "against": prev["checkpoint_id"], "counts": tracked[2]}
-            _say("    tracked against the previous checkpoint: " + ", ".join(
-                f"{k.replace('_', ' ')} {v}" for k, v in tracked[2].items()), progress)
-    # processed after a later step of its run (repaired, retried, late): that step is tracked against it now
-    retrack = None
-    nxt = _neighbour(store, f, ckpt_id, after=True)
-    later = store.checkpoint(nxt["checkpoint_id"]) if nxt and nxt["prev_checkpoint_id"] != ckpt_id else None
-    if later is not None:
-        again = _track(store, later, ckpt_id, new_verify=nxt["verify_id"], new_pass=nxt["pass_id"],
-                       old_verify=vid, old_pass=pid)
-        retrack = None if isinstance(again, str) else (nxt, again)
+
+    def report(out: Path) -> dict:
+        t = time.perf_counter()
+        cards = write_report(store, prepared[0].view, vid, out, fmt=cfg.fmt, cards=cfg.cards)
+        return {"status": "written", "seconds": time.perf_counter() - t, "cards": cards}
+
+    _commit(store, root, sroot, f, identity[1], pid, vid, cfg, run_id, res, progress, t0, report)
+
+
+def _adopt(store, root, sroot, f, job: dict, cfg, run_id, res, progress, t0) -> None:
+    """Commit a checkpoint job's scratch store: its files moved in, then (one transaction) its
+    rows, tracking, status and report."""
+    import shutil
+
+    from discover import watch_jobs
+
+    scratch = watch_jobs.scratch_dir(sroot, f)
+    res["stages"] = {**job["stages"], "job": {k: job[k] for k in ("seconds", "pid", "started", "ended")}}
+    moved = watch_jobs.move_files(sroot, scratch)
+
+    def report(out: Path) -> dict:
+        os.replace(scratch / f"report.{cfg.fmt}", out)
+        return job["report"]
+
+    try:
+        with watch_jobs.attached(store.con, scratch) as con:
+            _commit(store, root, sroot, f, job["identity"][1], job["pass_id"], job["verify_id"], cfg, run_id, res,
+                    progress, t0, report, before=lambda: watch_jobs.insert_rows(con, scratch))
+    except BaseException:
+        for d in moved:  # no row points at them
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _commit(store, root, sroot, f, ckpt_id, pid, vid, cfg, run_id, res, progress, t0, report, before=None) -> None:
+    """One transaction: (`before`: a job's rows), tracking against the run's previous checkpoint
+    (and of a later one against this), the checkpoint's status and its report (`report(out)`)."""
+    from discover import track
+    from discover.store import transaction
+
     reports = Path(cfg.reports).expanduser() if cfg.reports else sroot / "reports"
     try:
         rel = f.path.relative_to(root)
@@ -479,6 +540,31 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0,
     out.parent.mkdir(parents=True, exist_ok=True)
     res["report"] = str(out.resolve())
     with transaction(store.con) as con:
+        if before is not None:
+            before()
+        new = store.checkpoint(ckpt_id)
+        prev = _neighbour(store, f, ckpt_id, after=False)
+        tracked = None
+        t = time.perf_counter()
+        if prev is not None:
+            tracked = _track(store, new, prev["checkpoint_id"], new_verify=vid, new_pass=pid,
+                             old_verify=prev["verify_id"], old_pass=prev["pass_id"])
+            if isinstance(tracked, str):
+                res["stages"]["track"] = {"status": "skipped", "why": tracked}
+                tracked = None
+            else:
+                res["stages"]["track"] = {"status": "matched", "seconds": time.perf_counter() - t,
+                                          "against": prev["checkpoint_id"], "counts": tracked[2]}
+                _say("    tracked against the previous checkpoint: " + ", ".join(
+                    f"{k.replace('_', ' ')} {v}" for k, v in tracked[2].items()), progress)
+        # processed after a later step of its run (repaired, retried, late): that step is tracked against it now
+        retrack = None
+        nxt = _neighbour(store, f, ckpt_id, after=True)
+        later = store.checkpoint(nxt["checkpoint_id"]) if nxt and nxt["prev_checkpoint_id"] != ckpt_id else None
+        if later is not None:
+            again = _track(store, later, ckpt_id, new_verify=nxt["verify_id"], new_pass=nxt["pass_id"],
+                           old_verify=vid, old_pass=pid)
+            retrack = None if isinstance(again, str) else (nxt, again)
         if tracked is not None:
             track.write(con, tracked[0], tracked[1], ckpt_id, prev["checkpoint_id"])
         if retrack is not None:
@@ -491,11 +577,9 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0,
             [str(f.path), str(root), f.series, f.step, f.signature, ckpt_id,
              prev["checkpoint_id"] if tracked is not None else None, pid, vid, res["report"], run_id])
         _kill_point("commit")
-        t = time.perf_counter()
-        # the report reads the rows above (same connection, same transaction) and is in place before
-        # they commit: a kill before the commit leaves a report that the next run rewrites
-        cards = write_report(store, prepared[0].view, vid, out, fmt=cfg.fmt, cards=cfg.cards)
-        res["stages"]["report"] = {"status": "written", "seconds": time.perf_counter() - t, "cards": cards}
+        # the report is in place before the rows commit: a kill before the commit leaves a report
+        # that the next run rewrites
+        res["stages"]["report"] = report(out)
         _result_row(con, run_id, res, time.perf_counter() - t0)
     _say(f"    done in {time.perf_counter() - t0:.1f} s; report {out}", progress)
     _kill_point("done")

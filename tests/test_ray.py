@@ -204,10 +204,15 @@ def test_run_on_the_cluster_equals_run_in_one_process(cluster, env, tmp_path):
     assert outs["single"] == outs["cluster"]
 
 
-def test_watch_on_two_workers_equals_a_serial_watch(cluster, tmp_path):
-    """`discover watch --ray ADDRESS` over a series of 4 checkpoints (each checkpoint's corpus
-    pass on the 2 workers, its catalog writes here, one checkpoint committed whole at a time)
-    gives the rows of a serial watch: pass statistics, examples, verdicts, tracking."""
+def test_watch_jobs_on_two_workers_equal_a_serial_watch(cluster, tmp_path):
+    """`discover watch --ray ADDRESS` over a series of 4 checkpoints and a corrupt one: the
+    checkpoints run as parallel jobs (two at once on the 2 workers), committed here one at a
+    time, and give the rows of a serial watch: scans, pass statistics, examples, verdicts,
+    tracking, each checkpoint's status (the corrupt one failed with the same reason). A driver
+    killed inside its second commit and rerun ends with the same rows."""
+    import json
+    import shutil
+
     import duckdb
 
     from discover.cli import main
@@ -217,12 +222,24 @@ def test_watch_on_two_workers_equals_a_serial_watch(cluster, tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     train(TrainConfig(out=str(run), corpus=str(corpus), **{**TINY, "keep_checkpoints": 10}), progress=False)
+    bad = run / "extra" / "checkpoint-1"  # a second series: one checkpoint whose weights are cut short
+    shutil.copytree(sorted(run.glob("checkpoint-*"))[0], bad)
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     common = ["--once", "--tokens", "3000", "--verify-tokens", "3000", "--verify-split", "all", "--corpus", str(corpus),
               "--candidates", "5", "--settle", "0", "--json"]
     stores = {}
     for name, extra in (("serial", []), ("cluster", ["--ray", cluster])):
         stores[name] = tmp_path / name
-        assert main(["watch", str(run), *common, "--store", str(stores[name]), *extra]) == 0
+        assert main(["watch", str(run), *common, "--store", str(stores[name]), *extra]) == 3  # one failed
+    # killed inside its second commit (files moved in, rows not committed), then rerun
+    stores["killed"] = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "discover", "watch", str(run), *common, "--store", str(stores["killed"]),
+           "--ray", cluster]
+    p = subprocess.run(cmd, env={**os.environ, "DISCOVER_WATCH_KILL_AT": "commit:2"}, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 3, p.stderr[-2000:]
 
     def rows(store, sql):
         con = duckdb.connect(str(store / "catalog.duckdb"), read_only=True)
@@ -231,18 +248,39 @@ def test_watch_on_two_workers_equals_a_serial_watch(cluster, tmp_path):
         finally:
             con.close()
 
-    for sql in ("SELECT * EXCLUDE (pass_id) FROM neuron_activations ORDER BY ALL",
+    for sql in ("SELECT checkpoint_id, layer, neuron, vocab_mean, vocab_kurt, role FROM neurons ORDER BY ALL",
+                "SELECT checkpoint_id, layer, neuron, role, score FROM roles ORDER BY ALL",
+                "SELECT * EXCLUDE (pass_id) FROM neuron_activations ORDER BY ALL",
                 "SELECT * EXCLUDE (pass_id) FROM activation_examples ORDER BY ALL",
+                "SELECT * EXCLUDE (pass_id) FROM activation_histograms ORDER BY ALL",
                 "SELECT * EXCLUDE (pass_id) FROM prediction_curves ORDER BY ALL",
                 "SELECT checkpoint_id, tokens, sequences FROM activation_passes ORDER BY ALL",
                 "SELECT * EXCLUDE (verify_id) FROM hypotheses ORDER BY ALL",
+                "SELECT * FROM neuron_matches ORDER BY ALL",
                 "SELECT checkpoint_id, prev_checkpoint_id, layer, neuron, prev_neuron, change, subject, score "
                 "FROM neuron_changes ORDER BY ALL",
-                "SELECT path, step, checkpoint_id, prev_checkpoint_id, status FROM watch_checkpoints ORDER BY ALL"):
+                "SELECT spec, checkpoint_id FROM models ORDER BY ALL",
+                "SELECT path, step, checkpoint_id, prev_checkpoint_id, status, error FROM watch_checkpoints "
+                "ORDER BY ALL"):
         want = rows(stores["serial"], sql)
         assert want or "curves" in sql or "changes" in sql, sql  # (this tiny model may have no candidates)
         assert rows(stores["cluster"], sql) == want, sql
+        assert rows(stores["killed"], sql) == want, sql
+    [(error,)] = rows(stores["cluster"], "SELECT error FROM watch_checkpoints WHERE status = 'failed'")
+    assert "corrupt" in error or "truncated" in error or "safetensors" in error.lower(), error
     assert len(rows(stores["cluster"], "SELECT * FROM watch_checkpoints WHERE status = 'done'")) == 4
+    # the jobs ran two at a time, on two worker processes
+    jobs = [json.loads(st)["job"] for (st,) in rows(stores["cluster"], "SELECT stages FROM watch_results "
+                                                                       "WHERE status = 'done'")]
+    spans = sorted((j["started"], j["ended"]) for j in jobs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    assert len({j["pid"] for j in jobs}) == 2
+    for name in ("cluster", "killed"):  # no scratch store left, every file referenced
+        assert not list((stores[name] / ".jobs").glob("*")), name
+        dirs = {r[0] for r in rows(stores[name], "SELECT files_dir FROM checkpoints")}
+        assert {d.name for d in (stores[name] / "checkpoints").iterdir()} == dirs
+        dirs = {r[0] for r in rows(stores[name], "SELECT files_dir FROM activation_passes")}
+        assert {d.name for d in (stores[name] / "activations").iterdir()} == dirs
 
 
 def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path):

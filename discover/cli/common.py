@@ -116,11 +116,11 @@ def default_model() -> str:
     return default_model_spec()
 
 
-def add_ray(p: argparse.ArgumentParser) -> None:
-    """--ray ADDRESS, --ray-cpus N, --ray-gpus G (a corpus pass across a Ray cluster)."""
+def add_ray(p: argparse.ArgumentParser, what: str = "the corpus pass; verify's mean ablations") -> None:
+    """--ray ADDRESS, --ray-cpus N, --ray-gpus G (the work `what` across a Ray cluster)."""
     g = p.add_argument_group("cluster (Ray)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
-                   help="spread the work over a Ray cluster (the corpus pass; verify's mean ablations): local[:N] "
+                   help=f"spread the work over a Ray cluster ({what}): local[:N] "
                         "(start one of N CPUs here), auto (the cluster this node joined with `ray start`) or "
                         "HOST:PORT; results equal one process's")
     g.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="CPU cores per worker (1)")
@@ -146,6 +146,15 @@ def cluster_stream(cluster):
     from discover.cluster import ClusterStream
 
     return ClusterStream(cluster)
+
+
+def checkpoint_jobs(cluster):
+    """Watch's checkpoints as parallel jobs on a joined cluster (None: this process, in turn)."""
+    if cluster is None:
+        return None
+    from discover.watch_jobs import CheckpointJobs
+
+    return CheckpointJobs(cluster)
 
 
 def cluster_verify(cluster, allow_pickle: bool = False):

@@ -10,8 +10,7 @@ import sys
 from discover.cli.common import (
     add_ray,
     add_store,
-    cluster_stream,
-    cluster_verify,
+    checkpoint_jobs,
     fmt,
     open_store,
     print_json,
@@ -49,7 +48,7 @@ def add_watch(sub) -> None:
     p.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
                    help="leave checkpoints whose files changed less than this long ago for the next look (60)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
-    add_ray(p)
+    add_ray(p, "each checkpoint one job, as many at once as the cluster fits, committed here in turn")
     add_store(p)
     p.add_argument("--json", action="store_true", help="print each look's summary as JSON")
     p.set_defaults(func=cmd_watch)
@@ -86,14 +85,13 @@ def cmd_watch(args) -> int:
                         if tr.get("status") == "matched" else "first of its run" if not tr else tr.get("why", ""))
                 print(f"  {r['path']}: {what}; report {r['report']}")
 
-    with ray_cluster(args) as cl:  # each checkpoint's corpus pass on the cluster's workers
+    with ray_cluster(args) as cl:  # checkpoints as parallel jobs on the cluster's workers
+        jobs = checkpoint_jobs(cl)
         if args.once:
-            s = watch_once(args.dir, args.store, cfg, progress=not args.json, stream=cluster_stream(cl),
-                           spread=cluster_verify(cl, args.allow_pickle))
+            s = watch_once(args.dir, args.store, cfg, progress=not args.json, jobs=jobs)
             show(s)
             return s.exit_code
-        watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show,
-                   stream=cluster_stream(cl), spread=cluster_verify(cl, args.allow_pickle))
+        watch_loop(args.dir, args.store, cfg, interval=args.interval, progress=not args.json, on_pass=show, jobs=jobs)
     return 0
 
 
