@@ -412,79 +412,6 @@ class ClusterStream:
             st["wall_s"] += time.perf_counter() - t_wall
 
 
-class _AblationData:
-    """What `verify.Ablator` reads of the held-out data: next tokens and sequences (token ids)."""
-
-    def __init__(self, next_token, seqs):
-        self.next_token, self.seqs = next_token, seqs
-
-
-class AblationWorker(_Worker):
-    """A Ray actor: one model replica and the held-out sequences; runs verify's mean ablations."""
-
-    def setup(self, spec: str, identity: tuple, allow_pickle: bool, threads: int, next_token, seqs):
-
-        from discover.adapter import load_model
-        from discover.verify import Ablator
-
-        use_threads(threads)
-        view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
-        self.abl = Ablator(view, _AblationData(next_token, seqs))
-
-    def effects(self, jobs: list, means) -> list:
-        self.check()
-        return [self.abl.effects(job[0], [tuple(x) for x in job[1]], means, job[2], elsewhere=job[3]) for job in jobs]
-
-
-class ClusterEffects:
-    """Runs verify's mean ablations on the workers of a cluster (the `effects` of
-    `verify.prediction_hypotheses`): the jobs of one layer go to one worker together (they share
-    traced forward passes there), in layer order; results come back in the jobs' order. Each job
-    is deterministic, so the verdicts and their evidence equal one process's."""
-
-    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
-        self.cluster, self.allow_pickle = cluster, allow_pickle
-        self.stats = {"jobs": 0, "groups": 0, "workers": 0, "wall_s": 0.0}
-
-    def __call__(self, view, data, jobs: list, means, progress: bool = False) -> list:
-        from tqdm import tqdm
-
-        ray = _ray()
-        if not jobs:
-            return []
-        t0 = time.perf_counter()
-        groups: list[list[int]] = []
-        for i, job in enumerate(jobs):  # consecutive jobs of one layer form one task
-            if groups and jobs[groups[-1][0]][1][0][0] == job[1][0][0]:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        spec = self.cluster.spec
-        n = min(self.cluster.workers, len(groups))
-        if view.model_dir is None:
-            raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the cluster's "
-                               "workers load it from one: run without --ray")
-        identity = (view.spec, view.checkpoint_id, view.model_dir)
-        next_ref, seqs_ref, means_ref = ray.put(data.next_token), ray.put(data.seqs), ray.put(means)
-        workers = start_actors(self.cluster, AblationWorker, n, view.spec, identity, self.allow_pickle,
-                               max(1, int(spec.cpus)), next_ref, seqs_ref)
-        plain = [(j[0], [list(x) for x in j[1]], j[2], j[3]) for j in jobs]
-        out: list = [None] * len(jobs)
-        bar = tqdm(total=len(jobs), desc=f"verify predictions on {n} Ray workers", unit="hypothesis",
-                   disable=not progress, leave=False)
-        tasks = [lambda w, grp=grp: w.effects.remote([plain[i] for i in grp], means_ref) for grp in groups]
-        try:
-            for grp, ref in zip(groups, in_order(workers, tasks)):
-                for i, r in zip(grp, fetch(ref, "verify's ablations")):
-                    out[i] = r
-                bar.update(len(grp))
-        finally:
-            bar.close()
-            stop_actors(workers)
-        self.stats.update(jobs=len(jobs), groups=len(groups), workers=n, wall_s=time.perf_counter() - t0)
-        return out
-
-
 class UniversalityWorker(_Worker):
     """A Ray actor: a replica of every model of a universality run; streams shards of batches."""
 
@@ -565,15 +492,24 @@ def _shards(plan) -> list:
     return shards(plan)
 
 
-class ForwardWorker(_Worker):
-    """A Ray actor: one model replica; runs verify's held-out forward passes (features.forward_batch)."""
+class _AblationData:
+    """What `verify.Ablator` reads of the held-out data: next tokens and sequences (token ids)."""
+
+    def __init__(self, next_token, seqs):
+        self.next_token, self.seqs = next_token, seqs
+
+
+class VerifyWorker(_Worker):
+    """A Ray actor: one model replica, loaded once for a whole verify run; runs its held-out
+    forward passes (`features.forward_batch`), then, given the held-out sequences, the mean
+    ablations of its prediction hypotheses."""
 
     def setup(self, spec: str, identity: tuple, allow_pickle: bool, threads: int):
-
         from discover.adapter import load_model
 
         use_threads(threads)
         self.view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
+        self.abl = None
 
     def forward(self, batch: list, start: int):
         from discover.features import forward_batch
@@ -581,39 +517,92 @@ class ForwardWorker(_Worker):
         self.check()
         return forward_batch(self.view, batch, start)
 
+    def held_out(self, next_token, seqs) -> None:
+        from discover.verify import Ablator
 
-class ClusterForward:
-    """Verify's held-out collection on the workers of a cluster (the `forward` of
-    `features.collect`): each batch's forward pass on a worker (token ids sent, at most two
-    batches per worker in flight), the activations written here in batch order. Forward passes
-    are deterministic, so the activations, and every score and verdict after them, equal one
-    process's."""
+        self.check()
+        self.abl = Ablator(self.view, _AblationData(next_token, seqs))
 
-    def __init__(self, cluster: Cluster, allow_pickle: bool = False):
-        self.cluster, self.allow_pickle = cluster, allow_pickle
-
-    def __call__(self, view, batches: list, start: int):
-        if not batches:
-            return
-        if view.model_dir is None:
-            raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the cluster's "
-                               "workers load it from one: run without --ray")
-        spec = self.cluster.spec
-        n = min(self.cluster.workers, len(batches))
-        workers = start_actors(self.cluster, ForwardWorker, n, view.spec, (view.spec, view.checkpoint_id, view.model_dir),
-                               self.allow_pickle, max(1, int(spec.cpus)))
-        tasks = [lambda w, b=b: w.forward.remote(b, start) for b in batches]
-        try:
-            for ref in in_order(workers, tasks):
-                yield fetch(ref, "verify's held-out activations")
-        finally:
-            stop_actors(workers)
+    def effects(self, jobs: list, means) -> list:
+        self.check()
+        return [self.abl.effects(job[0], [tuple(x) for x in job[1]], means, job[2], elsewhere=job[3]) for job in jobs]
 
 
 class ClusterVerify:
-    """What verify spreads over a cluster: its held-out forward passes (`forward`) and the mean
-    ablations of its prediction hypotheses (`effects`)."""
+    """What verify spreads over the workers of a cluster, each holding one model replica for the
+    whole run (`with ClusterVerify(cluster) as spread:`; the workers stop at the end):
+    - `forward` (of `features.collect`): each held-out batch's forward pass on a worker (token
+      ids sent, at most two batches per worker in flight), the activations written here in batch
+      order;
+    - `effects` (of `verify.prediction_hypotheses`): the mean ablations, the jobs of one layer
+      on one worker together (they share traced forward passes there), in layer order, results
+      in the jobs' order.
+    Forward passes and ablations are deterministic, so every score, verdict and number of
+    evidence equals one process's."""
 
     def __init__(self, cluster: Cluster, allow_pickle: bool = False):
-        self.forward = ClusterForward(cluster, allow_pickle)
-        self.effects = ClusterEffects(cluster, allow_pickle)
+        self.cluster, self.allow_pickle = cluster, allow_pickle
+        self.workers: list = []
+        self.stats = {"workers": 0, "batches": 0, "jobs": 0, "groups": 0, "effects_s": 0.0}
+
+    def __enter__(self) -> ClusterVerify:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        stop_actors(self.workers)
+        self.workers = []
+
+    def _start(self, view) -> list:
+        if not self.workers:
+            if view.model_dir is None:
+                raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the "
+                                   "cluster's workers load it from one: run without --ray")
+            identity = (view.spec, view.checkpoint_id, view.model_dir)
+            self.workers = start_actors(self.cluster, VerifyWorker, max(1, self.cluster.workers), view.spec,
+                                        identity, self.allow_pickle, max(1, int(self.cluster.spec.cpus)))
+            self.stats["workers"] = len(self.workers)
+        return self.workers
+
+    def forward(self, view, batches: list, start: int):
+        if not batches:
+            return
+        workers = self._start(view)
+        tasks = [lambda w, b=b: w.forward.remote(b, start) for b in batches]
+        for ref in in_order(workers, tasks):
+            self.stats["batches"] += 1
+            yield fetch(ref, "verify's held-out activations")
+
+    def effects(self, view, data, jobs: list, means, progress: bool = False) -> list:
+        from tqdm import tqdm
+
+        ray = _ray()
+        if not jobs:
+            return []
+        t0 = time.perf_counter()
+        groups: list[list[int]] = []
+        for i, job in enumerate(jobs):  # consecutive jobs of one layer form one task
+            if groups and jobs[groups[-1][0]][1][0][0] == job[1][0][0]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        workers = self._start(view)[:len(groups)]
+        next_ref, seqs_ref, means_ref = ray.put(data.next_token), ray.put(data.seqs), ray.put(means)
+        for ref in [w.held_out.remote(next_ref, seqs_ref) for w in workers]:
+            fetch(ref, "verify's held-out data")
+        plain = [(j[0], [list(x) for x in j[1]], j[2], j[3]) for j in jobs]
+        out: list = [None] * len(jobs)
+        bar = tqdm(total=len(jobs), desc=f"verify predictions on {len(workers)} Ray workers", unit="hypothesis",
+                   disable=not progress, leave=False)
+        tasks = [lambda w, grp=grp: w.effects.remote([plain[i] for i in grp], means_ref) for grp in groups]
+        try:
+            for grp, ref in zip(groups, in_order(workers, tasks)):
+                for i, r in zip(grp, fetch(ref, "verify's ablations")):
+                    out[i] = r
+                bar.update(len(grp))
+        finally:
+            bar.close()
+        self.stats.update(jobs=len(jobs), groups=len(groups), effects_s=time.perf_counter() - t0)
+        return out

@@ -167,7 +167,7 @@ def collect(view, corpus, rules, *, tokens: int = 50_000, context: int | None = 
     `batch_size` None: as many sequences (at most 16) as keep one batch's activations within
     BATCH_BYTES (they are held twice: as captured, and as the buffer written to disk).
     `forward(view, batches, start)`: yields each batch's `forward_batch` result in order (default
-    `forward_batches`, this process; `discover.cluster.ClusterForward`: a Ray cluster's workers)."""
+    `forward_batches`, this process; `discover.cluster.ClusterVerify.forward`: a Ray cluster's workers)."""
     from tqdm import tqdm
 
     from discover.rules import label_tokens, rule_spans

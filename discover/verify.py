@@ -242,7 +242,7 @@ def prediction_hypotheses(view, store, ckpt_id: str, data, cfg: VerifyConfig, pr
     """Test the scan's prediction / suppression candidates (and the corpus's under-predicted
     words') by AUROC and mean ablation. `effects`: what runs the mean ablations,
     `effects(view, data, jobs, means, progress)` -> one `Ablator.effects` result per job
-    (default: `local_effects`, this process; `discover.cluster.ClusterEffects`: a Ray cluster's
+    (default: `local_effects`, this process; `discover.cluster.ClusterVerify.effects`: a Ray cluster's
     workers). Each job is (tokens of X, [(layer, neuron), *controls], max sequences, elsewhere)."""
     from discover.candidates import Tails, candidates, underpredicted, word_tokens
 

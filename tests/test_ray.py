@@ -283,15 +283,23 @@ def test_watch_jobs_on_two_workers_equal_a_serial_watch(cluster, tmp_path):
         assert {d.name for d in (stores[name] / "activations").iterdir()} == dirs
 
 
-def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path):
-    """`discover verify --ray ADDRESS`: the mean ablations of the prediction hypotheses run on the
-    workers (one layer's jobs together); every verdict and every number of its evidence equal
-    one process's."""
+def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path, monkeypatch):
+    """`discover verify --ray ADDRESS`: the held-out forward passes and the mean ablations of the
+    prediction hypotheses (one layer's jobs together) run on the same two workers, each loading
+    the model once; every verdict and every number of its evidence equal one process's."""
     import json
 
     from discover.cli import main
 
     _, model, corpus, _ = env
+    started = []
+
+    def counted(cl, cls, n, *args, **kw):
+        started.append((cls.__name__, n))
+        return start(cl, cls, n, *args, **kw)
+
+    start = C.start_actors
+    monkeypatch.setattr(C, "start_actors", counted)
     outs = {}
     for name, extra in (("single", []), ("cluster", ["--ray", cluster])):
         store = tmp_path / name
@@ -305,6 +313,7 @@ def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path):
     tested = [r for r in outs["single"] if r[6].get("ablation_positions", 0) > 0]
     assert len({r[0] for r in tested}) >= 2, outs["single"]  # ablations on more than one layer
     assert outs["cluster"] == outs["single"]
+    assert started == [("VerifyWorker", 2)]  # one model load per worker for the whole verify run
 
 
 def test_universality_on_two_workers_equals_one_process(cluster, env, tmp_path):

@@ -158,9 +158,12 @@ def checkpoint_jobs(cluster):
 
 
 def cluster_verify(cluster, allow_pickle: bool = False):
-    """Verify's forward passes and mean ablations on a joined cluster (None: this process)."""
+    """A context manager: verify's forward passes and mean ablations on a joined cluster's workers
+    (stopped at its end), or None (this process)."""
     if cluster is None:
-        return None
+        from contextlib import nullcontext
+
+        return nullcontext()
     from discover.cluster import ClusterVerify
 
     return ClusterVerify(cluster, allow_pickle=allow_pickle)

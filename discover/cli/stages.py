@@ -194,9 +194,8 @@ def _cmd_verify(args) -> int:
     from discover.pipeline import verify_key
 
     key = verify_key(prepared[1][1], prepared[4]["fingerprint"], cfg, prepared[2])  # lets `discover run` reuse it
-    with cluster as cl, open_store(args, read_only=False) as store:
-        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key,
-                           spread=cluster_verify(cl, args.allow_pickle))
+    with cluster as cl, open_store(args, read_only=False) as store, cluster_verify(cl, args.allow_pickle) as spread:
+        res = verify_model(None, store, cfg, progress=not args.json, prepared=prepared, key=key, spread=spread)
     if args.json:
         print_json(asdict(res))
         return 0
@@ -304,10 +303,10 @@ def _cmd_run(args) -> int:
     cluster = ray_cluster(args)  # a malformed --ray fails here, before the model loads
     prepared = prepare(args.model or default_model(), corpus=args.corpus, text_field=args.text_field,
                        act_config=act, rules_dirs=args.rules, allow_pickle=args.allow_pickle, split=ver.split)
-    with cluster as cl, open_store(args, read_only=False) as store:
+    with cluster as cl, open_store(args, read_only=False) as store, cluster_verify(cl, args.allow_pickle) as spread:
         res = run_pipeline(None, store, act_config=act, verify_config=ver, out=out, fmt=args.format,
                            cards=args.cards, progress=not args.json, prepared=prepared, stream=cluster_stream(cl),
-                           spread=cluster_verify(cl, args.allow_pickle))
+                           spread=spread)
     if args.json:
         print_json(asdict(res))
         return 0
