@@ -174,28 +174,153 @@ def row_stats(g, inv_u, inv_w, top_v, top_i, bot_v, bot_i, moments):
         moments[r, 3] = e4 - 4.0 * mu * e3 + 6.0 * mu * mu * e2 - 3.0 * mu ** 4
 
 
+@njit(inline="always")
+def _radix_order(u, keys, spare_k, order, spare_o, cnt):
+    """`order` := the indices of float32 bit patterns `u` in ascending value order: an LSD radix
+    sort (four 8-bit digits, stable) of order-preserving keys (-0.0 sorts just below +0.0)."""
+    n = u.shape[0]
+    for i in range(n):
+        b = u[i]
+        keys[i] = (b ^ np.uint32(0xFFFFFFFF)) if b & np.uint32(0x80000000) else (b | np.uint32(0x80000000))
+        order[i] = i
+    k1, k2, o1, o2 = keys, spare_k, order, spare_o
+    for p in range(4):
+        sh = np.uint32(8 * p)
+        cnt[:] = 0
+        for i in range(n):
+            cnt[(k1[i] >> sh) & np.uint32(255)] += 1
+        s = 0
+        for d in range(256):
+            c = cnt[d]
+            cnt[d] = s
+            s += c
+        for i in range(n):
+            d = (k1[i] >> sh) & np.uint32(255)
+            pos = cnt[d]
+            cnt[d] = pos + 1
+            k2[pos] = k1[i]
+            o2[pos] = o1[i]
+        k1, k2, o1, o2 = k2, k1, o2, o1
+    # four passes: the sorted indices are back in `order`
+
+
+TILE = 8  # neurons per task of `activation_stats`: one cache line of each (R, B) output row
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def rank_ties(A):
-    """Average ranks (1-based, ties averaged: scipy's rankdata(method="average")) of every row of
-    A (B, R), returned column-major as (R, B) float64, and per row the tie term sum(t^3 - t)
-    over its groups of equal values. One sort per row; rows split across threads."""
+def activation_stats(A, part, qs):
+    """What verify's rule scores need of a block of neurons' activations, from one sort per
+    neuron. A (B, R) float32, one neuron per row; part (R,) int8: 0 = part A (chooses
+    thresholds), 1 = part B (scores them); qs (K,) ascending quantile levels.
+
+    Returns (ranks, tie, thr, idx_a, pp_a, idx_b, pp_b):
+    - ranks (R, B) float64: average ranks, 1-based, ties averaged (scipy's rankdata "average");
+      tie (B,): sum(t^3 - t) over each row's groups of equal values;
+    - thr (K, B): the part-A quantiles at qs, numpy's "linear" method, bit for bit;
+    - idx_a (RA, B) int64: each part-A value's flat bin, the number of thresholds strictly below
+      it (searchsorted "left") + (K + 1) * column; pp_a (K, B) float64: how many part-A values
+      exceed each threshold; idx_b, pp_b: the same for part B at A's thresholds.
+    With no part-A token, thr and the bins are empty. Threads take TILE neurons at a time and
+    write their (R, B) outputs a cache line per row."""
     B, R = A.shape
+    K = qs.shape[0]
+    RA = 0
+    RB = 0
+    pos = np.empty(R, np.int64)  # a token's row within its part
+    for r in range(R):
+        if part[r] == 0:
+            pos[r] = RA
+            RA += 1
+        elif part[r] == 1:
+            pos[r] = RB
+            RB += 1
+    if RA == 0:
+        K = 0
     ranks = np.empty((R, B))
     tie = np.zeros(B)
-    for j in prange(B):
-        a = A[j]
-        o = np.argsort(a, kind="mergesort")
-        i = 0
-        s = 0.0
-        while i < R:
-            k = i + 1
-            while k < R and a[o[k]] == a[o[i]]:
-                k += 1
-            r = (i + 1 + k) / 2.0
-            for m in range(i, k):
-                ranks[o[m], j] = r
-            t = float(k - i)
-            s += t * t * t - t
-            i = k
-        tie[j] = s
-    return ranks, tie
+    thr = np.empty((K, B))
+    idx_a = np.empty((RA, B), np.int64)
+    idx_b = np.empty((RB, B), np.int64)
+    pp_a = np.zeros((K, B))
+    pp_b = np.zeros((K, B))
+    U = A.view(np.uint32)
+    for tile in prange((B + TILE - 1) // TILE):
+        j0 = tile * TILE
+        j1 = min(B, j0 + TILE)
+        keys = np.empty(R, np.uint32)
+        spare_k = np.empty(R, np.uint32)
+        o = np.empty(R, np.int64)
+        spare_o = np.empty(R, np.int64)
+        cnt = np.empty(256, np.int64)
+        sa = np.empty(RA)
+        lr = np.empty((TILE, R))
+        la = np.empty((TILE, RA), np.int64)
+        lb = np.empty((TILE, RB), np.int64)
+        for j in range(j0, j1):
+            q0 = j - j0
+            _radix_order(U[j], keys, spare_k, o, spare_o, cnt)
+            a = A[j]
+            i = 0
+            s = 0.0
+            while i < R:
+                k = i + 1
+                while k < R and a[o[k]] == a[o[i]]:
+                    k += 1
+                r = (i + 1 + k) / 2.0
+                for m in range(i, k):
+                    lr[q0, o[m]] = r
+                t = float(k - i)
+                s += t * t * t - t
+                i = k
+            tie[j] = s
+            if K == 0:
+                continue
+            n = 0  # part A's values, ascending
+            for m in range(R):
+                if part[o[m]] == 0:
+                    sa[n] = a[o[m]]
+                    n += 1
+            for q in range(K):  # numpy.quantile(method="linear"): its index, weight and lerp
+                v = (RA - 1) * qs[q]
+                if v >= RA - 1:
+                    thr[q, j] = sa[RA - 1]
+                    continue
+                lo = np.floor(v)
+                g = v - lo
+                x0 = sa[int(lo)]
+                x1 = sa[int(lo) + 1]
+                d = x1 - x0
+                thr[q, j] = x1 - d * (1.0 - g) if g >= 0.5 else x0 + d * g
+            ca = np.zeros(K + 1, np.int64)
+            cb = np.zeros(K + 1, np.int64)
+            b = 0  # thresholds strictly below the current value (values ascend)
+            for m in range(R):
+                r = o[m]
+                x = np.float64(a[r])
+                while b < K and thr[b, j] < x:
+                    b += 1
+                if part[r] == 0:
+                    la[q0, pos[r]] = b + (K + 1) * j
+                    ca[b] += 1
+                elif part[r] == 1:
+                    lb[q0, pos[r]] = b + (K + 1) * j
+                    cb[b] += 1
+            na = 0
+            nb = 0
+            for q in range(K, 0, -1):  # X > thr[q - 1]  <=>  bin >= q
+                na += ca[q]
+                nb += cb[q]
+                pp_a[q - 1, j] = na
+                pp_b[q - 1, j] = nb
+        w = j1 - j0
+        for r in range(R):
+            for q in range(w):
+                ranks[r, j0 + q] = lr[q, r]
+        if K > 0:
+            for r in range(RA):
+                for q in range(w):
+                    idx_a[r, j0 + q] = la[q, r]
+            for r in range(RB):
+                for q in range(w):
+                    idx_b[r, j0 + q] = lb[q, r]
+    return ranks, tie, thr, idx_a, pp_a, idx_b, pp_b

@@ -389,19 +389,20 @@ class _XStats:
 
 
 def _activation_stats(A: np.ndarray, part: np.ndarray, n_thresholds: int) -> _XStats:
-    from discover._kernels import rank_ties
+    """Ranks, ties, part A's quantile thresholds and both parts' bins, from one radix sort per
+    neuron (`_kernels.activation_stats`; equal, bit for bit, to scipy's rankdata, numpy's
+    quantile and searchsorted: tests/test_verify.py)."""
+    from discover._kernels import activation_stats
 
     R = A.shape[1]
     if R < 2:
         return _XStats(None, None, None, None, None)
-    ranks, tie = rank_ties(np.ascontiguousarray(A))
-    inA, inB = part == 0, part == 1
-    if not inA.any():
+    qs = np.linspace(0.5, 0.999, n_thresholds)
+    ranks, tie, thr, ia, pa, ib, pb = activation_stats(np.ascontiguousarray(A, dtype=np.float32),
+                                                       np.ascontiguousarray(part, dtype=np.int8), qs)
+    if not (part == 0).any():
         return _XStats(ranks, tie, None, None, None)
-    X = A.T.astype(np.float64)
-    XA, XB = X[inA], X[inB]
-    thr = np.quantile(XA, np.linspace(0.5, 0.999, n_thresholds), axis=0)  # (K, B)
-    return _XStats(ranks, tie, thr, _bins(XA, thr), _bins(XB, thr))
+    return _XStats(ranks, tie, thr, (ia, pa), (ib, pb))
 
 
 def _score_labels(xs: _XStats, lab, part, min_positives, out) -> tuple[np.ndarray, np.ndarray]:
@@ -455,35 +456,14 @@ def _score_labels(xs: _XStats, lab, part, min_positives, out) -> tuple[np.ndarra
     return n1.astype(np.int64), tested
 
 
-def _bins(X: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the detector `X > thr[k]` (K thresholds per column, ascending): each value's flat bin
-    (how many thresholds lie strictly below it, offset by column) and the predicted positives
-    (K, B), from one binning pass (values fall in the K + 1 intervals)."""
-    K, B = thr.shape
-    R = X.shape[0]
-    idx = np.empty((R, B), np.int64)
-    for j in range(B):  # thresholds ascend: side="left" counts thresholds strictly below x
-        idx[:, j] = np.searchsorted(thr[:, j], X[:, j], side="left")
-    flat = idx + (K + 1) * np.arange(B)[None, :]
-    tot = np.bincount(flat.ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
-    # X > thr[k]  <=>  bin index >= k + 1: suffix sums over bins
-    pp = np.cumsum(tot[:, ::-1], axis=1)[:, ::-1][:, 1:].T  # (K, B)
-    return flat, pp.astype(np.float64)
-
-
 def _counts(flat: np.ndarray, pp: np.ndarray, Y: np.ndarray):
-    """True positives (K, n_rules, B) and predicted positives (K, B) of `_bins`' detectors."""
+    """True positives (K, n_rules, B) and predicted positives (K, B) of the detectors `X > thr[k]`,
+    from each value's flat bin (`_kernels.activation_stats`)."""
     K, B = pp.shape
     pos = np.stack([np.bincount(flat[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
                     for r in range(Y.shape[1])])  # (nr, B, K+1)
     tp = np.cumsum(pos[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:].transpose(2, 0, 1)  # (K, nr, B)
     return tp.astype(np.float64), pp
-
-
-def _threshold_counts(X: np.ndarray, Y: np.ndarray, thr: np.ndarray):
-    """For K thresholds per column: true positives (K, n_rules, B) and predicted positives (K, B)
-    of the detector `X > thr`."""
-    return _counts(*_bins(X, thr), Y)
 
 
 def shuffled_labels(data: FeatureData, seed: int = 0) -> np.ndarray:

@@ -389,13 +389,54 @@ def test_random_models_confirm_few_prediction_hypotheses(arch, tmp_path):
     assert confirmed / tested <= 0.05, (confirmed, tested)
 
 
-def test_scoring_label_sets_in_one_pass_equals_one_by_one():
-    """`score_sets` shares the activations' ranks, ties and thresholds between label sets (the
-    rules' and their shuffle): each result equals `score` of its labels alone, bit for bit, and
-    the numba ranks equal scipy's average ranks, ties included."""
+def _reference_stats(A, part, qs):
+    """What `_kernels.activation_stats` computes, the slow way: scipy's average ranks, numpy's
+    quantiles of part A, searchsorted bins and the detectors' predicted positives."""
     from scipy.stats import rankdata
 
-    from discover._kernels import rank_ties
+    ranks = rankdata(A.T.astype(np.float64), axis=0, method="average")
+    tie = [(c ** 3 - c).sum() for c in (np.unique(a, return_counts=True)[1].astype(np.float64) for a in A)]
+    X = A.T.astype(np.float64)
+    XA, XB = X[part == 0], X[part == 1]
+    thr = np.quantile(XA, qs, axis=0)
+    K, B = thr.shape
+    out = [ranks, np.array(tie), thr]
+    for Xp in (XA, XB):
+        idx = np.stack([np.searchsorted(thr[:, j], Xp[:, j], side="left") for j in range(B)], 1)
+        out.append(idx + (K + 1) * np.arange(B)[None, :])
+        out.append(np.stack([(Xp > thr[k]).sum(0) for k in range(K)]).astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_activation_stats_kernel_equals_scipy_and_numpy(seed):
+    """One radix sort per neuron gives scipy's average ranks and tie terms, numpy.quantile's
+    thresholds (method "linear") and searchsorted's bins, bit for bit: ties, a constant row,
+    -0.0 beside +0.0, negative values, parts of uneven and tiny sizes."""
+    from discover._kernels import activation_stats
+
+    rng = np.random.default_rng(seed)
+    B, R = 23, [3000, 257, 5][seed]
+    A = rng.standard_normal((B, R)).astype(np.float32) * 3
+    A[:8] = np.round(A[:8], 1)  # many ties
+    A[8] = 0.0  # constant
+    A[9, ::2] = -0.0
+    A[9, 1::2] = 0.0
+    A[10] = np.abs(A[10]) * 1e-30  # tiny positives
+    part = rng.integers(0, 2, R).astype(np.int8)
+    part[:2] = (0, 1)
+    qs = np.linspace(0.5, 0.999, 64)
+    got = activation_stats(A, part, qs)
+    want = _reference_stats(A, part, qs)
+    for name, g, w in zip(("ranks", "tie", "thr", "idx_a", "pp_a", "idx_b", "pp_b"), got, want):
+        assert g.shape == w.shape and np.array_equal(g, w), name
+    none = activation_stats(A, np.ones(R, np.int8), qs)  # no part-A token: no thresholds
+    assert np.array_equal(none[0], want[0]) and none[2].shape == (0, B) and none[3].shape == (0, B)
+
+
+def test_scoring_label_sets_in_one_pass_equals_one_by_one():
+    """`score_sets` shares the activations' ranks, ties and thresholds between label sets (the
+    rules' and their shuffle): each result equals `score` of its labels alone, bit for bit."""
     from discover.features import FeatureData, score, score_sets, shuffled_labels
     from discover.verify import auroc_score
 
@@ -408,10 +449,6 @@ def test_scoring_label_sets_in_one_pass_equals_one_by_one():
     labels = np.stack([acts[7] > 0.5, rng.random(R) < 0.05, np.zeros(R, bool)], 1)
     data = FeatureData(rules=[SimpleNamespace(name=n) for n in ("x7", "noise", "never")], skipped=[], labels=labels,
                        part=(rng.random(R) < 0.5).astype(np.int8), acts=acts, n_layers=1, d_mlp=G, documents=1)
-    ranks, tie = rank_ties(acts)
-    assert np.array_equal(ranks, rankdata(acts.T.astype(np.float64), axis=0, method="average"))
-    counts = [np.unique(a, return_counts=True)[1].astype(np.float64) for a in acts]
-    assert np.array_equal(tie, [(c ** 3 - c).sum() for c in counts])
     shuffled = shuffled_labels(data, 0)
     both = score_sets(data, [labels, shuffled], block=32)  # blocks that do not divide 70
     for got, lab in zip(both, [labels, shuffled]):
