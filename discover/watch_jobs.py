@@ -1,8 +1,8 @@
 """`discover watch --ray ADDRESS`: checkpoints as parallel jobs on a Ray cluster, committed here
 one at a time.
 
-Each new checkpoint is one job (a Ray task with `--ray-cpus` cores or `--ray-gpus` GPUs; as
-many run at once as the cluster fits): it hashes the checkpoint and runs scan -> corpus pass ->
+Each new checkpoint is one job (a Ray task with `--ray-cpus` cores; as many run at once as the
+cluster fits; CPU only, as verify is): it hashes the checkpoint and runs scan -> corpus pass ->
 verify -> report into a scratch store of its own, `STORE/.jobs/<key>` (the key: the checkpoint's
 path and file signature; on storage every node shares, like the checkpoints and the corpus). The
 driver takes the finished jobs in the serial order (run, step) and commits each whole, alone:
@@ -18,7 +18,8 @@ the scan, pass and verify run as a serial watch does.
 Faults: a worker that dies has its job retried (Ray task retries) and the job resumes from its
 scratch store (the corpus pass from its saved state); a driver killed and rerun sends the
 unfinished checkpoints again, to the same scratch stores, so they resume too. A checkpoint that
-fails is recorded as failed with its reason, as in a serial watch.
+fails (or whose worker died more often than Ray retries) is recorded as failed with its reason,
+as in a serial watch, and the run goes on.
 """
 
 from __future__ import annotations
@@ -51,14 +52,11 @@ def clear_stale(store_root: Path, keep: set) -> None:
                 shutil.rmtree(sub, ignore_errors=True)
 
 
-def run_job(path: str, scratch: str, cfg: dict, *, known_id: str | None, catalog_ids: list, threads: int,
-            device: str) -> dict:
+def run_job(path: str, scratch: str, cfg: dict, *, known_id: str | None, catalog_ids: list, threads: int) -> dict:
     """One checkpoint on a worker: hash it, then (unless it is unchanged or already in the
     catalog) scan, corpus pass, verify and report into the scratch store `scratch`. Returns what
     the driver commits: the identity, the stages' summaries, the pass and verify ids, the
     report's card count; or {status: failed, error} with a serial watch's message."""
-    from dataclasses import replace
-
     from discover.adapter import identify
     from discover.cluster import use_threads
     from discover.errors import DiscoverError, first_line
@@ -79,8 +77,6 @@ def run_job(path: str, scratch: str, cfg: dict, *, known_id: str | None, catalog
             out["status"] = "inline"  # the catalog has its scan: the driver reuses it, as a serial watch does
         else:
             act, ver = c.act_config(), c.verify_config()
-            if device != "cpu":
-                act = replace(act, device=device)
             prepared = prepare(path, corpus=c.corpus, text_field=c.text_field, act_config=act,
                                allow_pickle=c.allow_pickle, split=ver.split, identity=identity)
             with Store(scratch) as st:
@@ -107,6 +103,11 @@ class CheckpointJobs:
     job per worker in flight or finished and waiting (`ray.wait` backpressure)."""
 
     def __init__(self, cluster):
+        from discover.errors import ClusterError
+
+        if cluster.spec.gpus > 0:  # verify (part of every job) runs on CPU
+            raise ClusterError("watch --ray runs each checkpoint's job on CPU cores (its verify stage needs them); "
+                               "drop --ray-gpus and set --ray-cpus")
         self.cluster = cluster
 
     def __call__(self, items: list, cfg: dict, catalog_ids: list):
@@ -115,16 +116,19 @@ class CheckpointJobs:
 
         if not items:
             return
-        s = self.cluster.spec
+        from discover.errors import ClusterError
+
         task = remote_task(self.cluster, run_job)
-        device = "cuda" if s.gpus > 0 else "cpu"
-        threads = max(1, int(s.cpus))
+        threads = max(1, int(self.cluster.spec.cpus))
         tasks = [lambda _slot, f=f, d=d, k=k: task.remote(str(f.path), str(d), cfg, known_id=k,
-                                                         catalog_ids=catalog_ids, threads=threads, device=device)
+                                                         catalog_ids=catalog_ids, threads=threads)
                  for f, d, k in items]
         slots = list(range(max(1, self.cluster.workers)))
         for (f, _, _), ref in zip(items, in_order(slots, tasks, per_actor=1)):
-            yield fetch(ref, f"the checkpoint job of {f.path}")
+            try:
+                yield fetch(ref, "its job")
+            except ClusterError as e:  # its worker died more often than Ray retries: the run goes on
+                yield {"status": "failed", "identity": None, "error": str(e), "seconds": 0.0}
 
 
 # ------------------------------------------------------------------------------ commit

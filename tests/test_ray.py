@@ -283,6 +283,17 @@ def test_watch_jobs_on_two_workers_equal_a_serial_watch(cluster, tmp_path):
         assert {d.name for d in (stores[name] / "activations").iterdir()} == dirs
 
 
+def test_watch_jobs_refuse_gpu_workers():
+    """Every checkpoint job runs verify, which runs on CPU: --ray-gpus is one clear line."""
+    from types import SimpleNamespace
+
+    from discover.errors import ClusterError
+    from discover.watch_jobs import CheckpointJobs
+
+    with pytest.raises(ClusterError, match="--ray-cpus"):
+        CheckpointJobs(SimpleNamespace(spec=C.parse_address("local:1", gpus=1.0), workers=1))
+
+
 def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path, monkeypatch):
     """`discover verify --ray ADDRESS`: the held-out forward passes and the mean ablations of the
     prediction hypotheses (one layer's jobs together) run on the same two workers, each loading
