@@ -350,6 +350,9 @@ def _check_settings(cfg: WatchConfig) -> None:
 
 def _each(store, root, sroot, todo, known, cfg, s: WatchSummary, progress, jobs=None) -> None:
     results = _job_results(store, sroot, todo, known, cfg, jobs) if jobs is not None else None
+    if results is not None and todo:
+        _say(f"{len(todo)} checkpoint(s) sent as jobs to the cluster ({getattr(jobs, 'workers', '?')} at a time); "
+             "each is committed here when it and those before it are done", progress)
     t0 = time.perf_counter()
     for i, f in enumerate(todo):
         where = f" (step {f.step})" if f.step is not None else ""

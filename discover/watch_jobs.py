@@ -109,6 +109,7 @@ class CheckpointJobs:
             raise ClusterError("watch --ray runs each checkpoint's job on CPU cores (its verify stage needs them); "
                                "drop --ray-gpus and set --ray-cpus")
         self.cluster = cluster
+        self.workers = max(1, cluster.workers)  # jobs at once
 
     def __call__(self, items: list, cfg: dict, catalog_ids: list):
         """items: [(found, scratch dir, known checkpoint id of its path)] -> yields job results."""
@@ -123,7 +124,7 @@ class CheckpointJobs:
         tasks = [lambda _slot, f=f, d=d, k=k: task.remote(str(f.path), str(d), cfg, known_id=k,
                                                          catalog_ids=catalog_ids, threads=threads)
                  for f, d, k in items]
-        slots = list(range(max(1, self.cluster.workers)))
+        slots = list(range(self.workers))
         for (f, _, _), ref in zip(items, in_order(slots, tasks, per_actor=1)):
             try:
                 yield fetch(ref, "its job")
