@@ -190,3 +190,32 @@ def log(msg: str, *, quiet: bool = False) -> None:
 
     if not quiet:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint_series(root: Path, n: int) -> Path:
+    """ROOT/run/checkpoint-1..n: the embedded default model, then each one's MLP weights perturbed
+    by 1% noise from the one before (a training run's nights); files dated an hour ago (settled)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from discover.scan import default_model_spec
+
+    src = Path(default_model_spec())
+    run = root / "run"
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, n + 1):
+        d = run / f"checkpoint-{step}"
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("README.md", "model.safetensors"))
+        if step > 1:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".mlp." in name and p.dim() == 2:
+                        p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
+        model.save_pretrained(str(d))
+    old = time.time() - 3600  # written an hour ago: settled
+    for f in run.rglob("*"):
+        os.utime(f, (old, old))
+    return run

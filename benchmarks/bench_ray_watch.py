@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,31 +38,6 @@ CHECKED = (
     "FROM neuron_changes ORDER BY ALL",
     "SELECT path, step, checkpoint_id, prev_checkpoint_id, status FROM watch_checkpoints ORDER BY ALL",
 )
-
-
-def make_run(root: Path, n: int) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from discover.scan import default_model_spec
-
-    src = Path(default_model_spec())
-    run = root / "run"
-    model = AutoModelForCausalLM.from_pretrained(str(src))
-    g = torch.Generator().manual_seed(0)
-    for step in range(1, n + 1):
-        d = run / f"checkpoint-{step}"
-        shutil.copytree(src, d, ignore=shutil.ignore_patterns("README.md", "model.safetensors"))
-        if step > 1:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if ".mlp." in name and p.dim() == 2:
-                        p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
-        model.save_pretrained(str(d))
-    old = time.time() - 3600  # written an hour ago: settled
-    for f in run.rglob("*"):
-        os.utime(f, (old, old))
-    return run
 
 
 def rows(store: Path, sql: str) -> list:
@@ -86,7 +60,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run = make_run(tmp, a.checkpoints)
+        run = C.checkpoint_series(tmp, a.checkpoints)
         common = ["--once", "--tokens", str(a.tokens), "--verify-tokens", str(a.verify_tokens), "--json"]
         out = {}
         for name, extra in (("serial", []), ("ray2", ["--ray", "local:2"])):

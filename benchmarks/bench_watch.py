@@ -33,26 +33,6 @@ import _common as C  # noqa: E402
 BUDGET_S = 2.0
 
 
-def make_run(root: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from discover.scan import default_model_spec
-
-    src = Path(default_model_spec())
-    run = root / "run"
-    shutil.copytree(src, run / "checkpoint-1", ignore=shutil.ignore_patterns("README.md"))
-    shutil.copytree(src, run / "checkpoint-2", ignore=shutil.ignore_patterns("README.md"))
-    model = AutoModelForCausalLM.from_pretrained(str(src))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name and p.dim() == 2:
-                p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
-    model.save_pretrained(str(run / "checkpoint-2"))
-    return run
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=100_000)
@@ -68,7 +48,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run = make_run(tmp)
+        run = C.checkpoint_series(tmp, 2)
         store = tmp / "store"
         cfg = WatchConfig(tokens=a.tokens, verify_tokens=a.verify_tokens, settle=0)
         # checkpoint-1 alone first (warms numba, spaCy, the corpus reader), then checkpoint-2 arrives
