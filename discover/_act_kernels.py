@@ -95,7 +95,7 @@ def _offer(vals, docs, src, pos, n, v, doc, b, t):
 @njit(parallel=True, nogil=True, cache=True)
 def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale, group, count,
                       mean, m2, m3, m4, amin, amax, n_pos, hist,
-                      av, ad, asrc, apos, dv, dd, dsrc, dpos):
+                      av, ad, asrc, apos, dv, dd, dsrc, dpos, dense=False):
     """Fold one batch into the running state.
 
     acts (B, T, N) float32 and `bits` (the same buffer viewed as int32); lens (B,) valid length
@@ -107,7 +107,9 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
     Running state per neuron over count[n] counted positions (updated here): mean, m2, m3, m4
     (central sums, float64), amin, amax, n_pos (count > 0), hist (N, N_BINS). Top-k tables
     (N, k): values, document, and (set by this call for entries it changed) batch row and
-    position."""
+    position. `dense`: every position counts for every neuron with scale 1 (a dense MLP): the
+    per-position loop over a block's neurons is then branch-free (vectorised by the compiler),
+    with the same operations in the same order per neuron, so the same results bit for bit."""
     B, T, N = acts.shape
     nblocks = (N + BLOCK - 1) // BLOCK
     for blk in prange(nblocks):
@@ -125,9 +127,14 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
         at_d = np.zeros(w, np.int32)
         cnt = np.zeros(w, np.int64)
         grp = np.empty(w, np.int64)
+        lo = np.empty(w, np.float32)
+        hi = np.empty(w, np.float32)
+        npos = np.zeros(w, np.int64)
         for i in range(w):
             grp[i] = group[n0 + i]
             shift[i] = mean[n0 + i] if count[n0 + i] > 0 else np.float64(acts[0, start, n0 + i])
+            lo[i] = amin[n0 + i]
+            hi[i] = amax[n0 + i]
         for b in range(B):
             for i in range(w):
                 best_a[i] = EMPTY
@@ -135,6 +142,30 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
             for t in range(start, lens[b]):
                 j = nxt[b, t]
                 isc = inv_scale[b, t]
+                if dense:
+                    for i in range(w):  # no branch: one vector lane per neuron
+                        x = acts[b, t, n0 + i]
+                        d = np.float64(x) - shift[i]
+                        d2 = d * d
+                        s1[i] += d
+                        s2[i] += d2
+                        s3[i] += d2 * d
+                        s4[i] += d2 * d2
+                        npos[i] += 1 if x > 0 else 0
+                        lo[i] = x if x < lo[i] else lo[i]
+                        hi[i] = x if x > hi[i] else hi[i]
+                        up = x > best_a[i]
+                        best_a[i] = x if up else best_a[i]
+                        at_a[i] = t if up else at_a[i]
+                    for i in range(w):
+                        hist[n0 + i, _bin(bits[b, t, n0 + i])] += 1
+                    if j >= 0:
+                        for i in range(w):
+                            y = acts[b, t, n0 + i] * np.float32(1.0) * ct[j, n0 + i] * isc
+                            up = y > best_d[i]
+                            best_d[i] = y if up else best_d[i]
+                            at_d[i] = t if up else at_d[i]
+                    continue
                 for i in range(w):
                     s = wscale[b, t, grp[i]]
                     if s == 0:
@@ -149,11 +180,11 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
                     s3[i] += d2 * d
                     s4[i] += d2 * d2
                     if x > 0:
-                        n_pos[n] += 1
-                    if x < amin[n]:
-                        amin[n] = x
-                    if x > amax[n]:
-                        amax[n] = x
+                        npos[i] += 1
+                    if x < lo[i]:
+                        lo[i] = x
+                    if x > hi[i]:
+                        hi[i] = x
                     hist[n, _bin(bits[b, t, n])] += 1
                     if x > best_a[i]:
                         best_a[i] = x
@@ -163,6 +194,9 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
                         if y > best_d[i]:
                             best_d[i] = y
                             at_d[i] = t
+            if dense:
+                for i in range(w):
+                    cnt[i] += max(0, lens[b] - start)
             for i in range(w):
                 n = n0 + i
                 if best_a[i] > EMPTY:
@@ -171,6 +205,9 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
                     _offer(dv, dd, dsrc, dpos, n, best_d[i], docs[b], b, at_d[i])
         for i in range(w):
             n = n0 + i
+            n_pos[n] += npos[i]
+            amin[n] = lo[i]
+            amax[n] = hi[i]
             if cnt[i] == 0:
                 continue
             na = np.float64(count[n])

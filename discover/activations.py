@@ -383,7 +383,7 @@ class PassRunner:
                 act, act.view(np.int32), lens, start, docs, nxt_idx, inv_scale, ct, wscale, self.group,
                 *(a[m][l] for m in OPEN), a["amin"][l], a["amax"][l], a["n_pos"][l],
                 a["hist"][l], a["av"][l], a["adoc"][l], asrc, a["apos"][l], a["dv"][l], a["ddoc"][l], dsrc,
-                a["dpos"][l])
+                a["dpos"][l], dense=not self.view.layout.moe)
             for p, src in (("a", asrc), ("d", dsrc)):
                 self._windows(state, l, p, src, act, ids, lens, chunks, nxt_idx, ct, inv_scale, nxt_tok, wscale)
             self._curves(state, l, act, valid, pred, nxt_tok, wscale)

@@ -201,6 +201,41 @@ def test_moments_are_exact_for_the_same_batches(env):
     np.testing.assert_allclose(m["act_kurt"][0], scipy.stats.kurtosis(X, axis=0, fisher=False), rtol=1e-8)
 
 
+def test_dense_kernel_path_equals_the_general_path():
+    """A dense MLP's branch-free path (`dense=True`: every position counts, scale 1) leaves every
+    array of the state (moments, counts, min / max, histograms, both top-k tables with their rows
+    and positions) equal, bit for bit, to the general path's, over batches of uneven lengths,
+    ties, zeros, negatives and positions with and without a known next token."""
+    rng = np.random.default_rng(5)
+    L, N, k = 1, 150, 3  # 150 neurons: blocks of 64, 64 and 22
+    states = {d: A.PassState(L, N, k, 3, 0) for d in (False, True)}
+    srcs = {d: [] for d in (False, True)}
+    for i in range(6):
+        B, T = 3, 17
+        x = (rng.standard_normal((B, T, N)) * rng.choice([0.01, 1.0, 30.0], N)).astype(np.float32)
+        x[:, :, :10] = np.round(x[:, :, :10])  # ties and exact zeros
+        x[0, 3, 20:30] = -0.0
+        lens = rng.integers(1, T + 1, B).astype(np.int32)
+        nxt = rng.integers(-1, 4, (B, T)).astype(np.int32)
+        ct = rng.standard_normal((4, N)).astype(np.float32)
+        inv = rng.uniform(0.5, 2.0, (B, T)).astype(np.float32)
+        docs = np.arange(B, dtype=np.int64) + 2 * i  # consecutive batches share documents
+        for dense, st in states.items():
+            a = st.a
+            asrc, dsrc = np.full((N, k), -1, np.int32), np.full((N, k), -1, np.int32)
+            K.activation_update(
+                x, x.view(np.int32), lens, 1, docs, nxt, inv, ct, np.ones((B, T, 1), np.float32), np.zeros(N, np.int32),
+                a["count"][0], a["mean"][0], a["m2"][0], a["m3"][0], a["m4"][0], a["amin"][0], a["amax"][0],
+                a["n_pos"][0], a["hist"][0], a["av"][0], a["adoc"][0], asrc, a["apos"][0], a["dv"][0], a["ddoc"][0],
+                dsrc, a["dpos"][0], dense=dense)
+            srcs[dense] += [asrc, dsrc]
+    for name, arr in states[False].a.items():
+        assert np.array_equal(arr, states[True].a[name], equal_nan=True), name
+    for g, d in zip(srcs[False], srcs[True]):
+        assert np.array_equal(g, d)
+    assert states[True].a["count"][0].sum() > 0 and (states[True].a["dv"][0] > K.EMPTY).any()
+
+
 def test_histograms_equal_direct_binning(env):
     X = env.ref.acts.astype(np.float32)
     L, N = X.shape[1:]
