@@ -385,7 +385,7 @@ def _job_results(store, sroot, todo, known, cfg, jobs):
               if (known.get(str(f.path)) or {}).get("status") == "done" else None) for f in todo]
     watch_jobs.clear_stale(sroot, {d.name for _, d, _ in items})  # a killed run's jobs resume in theirs
     ids = [r[0] for r in store.con.execute("SELECT checkpoint_id FROM checkpoints").fetchall()]
-    return jobs(items, asdict(cfg), ids)
+    return jobs(items, cfg, ids)
 
 
 class _JobFailed(Exception):

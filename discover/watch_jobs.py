@@ -52,7 +52,7 @@ def clear_stale(store_root: Path, keep: set) -> None:
                 shutil.rmtree(sub, ignore_errors=True)
 
 
-def run_job(path: str, scratch: str, cfg: dict, *, known_id: str | None, catalog_ids: list, threads: int) -> dict:
+def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: list, threads: int) -> dict:
     """One checkpoint on a worker: hash it, then (unless it is unchanged or already in the
     catalog) scan, corpus pass, verify and report into the scratch store `scratch`. Returns what
     the driver commits: the identity, the stages' summaries, the pass and verify ids, the
@@ -62,13 +62,12 @@ def run_job(path: str, scratch: str, cfg: dict, *, known_id: str | None, catalog
     from discover.errors import DiscoverError, first_line
     from discover.pipeline import prepare, run_pipeline, write_report
     from discover.store import Store
-    from discover.watch import WatchConfig
 
     use_threads(threads)
     t0, started = time.perf_counter(), time.time()
     out = {"status": "done", "identity": None, "started": started, "pid": os.getpid()}
     try:
-        c = WatchConfig(**cfg)
+        c = cfg  # a discover.watch.WatchConfig
         identity = identify(path, allow_pickle=c.allow_pickle)
         out["identity"] = list(identity)
         if identity[1] == known_id:
@@ -111,8 +110,9 @@ class CheckpointJobs:
         self.cluster = cluster
         self.workers = max(1, cluster.workers)  # jobs at once
 
-    def __call__(self, items: list, cfg: dict, catalog_ids: list):
-        """items: [(found, scratch dir, known checkpoint id of its path)] -> yields job results."""
+    def __call__(self, items: list, cfg, catalog_ids: list):
+        """items: [(found, scratch dir, known checkpoint id of its path)], cfg: the watch's
+        WatchConfig -> yields job results."""
         from discover.cluster import fetch, in_order, remote_task
 
         if not items:

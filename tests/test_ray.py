@@ -297,7 +297,8 @@ def test_watch_jobs_refuse_gpu_workers():
 def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path, monkeypatch):
     """`discover verify --ray ADDRESS`: the held-out forward passes and the mean ablations of the
     prediction hypotheses (one layer's jobs together) run on the same two workers, each loading
-    the model once; every verdict and every number of its evidence equal one process's."""
+    the model once; every verdict and every number of its evidence (feature scores included)
+    equal one process's."""
     import json
 
     from discover.cli import main
@@ -319,10 +320,11 @@ def test_verify_on_two_workers_equals_one_process(cluster, env, tmp_path, monkey
         assert main(argv) == 0
         with Store(store, read_only=True) as st:
             rows = st.con.execute("SELECT layer, neuron, kind, subject, verdict, decided_by, evidence FROM hypotheses "
-                                  "WHERE kind <> 'feature' ORDER BY ALL").fetchall()
+                                  "ORDER BY ALL").fetchall()
         outs[name] = [r[:6] + (json.loads(r[6]),) for r in rows]
-    tested = [r for r in outs["single"] if r[6].get("ablation_positions", 0) > 0]
+    tested = [r for r in outs["single"] if r[2] != "feature" and r[6].get("ablation_positions", 0) > 0]
     assert len({r[0] for r in tested}) >= 2, outs["single"]  # ablations on more than one layer
+    assert any(r[2] == "feature" for r in outs["single"])  # feature scores from the workers' activations
     assert outs["cluster"] == outs["single"]
     assert started == [("VerifyWorker", 2)]  # one model load per worker for the whole verify run
 
