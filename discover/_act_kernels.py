@@ -68,6 +68,16 @@ def _bin(bits):
 
 
 @njit(inline="always")
+def _add_powers(s1, s2, s3, s4, i, d):
+    """Power sums of neuron i's deviations d from its shift (float64)."""
+    d2 = d * d
+    s1[i] += d
+    s2[i] += d2
+    s3[i] += d2 * d
+    s4[i] += d2 * d2
+
+
+@njit(inline="always")
 def _offer(vals, docs, src, pos, n, v, doc, b, t):
     """Offer (v, doc) to neuron n's top-k table, keeping one entry per document.
     A kept entry records the batch row `b` and position `t` it came from. Documents arrive in
@@ -145,12 +155,7 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
                 if dense:
                     for i in range(w):  # no branch: one vector lane per neuron
                         x = acts[b, t, n0 + i]
-                        d = np.float64(x) - shift[i]
-                        d2 = d * d
-                        s1[i] += d
-                        s2[i] += d2
-                        s3[i] += d2 * d
-                        s4[i] += d2 * d2
+                        _add_powers(s1, s2, s3, s4, i, np.float64(x) - shift[i])
                         npos[i] += 1 if x > 0 else 0
                         lo[i] = x if x < lo[i] else lo[i]
                         hi[i] = x if x > hi[i] else hi[i]
@@ -173,12 +178,7 @@ def activation_update(acts, bits, lens, start, docs, nxt, inv_scale, ct, wscale,
                     cnt[i] += 1
                     n = n0 + i
                     x = acts[b, t, n]
-                    d = np.float64(x) - shift[i]
-                    d2 = d * d
-                    s1[i] += d
-                    s2[i] += d2
-                    s3[i] += d2 * d
-                    s4[i] += d2 * d2
+                    _add_powers(s1, s2, s3, s4, i, np.float64(x) - shift[i])
                     if x > 0:
                         npos[i] += 1
                     if x < lo[i]:
