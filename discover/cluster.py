@@ -501,15 +501,15 @@ class _AblationData:
 
 class VerifyWorker(_Worker):
     """A Ray actor: one model replica, loaded once for a whole verify run; runs its held-out
-    forward passes (`features.forward_batch`), then, given the held-out sequences, the mean
-    ablations of its prediction hypotheses."""
+    forward passes (`features.forward_batch`), then the mean ablations of its prediction
+    hypotheses on the held-out sequences."""
 
     def setup(self, spec: str, identity: tuple, allow_pickle: bool, threads: int):
         from discover.adapter import load_model
 
         use_threads(threads)
         self.view = load_model(spec, allow_pickle=allow_pickle, identity=tuple(identity))
-        self.abl = None
+        self.abl, self.abl_key = None, None
 
     def forward(self, batch: list, start: int):
         from discover.features import forward_batch
@@ -517,14 +517,14 @@ class VerifyWorker(_Worker):
         self.check()
         return forward_batch(self.view, batch, start)
 
-    def held_out(self, next_token, seqs) -> None:
+    def effects(self, jobs: list, means, key: str, next_token, seqs) -> list:
+        """The ablations of `jobs` on the held-out data `key` (sent with every task, so that a
+        restarted worker has it too; Ray keeps one copy per node)."""
         from discover.verify import Ablator
 
         self.check()
-        self.abl = Ablator(self.view, _AblationData(next_token, seqs))
-
-    def effects(self, jobs: list, means) -> list:
-        self.check()
+        if self.abl is None or self.abl_key != key:
+            self.abl, self.abl_key = Ablator(self.view, _AblationData(next_token, seqs)), key
         return [self.abl.effects(job[0], [tuple(x) for x in job[1]], means, job[2], elsewhere=job[3]) for job in jobs]
 
 
@@ -543,6 +543,7 @@ class ClusterVerify:
     def __init__(self, cluster: Cluster, allow_pickle: bool = False):
         self.cluster, self.allow_pickle = cluster, allow_pickle
         self.workers: list = []
+        self.identity = None  # the checkpoint the workers hold
         self.stats = {"workers": 0, "batches": 0, "jobs": 0, "groups": 0, "effects_s": 0.0}
 
     def __enter__(self) -> ClusterVerify:
@@ -556,7 +557,10 @@ class ClusterVerify:
         self.workers = []
 
     def _start(self, view) -> list:
+        if self.workers and self.identity != view.checkpoint_id:  # another model: other workers
+            self.close()
         if not self.workers:
+            self.identity = view.checkpoint_id
             if view.model_dir is None:
                 raise ClusterError("this model was not loaded from a path (hub id, directory or .gguf file); the "
                                    "cluster's workers load it from one: run without --ray")
@@ -590,13 +594,13 @@ class ClusterVerify:
                 groups.append([i])
         workers = self._start(view)[:len(groups)]
         next_ref, seqs_ref, means_ref = ray.put(data.next_token), ray.put(data.seqs), ray.put(means)
-        for ref in [w.held_out.remote(next_ref, seqs_ref) for w in workers]:
-            fetch(ref, "verify's held-out data")
         plain = [(j[0], [list(x) for x in j[1]], j[2], j[3]) for j in jobs]
         out: list = [None] * len(jobs)
         bar = tqdm(total=len(jobs), desc=f"verify predictions on {len(workers)} Ray workers", unit="hypothesis",
                    disable=not progress, leave=False)
-        tasks = [lambda w, grp=grp: w.effects.remote([plain[i] for i in grp], means_ref) for grp in groups]
+        key = seqs_ref.hex()
+        tasks = [lambda w, grp=grp: w.effects.remote([plain[i] for i in grp], means_ref, key, next_ref, seqs_ref)
+                 for grp in groups]
         try:
             for grp, ref in zip(groups, in_order(workers, tasks)):
                 for i, r in zip(grp, fetch(ref, "verify's ablations")):

@@ -141,9 +141,17 @@ def run_pipeline(spec: str | None, store, *, corpus: str | None = None, text_fie
 def write_report(store, view, verify_id: str, out, *, fmt: str = "html", cards: int = 200) -> int:
     """Build the report of `view`'s checkpoint with `verify_id`'s verdicts; write it atomically.
     Returns the number of cards."""
-    from discover.report import build_report, render_html, render_markdown
+    from discover.report import build_report
 
     rep = build_report(store, view.spec, cards=cards, view=view, verify_id=verify_id)
+    return save_report(rep, out, fmt=fmt)
+
+
+def save_report(rep: dict, out, *, fmt: str = "html") -> int:
+    """Render report data (`report.build_report`) as `fmt` and write it atomically (a temporary
+    file beside `out`, then a rename). Returns the number of cards."""
+    from discover.report import render_html, render_markdown
+
     text = render_html(rep) if fmt == "html" else (render_markdown(rep) if fmt == "md" else json.dumps(rep, indent=1))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

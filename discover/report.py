@@ -169,7 +169,7 @@ def build_report(store, model: str, *, cards: int = 100, examples: int = 8, view
         },
         "cards": built,
         "studies": studies,
-        "changes": _changes(store, cid),
+        "changes": changes_section(store, cid),
         "universality": None if uni is None else {
             "universality_id": uni["universality_id"], "models": uni["models"], "tokens": uni["tokens"],
             "threshold": uni["threshold"],
@@ -214,7 +214,7 @@ def latest_studies(store, cid: str, limit: int = 5) -> list:
     return out
 
 
-def _changes(store, cid: str) -> dict | None:
+def changes_section(store, cid: str) -> dict | None:
     """What changed since the previous checkpoint of the run, when `discover watch` processed it."""
     from discover.track import report_changes
 

@@ -397,7 +397,7 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
     """Process checkpoint `f` here, or commit what its job (`job`: run on a cluster) computed."""
     from discover.store import transaction
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (job["seconds"] if job is not None else 0.0)  # a job's time on its worker counts
     res = {"path": str(f.path), "step": f.step, "checkpoint_id": None, "status": "done", "error": None,
            "stages": {}, "report": None}
     try:
@@ -423,6 +423,8 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
             _adopt(store, root, sroot, f, job, cfg, run_id, res, progress, t0)
         else:  # here; or a job whose weights the catalog holds by now: reuse them, as a serial watch does
             _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
+        _say(f"    done in {time.perf_counter() - t0:.1f} s; report {res['report']}", progress)
+        _kill_point("done")
     except Exception as e:  # recorded with its reason; the run goes on with the other checkpoints
         import duckdb
 
@@ -438,7 +440,7 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
                 [str(f.path), str(root), f.series, f.step, f.signature, res["checkpoint_id"], res["error"], run_id])
             _result_row(con, run_id, res, time.perf_counter() - t0)
     finally:
-        if job is not None:
+        if job is not None and res["status"] != "failed":  # a failed job's store is kept for a retry
             import shutil
 
             from discover.watch_jobs import scratch_dir
@@ -513,17 +515,26 @@ def _adopt(store, root, sroot, f, job: dict, cfg, run_id, res, progress, t0) -> 
     res["stages"] = {**job["stages"], "job": {k: job[k] for k in ("seconds", "pid", "started", "ended")}}
     moved = watch_jobs.move_files(sroot, scratch)
 
-    def report(out: Path) -> dict:
-        os.replace(scratch / f"report.{cfg.fmt}", out)
-        return job["report"]
+    def report(out: Path) -> dict:  # the job's report data, with the changes the catalog now holds
+        from discover.pipeline import save_report
+        from discover.report import changes_section
 
+        t = time.perf_counter()
+        rep = job["report_data"]
+        rep["changes"] = changes_section(store, job["identity"][1])
+        cards = save_report(rep, out, fmt=cfg.fmt)
+        return {"status": "written", "seconds": job["report_s"] + time.perf_counter() - t, "cards": cards}
+
+    committed = False
     try:
         with watch_jobs.attached(store.con, scratch) as con:
             _commit(store, root, sroot, f, job["identity"][1], job["pass_id"], job["verify_id"], cfg, run_id, res,
                     progress, t0, report, before=lambda: watch_jobs.insert_rows(con, scratch))
+            committed = True
     except BaseException:
-        for d in moved:  # no row points at them
-            shutil.rmtree(d, ignore_errors=True)
+        if not committed:
+            for d in moved:  # no row points at them
+                shutil.rmtree(d, ignore_errors=True)
         raise
 
 
@@ -584,8 +595,6 @@ def _commit(store, root, sroot, f, ckpt_id, pid, vid, cfg, run_id, res, progress
         # that the next run rewrites
         res["stages"]["report"] = report(out)
         _result_row(con, run_id, res, time.perf_counter() - t0)
-    _say(f"    done in {time.perf_counter() - t0:.1f} s; report {out}", progress)
-    _kill_point("done")
 
 
 def _result_row(con, run_id: str, res: dict, seconds: float) -> None:

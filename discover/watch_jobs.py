@@ -3,11 +3,12 @@ one at a time.
 
 Each new checkpoint is one job (a Ray task with `--ray-cpus` cores; as many run at once as the
 cluster fits; CPU only, as verify is): it hashes the checkpoint and runs scan -> corpus pass ->
-verify -> report into a scratch store of its own, `STORE/.jobs/<key>` (the key: the checkpoint's
-path and file signature; on storage every node shares, like the checkpoints and the corpus). The
-driver takes the finished jobs in the serial order (run, step) and commits each whole, alone:
-its scratch store's files are moved into the store, then one transaction inserts its rows, tracks
-it against the run's previous checkpoint, records it as done and puts its report in place. The
+verify -> the report's data into a scratch store of its own, `STORE/.jobs/<key>` (the key: the
+checkpoint's path and file signature; on storage every node shares, like the checkpoints and the
+corpus). The driver takes the finished jobs in the serial order (run, step) and commits each
+whole, alone: its scratch store's files are moved into the store, then one transaction inserts
+its rows, tracks it against the run's previous checkpoint, records it as done and writes its
+report (with the changes since the previous checkpoint, which only the catalog knows). The
 job runs the very code of a serial watch, and tracking runs here in the same order, so the
 catalog ends up with the rows a serial watch writes.
 
@@ -19,7 +20,9 @@ Faults: a worker that dies has its job retried (Ray task retries) and the job re
 scratch store (the corpus pass from its saved state); a driver killed and rerun sends the
 unfinished checkpoints again, to the same scratch stores, so they resume too. A checkpoint that
 fails (or whose worker died more often than Ray retries) is recorded as failed with its reason,
-as in a serial watch, and the run goes on.
+as in a serial watch, and the run goes on; its scratch store is kept for a retry
+(`--retry-failed`) and removed at a later look otherwise, so none of its rows reach the catalog
+(a serial watch keeps the scan of a checkpoint that failed after it).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: 
     from discover.adapter import identify
     from discover.cluster import use_threads
     from discover.errors import DiscoverError, first_line
-    from discover.pipeline import prepare, run_pipeline, write_report
+    from discover.pipeline import prepare, run_pipeline
+    from discover.report import build_report
     from discover.store import Store
 
     use_threads(threads)
@@ -83,12 +87,14 @@ def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: 
                                    prepared=prepared)
                 t = time.perf_counter()
                 vid = run.stages["verify"]["verify_id"]
-                cards = write_report(st, prepared[0].view, vid, Path(scratch) / f"report.{c.fmt}", fmt=c.fmt,
-                                     cards=c.cards)
+                view = prepared[0].view
+                # the report's data (its vocabulary histograms need the weights); its "changes"
+                # section is filled in, and the report written, when the driver commits it
+                rep = build_report(st, view.spec, cards=c.cards, view=view, verify_id=vid)
             out.update(stages={k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
                                for k, v in run.stages.items()},
-                       pass_id=run.stages["activations"]["pass_id"], verify_id=vid,
-                       report={"status": "written", "seconds": time.perf_counter() - t, "cards": cards})
+                       pass_id=run.stages["activations"]["pass_id"], verify_id=vid, report_data=rep,
+                       report_s=time.perf_counter() - t)
     except Exception as e:  # noqa: BLE001 (recorded as the checkpoint's failure, as in a serial watch)
         out["status"] = "failed"
         out["error"] = first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
@@ -175,4 +181,9 @@ class attached:
         return self.con
 
     def __exit__(self, *exc):
-        self.con.execute("DETACH job")
+        import duckdb
+
+        try:
+            self.con.execute("DETACH job")
+        except duckdb.Error:  # best effort: never hides the error that ended the block
+            pass

@@ -227,7 +227,7 @@ def test_watch_jobs_on_two_workers_equal_a_serial_watch(cluster, tmp_path):
     weights = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     common = ["--once", "--tokens", "3000", "--verify-tokens", "3000", "--verify-split", "all", "--corpus", str(corpus),
-              "--candidates", "5", "--settle", "0", "--json"]
+              "--candidates", "5", "--settle", "0", "--json", "--format", "json"]
     stores = {}
     for name, extra in (("serial", []), ("cluster", ["--ray", cluster])):
         stores[name] = tmp_path / name
@@ -275,6 +275,17 @@ def test_watch_jobs_on_two_workers_equal_a_serial_watch(cluster, tmp_path):
     spans = sorted((j["started"], j["ended"]) for j in jobs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
     assert len({j["pid"] for j in jobs}) == 2
+    def reports(store):  # each report's changes since the previous checkpoint, and its cards' neurons
+        out = {}
+        for p in sorted((store / "reports").glob("*.json")):
+            rep = json.loads(p.read_text().replace(str(store), "STORE"))  # report paths inside the store
+            out[p.name] = (rep["changes"], [c["neuron"] for c in rep["cards"]])
+        return out
+
+    want = reports(stores["serial"])
+    assert len(want) == 4 and sum(ch is not None and ch.get("along_run") is not None for ch, _ in want.values()) == 4
+    assert reports(stores["cluster"]) == want
+    assert reports(stores["killed"]) == want
     for name in ("cluster", "killed"):  # no scratch store left, every file referenced
         assert not list((stores[name] / ".jobs").glob("*")), name
         dirs = {r[0] for r in rows(stores[name], "SELECT files_dir FROM checkpoints")}
