@@ -14,6 +14,12 @@ class DiscoverError(Exception):
     exit_code = 2
 
 
+def failure_reason(e: BaseException) -> str:
+    """The one line recorded for a failed piece of work: a DiscoverError's own message, any other
+    exception's first line after its type name."""
+    return first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
+
+
 class ModelLoadError(DiscoverError):
     """The model path / hub id could not be loaded (missing, not a model, corrupt weights)."""
 

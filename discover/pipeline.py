@@ -24,6 +24,11 @@ class RunSummary:
     report: str = ""
     seconds: float = 0.0
 
+    def brief_stages(self) -> dict:
+        """Each stage's status, seconds, tokens and counts (what a watch records per checkpoint)."""
+        return {k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
+                for k, v in self.stages.items()}
+
 
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from discover.errors import DiscoverError, first_line
+from discover.errors import DiscoverError, failure_reason
 
 EXIT_FAILED = 3
 EXIT_BUSY = 4
@@ -380,9 +380,11 @@ def _job_results(store, sroot, todo, known, cfg, jobs):
     """The checkpoint jobs' results (`discover.watch_jobs`), in `todo` order."""
     from discover import watch_jobs
 
-    items = [(f, watch_jobs.scratch_dir(sroot, f),
-              (known.get(str(f.path)) or {}).get("checkpoint_id")
-              if (known.get(str(f.path)) or {}).get("status") == "done" else None) for f in todo]
+    def done_id(f):  # the checkpoint id its path was last processed with, if it was
+        k = known.get(str(f.path))
+        return k["checkpoint_id"] if k and k["status"] == "done" else None
+
+    items = [(f, watch_jobs.scratch_dir(sroot, f), done_id(f)) for f in todo]
     watch_jobs.clear_stale(sroot, {d.name for _, d, _ in items})  # a killed run's jobs resume in theirs
     ids = [r[0] for r in store.con.execute("SELECT checkpoint_id FROM checkpoints").fetchall()]
     return jobs(items, cfg, ids)
@@ -431,8 +433,7 @@ def _process(store, root: Path, sroot: Path, f: Found, known: dict | None, cfg: 
         if isinstance(e, duckdb.InterruptException):  # Ctrl-C inside a catalog query
             raise KeyboardInterrupt from None
         res["status"] = "failed"
-        res["error"] = str(e) if isinstance(e, _JobFailed) else (
-            first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}")
+        res["error"] = str(e) if isinstance(e, _JobFailed) else failure_reason(e)
         with transaction(store.con) as con:
             con.execute(
                 "INSERT OR REPLACE INTO watch_checkpoints (path, watch_dir, series, step, signature, checkpoint_id, "
@@ -491,8 +492,7 @@ def _run_stages(store, root, sroot, f, identity, cfg, run_id, res, progress, t0)
     _kill_point("scan")
     run = run_pipeline(None, store, act_config=act, verify_config=ver, out=None, progress=progress,
                        prepared=prepared)
-    res["stages"] = {k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
-                     for k, v in run.stages.items()}
+    res["stages"] = run.brief_stages()
     _kill_point("pipeline")
     vid, pid = run.stages["verify"]["verify_id"], run.stages["activations"]["pass_id"]
 
@@ -529,7 +529,7 @@ def _adopt(store, root, sroot, f, job: dict, cfg, run_id, res, progress, t0) -> 
     try:
         with watch_jobs.attached(store.con, scratch) as con:
             _commit(store, root, sroot, f, job["identity"][1], job["pass_id"], job["verify_id"], cfg, run_id, res,
-                    progress, t0, report, before=lambda: watch_jobs.insert_rows(con, scratch))
+                    progress, t0, report, before=lambda: watch_jobs.insert_rows(con))
             committed = True
     except BaseException:
         if not committed:

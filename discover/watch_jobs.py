@@ -31,6 +31,7 @@ import hashlib
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 JOBS_DIR = ".jobs"  # inside the store: one scratch store per checkpoint job
@@ -55,14 +56,15 @@ def clear_stale(store_root: Path, keep: set) -> None:
                 shutil.rmtree(sub, ignore_errors=True)
 
 
-def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: list, threads: int) -> dict:
-    """One checkpoint on a worker: hash it, then (unless it is unchanged or already in the
-    catalog) scan, corpus pass, verify and report into the scratch store `scratch`. Returns what
-    the driver commits: the identity, the stages' summaries, the pass and verify ids, the
-    report's card count; or {status: failed, error} with a serial watch's message."""
+def run_job(path: str, scratch: str, c, *, known_id: str | None, catalog_ids: list, threads: int) -> dict:
+    """One checkpoint on a worker (`c`: the watch's WatchConfig): hash it, then (unless it is
+    unchanged or already in the catalog) scan, corpus pass, verify and the report's data into the
+    scratch store `scratch`. Returns what the driver commits: the identity, the stages' summaries,
+    the pass and verify ids, the report's data; or {status: failed, error} with a serial watch's
+    message."""
     from discover.adapter import identify
     from discover.cluster import use_threads
-    from discover.errors import DiscoverError, first_line
+    from discover.errors import failure_reason
     from discover.pipeline import prepare, run_pipeline
     from discover.report import build_report
     from discover.store import Store
@@ -71,7 +73,6 @@ def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: 
     t0, started = time.perf_counter(), time.time()
     out = {"status": "done", "identity": None, "started": started, "pid": os.getpid()}
     try:
-        c = cfg  # a discover.watch.WatchConfig
         identity = identify(path, allow_pickle=c.allow_pickle)
         out["identity"] = list(identity)
         if identity[1] == known_id:
@@ -91,13 +92,11 @@ def run_job(path: str, scratch: str, cfg, *, known_id: str | None, catalog_ids: 
                 # the report's data (its vocabulary histograms need the weights); its "changes"
                 # section is filled in, and the report written, when the driver commits it
                 rep = build_report(st, view.spec, cards=c.cards, view=view, verify_id=vid)
-            out.update(stages={k: {kk: vv for kk, vv in v.items() if kk in ("status", "seconds", "tokens", "counts")}
-                               for k, v in run.stages.items()},
-                       pass_id=run.stages["activations"]["pass_id"], verify_id=vid, report_data=rep,
+            out.update(stages=run.brief_stages(), pass_id=run.stages["activations"]["pass_id"], verify_id=vid, report_data=rep,
                        report_s=time.perf_counter() - t)
     except Exception as e:  # noqa: BLE001 (recorded as the checkpoint's failure, as in a serial watch)
         out["status"] = "failed"
-        out["error"] = first_line(e) if isinstance(e, DiscoverError) else f"{type(e).__name__}: {first_line(e)}"
+        out["error"] = failure_reason(e)
     out["seconds"], out["ended"] = time.perf_counter() - t0, time.time()
     return out
 
@@ -156,7 +155,7 @@ def move_files(store_root: Path, scratch: Path) -> list[Path]:
     return moved
 
 
-def insert_rows(con, scratch: Path) -> None:
+def insert_rows(con) -> None:
     """Every row of the job's scratch catalog into the store's (inside the caller's transaction,
     with the scratch catalog attached as `job`)."""
     tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'job' "
@@ -167,23 +166,19 @@ def insert_rows(con, scratch: Path) -> None:
             con.execute(f"{verb} INTO main.{t} BY NAME SELECT * FROM job.main.{t}")
 
 
-class attached:
+@contextmanager
+def attached(con, scratch: Path):
     """`with attached(con, scratch):` the scratch store's catalog attached read-only as `job`."""
+    import duckdb
 
-    def __init__(self, con, scratch: Path):
-        from discover.store import CATALOG
+    from discover.store import CATALOG
 
-        self.con, self.path = con, Path(scratch) / CATALOG
-
-    def __enter__(self):
-        quoted = str(self.path).replace("'", "''")
-        self.con.execute(f"ATTACH '{quoted}' AS job (READ_ONLY)")
-        return self.con
-
-    def __exit__(self, *exc):
-        import duckdb
-
+    quoted = str(Path(scratch) / CATALOG).replace("'", "''")
+    con.execute(f"ATTACH '{quoted}' AS job (READ_ONLY)")
+    try:
+        yield con
+    finally:
         try:
-            self.con.execute("DETACH job")
+            con.execute("DETACH job")
         except duckdb.Error:  # best effort: never hides the error that ended the block
             pass
