@@ -324,3 +324,33 @@ def activation_stats(A, part, qs):
                 for q in range(w):
                     idx_b[r, j0 + q] = lb[q, r]
     return ranks, tie, thr, idx_a, pp_a, idx_b, pp_b
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def true_positives(bins, labels, flip, pp):
+    """The true positives of the detectors `X > thr[k]` of `activation_stats`, per rule: bins
+    (R, B) small ints (a token's bin in column b: how many thresholds lie strictly below its
+    value), labels (n_rules, R) bool, one rule per row, pp (K, B) predicted positives; returns
+    tp (K, n_rules, B) float64, tp[k] = labelled tokens whose bin is > k. A rule with `flip`
+    set counts its unlabelled tokens instead (fewer, for a rule that labels most tokens) and
+    takes them from pp. Threads take one rule at a time; `bins` stays in cache between rules."""
+    R, B = bins.shape
+    K = pp.shape[0]
+    nb = K + 1
+    nr = labels.shape[0]
+    tp = np.empty((K, nr, B))
+    for q in prange(nr):
+        o = np.zeros(B * nb, np.int64)
+        lab = labels[q]
+        f = flip[q]
+        for i in range(R):
+            if lab[i] != f:
+                row = bins[i]
+                for b in range(B):
+                    o[b * nb + row[b]] += 1
+        for b in range(B):
+            c = 0
+            for k in range(K, 0, -1):  # bin >= k  <=>  X > thr[k - 1]
+                c += o[b * nb + k]
+                tp[k - 1, q, b] = pp[k - 1, b] - c if f else c
+    return tp

@@ -190,8 +190,8 @@ class Ablator:
             b_idx = torch.cat([b_idx, torch.tensor([other[i][0] for i in pick], dtype=torch.long)])
             t_idx = torch.cat([t_idx, torch.tensor([other[i][1] for i in pick], dtype=torch.long)])
 
-        def logp(hidden):
-            logits = view.logits(hidden[b_idx, t_idx]).float()
+        def logp(hidden, k=None):  # at the first k positions (all: None)
+            logits = view.logits(hidden[b_idx[:k], t_idx[:k]]).float()
             return torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1)
 
         with torch.inference_mode():
@@ -199,6 +199,7 @@ class Ablator:
             out = np.empty(len(neurons))
             first = None
             for i, (l, n) in enumerate(neurons):
+                k = None if i == 0 and elsewhere else n_next  # the controls count where X is next only
                 m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
                 change = (m if np.isfinite(m) else 0.0) - tr.acts[l][:, :, n]
                 if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
@@ -206,7 +207,7 @@ class Ablator:
                 delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
                 delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
                 hid = view.run_blocks(tr, l, view.add_to_mlp(l, tr.outs[l], tr.mlp_raw[l], delta))
-                d = (logp(hid) - base).double().numpy()
+                d = (logp(hid, k) - base[:k]).double().numpy()
                 out[i] = float(d[:n_next].mean())
                 if i == 0:
                     first = d

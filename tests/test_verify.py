@@ -434,6 +434,28 @@ def test_activation_stats_kernel_equals_scipy_and_numpy(seed):
     assert np.array_equal(none[0], want[0]) and none[2].shape == (0, B) and none[3].shape == (0, B)
 
 
+def test_true_positive_counts_equal_numpy_bincount():
+    """`features._counts` (the `_kernels.label_bins` kernel; a rule labelling most tokens counts
+    its unlabelled ones and subtracts) against one numpy bincount per rule."""
+    from discover._kernels import activation_stats
+    from discover.features import _counts
+
+    rng = np.random.default_rng(5)
+    B, R, K = 13, 900, 16
+    A = np.round(rng.standard_normal((B, R)), 1).astype(np.float32)
+    part = (rng.random(R) < 0.5).astype(np.int8)
+    _, _, _, ia, pa, _, _ = activation_stats(A, part, np.linspace(0.5, 0.999, K))
+    RA = ia.shape[0]
+    Y = np.stack([rng.random(RA) < 0.05, rng.random(RA) < 0.9, np.zeros(RA, bool), np.ones(RA, bool),
+                  A[3, part == 0] > 0.4], 1).astype(np.float64)
+    pos = np.stack([np.bincount(ia[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
+                    for r in range(Y.shape[1])])
+    want = np.cumsum(pos[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:].transpose(2, 0, 1)
+    tp, pp = _counts(ia, pa, Y)
+    assert np.array_equal(tp, want) and pp is pa
+    assert np.array_equal(tp[:, 3, :], pa)  # a rule labelling every token: every predicted positive
+
+
 def test_scoring_label_sets_in_one_pass_equals_one_by_one():
     """`score_sets` shares the activations' ranks, ties and thresholds between label sets (the
     rules' and their shuffle): each result equals `score` of its labels alone, bit for bit."""
