@@ -150,6 +150,7 @@ class Ablator:
         self.start = 1 if len(data.seqs) and len(data.seqs[0][0]) > data.seqs[0][2] else 0
         self.W_out = [view.W_out(l) for l in range(view.n_layers)]
         self._last = (None, None)  # (sequences, layers) -> trace: the last traced forward pass, reused
+        self._shapes: dict = {}  # length -> a one-row trace of it: block arguments for shorter reruns
 
     def _trace(self, chosen: list, ids, layers: set):
         key = (tuple(chosen), frozenset(layers))
@@ -157,6 +158,44 @@ class Ablator:
             self._last = (None, None)  # free the old trace before the new one is made
             self._last = (key, self.view.trace(ids, layers=layers))  # only the ablated layers' activations
         return self._last[1]
+
+    def _shape(self, ids, T: int):
+        """A one-row trace of length T (no activations kept): the block arguments with which
+        `run_blocks` reruns any number of sequences cut to their first T positions."""
+        if T not in self._shapes:
+            self._shapes[T] = self.view.trace(ids[:1, :T], layers=set())
+        return self._shapes[T]
+
+    def _cut(self, need: np.ndarray, T: int, suffix: int) -> list:
+        """Groups of the traced sequences for the controls' reruns, each cut after the last
+        position any of its sequences needs (causal: the positions before are unchanged):
+        [(batch rows, length)], chosen to minimise rows x length x `suffix` blocks plus, per
+        group, a one-row trace of the length and a fixed cost; one group of everything at length
+        T when cutting does not pay (always for the last layer, whose rerun is the norm alone)."""
+        L = self.view.n_layers
+        order = np.argsort(-need, kind="stable")
+        s = need[order]
+        n = len(s)
+
+        def cost(i, j):  # sequences order[i:j] cut at s[i]; the uncut group needs no new trace
+            return (j - i) * int(s[i]) * suffix + (0 if (i == 0 and j == n and s[0] == T) else int(s[i]) * L) + 64 * L
+
+        best = [0.0] + [float("inf")] * n
+        back = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j):
+                c = best[i] + cost(i, j)
+                if c < best[j]:
+                    best[j], back[j] = c, i
+        whole = n * T * suffix + 64 * L
+        if whole <= best[n]:
+            return [(np.arange(n), T)]
+        groups, j = [], n
+        while j > 0:
+            i = back[j]
+            groups.append((np.sort(order[i:j]), int(s[i])))
+            j = i
+        return groups[::-1]
 
     def effects(self, tokens, neurons: list, means: np.ndarray, max_seqs: int, elsewhere: int = 0):
         """Mean change of log p(X) = log sum of p(t), t in `tokens`, at the positions where a token of
@@ -190,27 +229,57 @@ class Ablator:
             b_idx = torch.cat([b_idx, torch.tensor([other[i][0] for i in pick], dtype=torch.long)])
             t_idx = torch.cat([t_idx, torch.tensor([other[i][1] for i in pick], dtype=torch.long)])
 
-        def logp(hidden, k=None):  # at the first k positions (all: None)
-            logits = view.logits(hidden[b_idx[:k], t_idx[:k]]).float()
+        def logp(hidden):
+            logits = view.logits(hidden[b_idx, t_idx]).float()
             return torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1)
+
+        # where X is next, per sequence: the controls' reruns stop after the last such position
+        xb, xt = b_idx[:n_next].numpy(), t_idx[:n_next].numpy()
+        need = np.zeros(len(seqs), np.int64)
+        np.maximum.at(need, xb, xt + 1)
+        layer = neurons[0][0] if len({l for l, _ in neurons}) == 1 else None
+        groups = self._cut(need, T, view.n_layers - 1 - layer) if layer is not None else [(np.arange(len(seqs)), T)]
+        cuts = []  # per group: (rows, length, block-argument trace, the X-next entries in it, their rows)
+        for rows, Tg in groups:
+            inside = np.flatnonzero(np.isin(xb, rows))
+            local = torch.from_numpy(np.searchsorted(rows, xb[inside]))
+            whole = len(rows) == len(seqs) and Tg == T
+            cuts.append((torch.from_numpy(rows), Tg, tr if whole else self._shape(ids, Tg), inside, local, whole))
+        at = np.concatenate([c[3] for c in cuts])  # the X-next entries in the groups' order
+
+        def ablate(l, n, rows, Tg, whole):
+            m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
+            a = tr.acts[l] if whole else tr.acts[l][rows, :Tg]
+            change = (m if np.isfinite(m) else 0.0) - a[:, :, n]
+            if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
+                change = change * (tr.scales[l] if whole else tr.scales[l][rows, :Tg])[:, :, n]
+            delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
+            delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
+            outs, raw = tr.outs[l], tr.mlp_raw[l]
+            if not whole:
+                outs, raw = outs[rows, :Tg], (None if raw is None else raw[rows, :Tg])
+            return outs, raw, delta
 
         with torch.inference_mode():
             base = logp(tr.hidden)
             out = np.empty(len(neurons))
             first = None
             for i, (l, n) in enumerate(neurons):
-                k = None if i == 0 and elsewhere else n_next  # the controls count where X is next only
-                m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
-                change = (m if np.isfinite(m) else 0.0) - tr.acts[l][:, :, n]
-                if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
-                    change = change * tr.scales[l][:, :, n]
-                delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
-                delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
-                hid = view.run_blocks(tr, l, view.add_to_mlp(l, tr.outs[l], tr.mlp_raw[l], delta))
-                d = (logp(hid, k) - base[:k]).double().numpy()
-                out[i] = float(d[:n_next].mean())
-                if i == 0:
+                if i == 0 and elsewhere:  # the neuron itself: also at the other positions, on whole sequences
+                    hid = view.run_blocks(tr, l, view.add_to_mlp(l, *ablate(l, n, None, T, True)))
+                    d = (logp(hid) - base).double().numpy()
                     first = d
+                else:  # where X is next only, each group of sequences cut after its last such position
+                    parts = []
+                    for rows, Tg, targs, inside, local, whole in cuts:
+                        hid = view.run_blocks(targs, l, view.add_to_mlp(l, *ablate(l, n, rows, Tg, whole)))
+                        logits = view.logits(hid[local, t_idx[:n_next][inside]]).float()
+                        parts.append(torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1))
+                    d = np.empty(n_next)
+                    d[at] = (torch.cat(parts) - base[torch.from_numpy(at)]).double().numpy()
+                    if i == 0:
+                        first = d
+                out[i] = float(d[:n_next].mean())
         if elsewhere:
             return out, n_next, first[:n_next], first[n_next:]
         return out, n_next

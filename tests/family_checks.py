@@ -172,6 +172,14 @@ def ablation_equals_hooked_forward(model, n_seqs: int = 3, T: int = 12):
     want = np.array([float((logp(l, n) - base).mean()) for l, n in neurons])
     assert np.abs(want).max() > 1e-4, "ablation changed nothing: the test would be vacuous"
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6)
+    # a layer's job reruns its controls on groups of sequences cut after their last X-next position,
+    # with a one-row trace's block arguments (forced here: two sequences together, then one)
+    abl = Ablator(view, data)
+    abl._cut = lambda need, T, suffix: [(np.arange(len(need) - 1), int(need[:-1].max())),
+                                        (np.array([len(need) - 1]), int(need[-1]))]
+    cut, _ = abl.effects(targets, neurons[:2], means, max_seqs=n_seqs)
+    assert len(abl._shapes) >= 1  # the cut path ran
+    np.testing.assert_allclose(cut, want[:2], rtol=1e-3, atol=2e-6)
 
 
 def matches_transformerlens(model, tmp_path, ids=None):

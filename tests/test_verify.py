@@ -284,6 +284,29 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
     assert min(abs(want[0]), abs(want[1])) > 1e-3 and max(abs(want[2]), abs(want[3])) < 1e-4
     np.testing.assert_allclose(got[:2], want[:2], rtol=1e-3, atol=0)
     np.testing.assert_allclose(got[2:], want[2:], atol=1e-6)
+    # one layer's neurons: the controls rerun on sequences cut after their last X-next position
+    # (forced here: one group per sequence), the same numbers
+    abl = Ablator(view, data)
+    abl._cut = lambda need, T, suffix: [(np.array([b]), int(need[b])) for b in range(len(need))]
+    layer0 = [(0, 9), (0, 7)]
+    got0, _ = abl.effects(ids, layer0, means, max_seqs=4)
+    assert len(abl._shapes) > 1
+    np.testing.assert_allclose(got0[0], want[1], rtol=1e-3)
+    np.testing.assert_allclose(got0[1], want[3], atol=1e-6)
+
+
+def test_cutting_sequences_for_the_controls_pays_only_before_the_last_layers():
+    """Which groups `Ablator._cut` forms: none for the last layer (its rerun is the final norm);
+    for an early layer of a deep model, short sequences apart from long ones."""
+    from discover.verify import Ablator
+
+    me = SimpleNamespace(view=SimpleNamespace(n_layers=30))
+    need = np.array([256, 40, 250, 30, 35, 256])
+    assert [(r.tolist(), t) for r, t in Ablator._cut(me, need, 256, 0)] == [(list(range(6)), 256)]
+    groups = Ablator._cut(me, need, 256, 28)
+    assert sorted(int(i) for r, _ in groups for i in r) == list(range(6))  # every sequence once
+    assert len(groups) == 2 and all(t == need[r].max() for r, t in groups)
+    assert {tuple(r) for r, _ in groups} == {(0, 2, 5), (1, 3, 4)}
 
 
 # ---------------------------------------------------------------------- bad input
