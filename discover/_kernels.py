@@ -217,8 +217,8 @@ def activation_stats(A, part, qs):
     - ranks (R, B) float64: average ranks, 1-based, ties averaged (scipy's rankdata "average");
       tie (B,): sum(t^3 - t) over each row's groups of equal values;
     - thr (K, B): the part-A quantiles at qs, numpy's "linear" method, bit for bit;
-    - idx_a (RA, B) int64: each part-A value's flat bin, the number of thresholds strictly below
-      it (searchsorted "left") + (K + 1) * column; pp_a (K, B) float64: how many part-A values
+    - idx_a (RA, B) int16: each part-A value's bin, the number of thresholds strictly below it
+      (searchsorted "left"; K < 32768); pp_a (K, B) float64: how many part-A values
       exceed each threshold; idx_b, pp_b: the same for part B at A's thresholds.
     With no part-A token, thr and the bins are empty. Threads take TILE neurons at a time and
     write their (R, B) outputs a cache line per row."""
@@ -239,8 +239,8 @@ def activation_stats(A, part, qs):
     ranks = np.empty((R, B))
     tie = np.zeros(B)
     thr = np.empty((K, B))
-    idx_a = np.empty((RA, B), np.int64)
-    idx_b = np.empty((RB, B), np.int64)
+    idx_a = np.empty((RA, B), np.int16)
+    idx_b = np.empty((RB, B), np.int16)
     pp_a = np.zeros((K, B))
     pp_b = np.zeros((K, B))
     U = A.view(np.uint32)
@@ -254,8 +254,8 @@ def activation_stats(A, part, qs):
         cnt = np.empty(256, np.int64)
         sa = np.empty(RA)
         lr = np.empty((TILE, R))
-        la = np.empty((TILE, RA), np.int64)
-        lb = np.empty((TILE, RB), np.int64)
+        la = np.empty((TILE, RA), np.int16)
+        lb = np.empty((TILE, RB), np.int16)
         for j in range(j0, j1):
             q0 = j - j0
             _radix_order(U[j], keys, spare_k, o, spare_o, cnt)
@@ -300,10 +300,10 @@ def activation_stats(A, part, qs):
                 while b < K and thr[b, j] < x:
                     b += 1
                 if part[r] == 0:
-                    la[q0, pos[r]] = b + (K + 1) * j
+                    la[q0, pos[r]] = b
                     ca[b] += 1
                 elif part[r] == 1:
-                    lb[q0, pos[r]] = b + (K + 1) * j
+                    lb[q0, pos[r]] = b
                     cb[b] += 1
             na = 0
             nb = 0
@@ -336,7 +336,7 @@ def true_positives(bins, labels, flip, pp):
     takes them from pp. Threads take one rule at a time; `bins` stays in cache between rules."""
     R, B = bins.shape
     K = pp.shape[0]
-    nb = K + 1
+    nb = K + 1  # bins 0..K
     nr = labels.shape[0]
     tp = np.empty((K, nr, B))
     for q in prange(nr):

@@ -385,7 +385,7 @@ class _XStats:
     ranks: np.ndarray  # (R, B) average ranks over all tokens
     tie: np.ndarray  # (B,) sum(t^3 - t) over tie groups
     thr: np.ndarray | None  # (K, B) candidate thresholds: quantiles of part A
-    bins_a: tuple | None  # (flat bin index (RA, B), predicted positives (K, B)) on part A
+    bins_a: tuple | None  # (bin of each value (RA, B), predicted positives (K, B)) on part A
     bins_b: tuple | None  # the same on part B, at A's thresholds
 
 
@@ -457,17 +457,15 @@ def _score_labels(xs: _XStats, lab, part, min_positives, out) -> tuple[np.ndarra
     return n1.astype(np.int64), tested
 
 
-def _counts(flat: np.ndarray, pp: np.ndarray, Y: np.ndarray):
+def _counts(bins: np.ndarray, pp: np.ndarray, Y: np.ndarray):
     """True positives (K, n_rules, B) and predicted positives (K, B) of the detectors `X > thr[k]`,
-    from each value's flat bin (`_kernels.activation_stats`; counted by `_kernels.true_positives`,
+    from each value's bin (`_kernels.activation_stats`; counted by `_kernels.true_positives`,
     a rule that labels most tokens by its unlabelled ones)."""
     from discover._kernels import true_positives
 
-    K, B = pp.shape
     lab = np.ascontiguousarray(Y.T > 0)  # (n_rules, R)
     flip = lab.sum(1) * 2 > lab.shape[1]
-    bins = flat - (K + 1) * np.arange(B)[None, :]  # each token's bin within its column
-    return true_positives(bins.astype(np.uint8 if K < 256 else np.int32), lab, flip, pp), pp
+    return true_positives(bins, lab, flip, pp), pp
 
 
 def shuffled_labels(data: FeatureData, seed: int = 0) -> np.ndarray:

@@ -426,7 +426,7 @@ def _reference_stats(A, part, qs):
     out = [ranks, np.array(tie), thr]
     for Xp in (XA, XB):
         idx = np.stack([np.searchsorted(thr[:, j], Xp[:, j], side="left") for j in range(B)], 1)
-        out.append(idx + (K + 1) * np.arange(B)[None, :])
+        out.append(idx)
         out.append(np.stack([(Xp > thr[k]).sum(0) for k in range(K)]).astype(np.float64))
     return out
 
@@ -471,7 +471,8 @@ def test_true_positive_counts_equal_numpy_bincount():
     RA = ia.shape[0]
     Y = np.stack([rng.random(RA) < 0.05, rng.random(RA) < 0.9, np.zeros(RA, bool), np.ones(RA, bool),
                   A[3, part == 0] > 0.4], 1).astype(np.float64)
-    pos = np.stack([np.bincount(ia[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
+    flat = ia + (K + 1) * np.arange(B)[None, :]
+    pos = np.stack([np.bincount(flat[Y[:, r] > 0].ravel(), minlength=(K + 1) * B).reshape(B, K + 1)
                     for r in range(Y.shape[1])])
     want = np.cumsum(pos[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:].transpose(2, 0, 1)
     tp, pp = _counts(ia, pa, Y)
