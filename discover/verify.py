@@ -163,7 +163,11 @@ class Ablator:
         """A one-row trace of length T (no activations kept): the block arguments with which
         `run_blocks` reruns any number of sequences cut to their first T positions."""
         if T not in self._shapes:
-            self._shapes[T] = self.view.trace(ids[:1, :T], layers=set())
+            if len(self._shapes) >= 16:  # bounded: a few lengths recur across hypotheses
+                self._shapes.clear()
+            tr = self.view.trace(ids[:1, :T], layers=set())
+            tr.hidden = None  # only the arguments are read
+            self._shapes[T] = tr
         return self._shapes[T]
 
     def _cut(self, need: np.ndarray, T: int, suffix: int) -> list:
