@@ -398,6 +398,8 @@ def _activation_stats(A: np.ndarray, part: np.ndarray, n_thresholds: int) -> _XS
     R = A.shape[1]
     if R < 2:
         return _XStats(None, None, None, None, None)
+    if not 1 <= n_thresholds < 2**15:  # the bins are int16
+        raise ValueError(f"n_thresholds must be in [1, 32767], got {n_thresholds}")
     qs = np.linspace(0.5, 0.999, n_thresholds)
     ranks, tie, thr, ia, pa, ib, pb = activation_stats(np.ascontiguousarray(A, dtype=np.float32),
                                                        np.ascontiguousarray(part, dtype=np.int8), qs)

@@ -242,27 +242,31 @@ class Ablator:
         need = np.zeros(len(seqs), np.int64)
         np.maximum.at(need, xb, xt + 1)
         layer = neurons[0][0] if len({l for l, _ in neurons}) == 1 else None
-        groups = self._cut(need, T, view.n_layers - 1 - layer) if layer is not None else [(np.arange(len(seqs)), T)]
-        cuts = []  # per group: (rows, length, block-argument trace, the X-next entries in it, their rows)
-        for rows, Tg in groups:
-            inside = np.flatnonzero(np.isin(xb, rows))
-            local = torch.from_numpy(np.searchsorted(rows, xb[inside]))
-            whole = len(rows) == len(seqs) and Tg == T
-            cuts.append((torch.from_numpy(rows), Tg, tr if whole else self._shape(ids, Tg), inside, local, whole))
+        whole_only = layer is None or view.positions_depend_on_length
+        groups = [(np.arange(len(seqs)), T)] if whole_only else self._cut(need, T, view.n_layers - 1 - layer)
+        cuts = []  # per group: (sequences, length, block-argument trace, X-next entries in it, their rows, cut)
+        for members, Tg in groups:
+            inside = np.flatnonzero(np.isin(xb, members))
+            in_group = torch.from_numpy(np.searchsorted(members, xb[inside]))
+            cut = not (len(members) == len(seqs) and Tg == T)
+            cuts.append((torch.from_numpy(members), Tg, self._shape(ids, Tg) if cut else tr, inside, in_group, cut))
         at = np.concatenate([c[3] for c in cuts])  # the X-next entries in the groups' order
+        sliced: dict = {}  # (group, layer) -> its block outputs and raw MLP outputs, cut (shared by its controls)
 
-        def ablate(l, n, rows, Tg, whole):
+        def ablate(l, n, g):
+            members, Tg, _, _, _, cut = cuts[g] if g is not None else (None, T, None, None, None, False)
             m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
-            a = tr.acts[l] if whole else tr.acts[l][rows, :Tg]
-            change = (m if np.isfinite(m) else 0.0) - a[:, :, n]
+            change = (m if np.isfinite(m) else 0.0) - (tr.acts[l][members, :Tg, n] if cut else tr.acts[l][:, :, n])
             if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
-                change = change * (tr.scales[l] if whole else tr.scales[l][rows, :Tg])[:, :, n]
+                change = change * (tr.scales[l][members, :Tg, n] if cut else tr.scales[l][:, :, n])
             delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
             delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
-            outs, raw = tr.outs[l], tr.mlp_raw[l]
-            if not whole:
-                outs, raw = outs[rows, :Tg], (None if raw is None else raw[rows, :Tg])
-            return outs, raw, delta
+            if not cut:
+                return tr.outs[l], tr.mlp_raw[l], delta
+            if (g, l) not in sliced:
+                raw = tr.mlp_raw[l]
+                sliced[g, l] = (tr.outs[l][members, :Tg], None if raw is None else raw[members, :Tg])
+            return (*sliced[g, l], delta)
 
         with torch.inference_mode():
             base = logp(tr.hidden)
@@ -270,14 +274,14 @@ class Ablator:
             first = None
             for i, (l, n) in enumerate(neurons):
                 if i == 0 and elsewhere:  # the neuron itself: also at the other positions, on whole sequences
-                    hid = view.run_blocks(tr, l, view.add_to_mlp(l, *ablate(l, n, None, T, True)))
+                    hid = view.run_blocks(tr, l, view.add_to_mlp(l, *ablate(l, n, None)))
                     d = (logp(hid) - base).double().numpy()
                     first = d
                 else:  # where X is next only, each group of sequences cut after its last such position
                     parts = []
-                    for rows, Tg, targs, inside, local, whole in cuts:
-                        hid = view.run_blocks(targs, l, view.add_to_mlp(l, *ablate(l, n, rows, Tg, whole)))
-                        logits = view.logits(hid[local, t_idx[:n_next][inside]]).float()
+                    for g, (_, _, targs, inside, in_group, _) in enumerate(cuts):
+                        hid = view.run_blocks(targs, l, view.add_to_mlp(l, *ablate(l, n, g)))
+                        logits = view.logits(hid[in_group, t_idx[:n_next][inside]]).float()
                         parts.append(torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1))
                     d = np.empty(n_next)
                     d[at] = (torch.cat(parts) - base[torch.from_numpy(at)]).double().numpy()

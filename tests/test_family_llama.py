@@ -69,3 +69,19 @@ def test_padded_vocabulary_counts_only_real_tokens(arch):
         np.testing.assert_allclose(res.layers[layer].stats["vocab_kurt"],
                                    scipy.stats.kurtosis(C, axis=1, fisher=False), rtol=2e-4)
         assert res.layers[layer].top_ids.max() < 97
+
+
+def test_length_dependent_rotary_tables_are_never_cut():
+    """Dynamic NTK scaling makes a position's rotary table depend on the sequence's length, so
+    verify's controls are not rerun on cut sequences there (`positions_depend_on_length`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from discover.adapter import from_model
+
+    def view(**kw):
+        cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, **kw)
+        return from_model(LlamaForCausalLM(cfg), fc.make_tokenizer())
+
+    assert not view().positions_depend_on_length
+    assert view(rope_scaling={"rope_type": "dynamic", "factor": 2.0}).positions_depend_on_length

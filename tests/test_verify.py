@@ -285,12 +285,12 @@ def test_ablation_of_a_token_set_equals_a_hooked_forward_pass(tmp_path):
     np.testing.assert_allclose(got[:2], want[:2], rtol=1e-3, atol=0)
     np.testing.assert_allclose(got[2:], want[2:], atol=1e-6)
     # one layer's neurons: the controls rerun on sequences cut after their last X-next position
-    # (forced here: one group per sequence), the same numbers
+    # (forced here: the even sequences together, the odd ones together), the same numbers
     abl = Ablator(view, data)
-    abl._cut = lambda need, T, suffix: [(np.array([b]), int(need[b])) for b in range(len(need))]
+    abl._cut = lambda need, T, suffix: [(np.arange(p, len(need), 2), int(need[p::2].max())) for p in (0, 1)]
     layer0 = [(0, 9), (0, 7)]
     got0, _ = abl.effects(ids, layer0, means, max_seqs=4)
-    assert len(abl._shapes) > 1
+    assert len(abl._shapes) >= 1
     np.testing.assert_allclose(got0[0], want[1], rtol=1e-3)
     np.testing.assert_allclose(got0[1], want[3], atol=1e-6)
 
@@ -458,7 +458,7 @@ def test_activation_stats_kernel_equals_scipy_and_numpy(seed):
 
 
 def test_true_positive_counts_equal_numpy_bincount():
-    """`features._counts` (the `_kernels.label_bins` kernel; a rule labelling most tokens counts
+    """`features._counts` (the `_kernels.true_positives` kernel; a rule labelling most tokens counts
     its unlabelled ones and subtracts) against one numpy bincount per rule."""
     from discover._kernels import activation_stats
     from discover.features import _counts

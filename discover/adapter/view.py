@@ -93,6 +93,15 @@ class ModelView:
         """The language model's config (a multimodal wrapper's `text_config`, else the config)."""
         return self.arch.text_config(self.model.config)
 
+    @property
+    def positions_depend_on_length(self) -> bool:
+        """Whether a position's rotary table depends on the sequence's length (dynamic NTK or
+        LongRoPE scaling): then a sequence cut short is not the same computation on its prefix."""
+        cfg = self.text_config
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        return kind in ("dynamic", "longrope")
+
     def raw_w_out(self, layer: int):
         """The MLP's own W_out parameter viewed as (neuron, d_model), not a copy: writing into it
         changes the model (tests plant neurons this way; analysis never does)."""
