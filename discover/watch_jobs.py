@@ -83,7 +83,7 @@ def run_job(path: str, scratch: str, c, *, known_id: str | None, catalog_ids: li
             act, ver = c.act_config(), c.verify_config()
             prepared = prepare(path, corpus=c.corpus, text_field=c.text_field, act_config=act,
                                allow_pickle=c.allow_pickle, split=ver.split, identity=identity)
-            with Store(scratch) as st:
+            with scratch_lock(Path(scratch)), Store(scratch) as st:
                 run = run_pipeline(None, st, act_config=act, verify_config=ver, out=None, progress=False,
                                    prepared=prepared)
                 t = time.perf_counter()
@@ -99,6 +99,32 @@ def run_job(path: str, scratch: str, c, *, known_id: str | None, catalog_ids: li
         out["error"] = failure_reason(e)
     out["seconds"], out["ended"] = time.perf_counter() - t0, time.time()
     return out
+
+
+@contextmanager
+def scratch_lock(scratch: Path, wait: float = 300.0):
+    """Hold the job's scratch store alone: a worker of a killed watch may still be writing there
+    when the next look resumes the job (the operating system drops the lock when it exits)."""
+    import fcntl
+
+    from discover.errors import ClusterError
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    with open(scratch / ".lock", "a") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"another process has held the job's scratch store {scratch} for {wait:.0f} s "
+                                       "(a worker of an earlier watch?); stop it, or remove the folder") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class CheckpointJobs:

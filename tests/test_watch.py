@@ -336,3 +336,30 @@ def test_loop_mode_runs_passes_and_stops(series, watched):
     watch_loop(run, store, WatchConfig(), interval=0.01, progress=False,
                on_pass=lambda s: seen.append(s.new) or len(seen) < 2)
     assert seen == [0, 0]
+
+
+def test_a_checkpoint_jobs_scratch_store_is_held_alone(tmp_path):
+    """A job waits while another process (a killed watch's worker) still holds its scratch store,
+    takes it when that one lets go, and gives up in one line after its wait."""
+    import fcntl
+    import threading
+    import time
+
+    from discover.errors import ClusterError
+    from discover.watch_jobs import scratch_lock
+
+    d = tmp_path / "job"
+    d.mkdir()
+    other = open(d / ".lock", "a")  # another open file: flock treats it as another holder
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(ClusterError, match="held the job's scratch store"):
+        with scratch_lock(d, wait=0.6):
+            pass
+    threading.Timer(0.7, lambda: fcntl.flock(other, fcntl.LOCK_UN)).start()
+    t = time.monotonic()
+    with scratch_lock(d, wait=10):
+        waited = time.monotonic() - t
+        with pytest.raises(BlockingIOError):  # now this job holds it
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert 0.6 < waited < 5
+    other.close()
