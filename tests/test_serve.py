@@ -310,6 +310,7 @@ def assert_inert(drv):
 
 
 def test_journey_search_results_neuron_probe(site, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -317,10 +318,19 @@ def test_journey_search_results_neuron_probe(site, browser):
     box = browser.find_element(By.ID, "q")
     box.send_keys(" the")
     browser.find_element(By.ID, "go").click()
-    first = browser.find_element(By.CSS_SELECTOR, f"table.results.positive a[href*='/neuron/{site['default']}/']")
+    # each click loads a page: wait for it (a look right after the click can still see the old one)
+    sel = f"table.results.positive a[href*='/neuron/{site['default']}/']"
+    first = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, sel))[0]
     name = first.text
     first.click()
-    assert name in browser.find_element(By.TAG_NAME, "h1").text
+
+    def titled(d):
+        try:
+            return any(name in h.text for h in d.find_elements(By.TAG_NAME, "h1"))
+        except StaleElementReferenceException:  # the page changed under the look
+            return False
+
+    WebDriverWait(browser, 30).until(titled)
     assert browser.find_elements(By.CSS_SELECTOR, ".ex span")  # max-activating examples, shaded
     browser.find_element(By.ID, "probe-text").send_keys("for x in range(10):\n    print(x)")
     browser.find_element(By.ID, "probe-go").click()
