@@ -233,8 +233,8 @@ class Ablator:
             b_idx = torch.cat([b_idx, torch.tensor([other[i][0] for i in pick], dtype=torch.long)])
             t_idx = torch.cat([t_idx, torch.tensor([other[i][1] for i in pick], dtype=torch.long)])
 
-        def logp(hidden):
-            logits = view.logits(hidden[b_idx, t_idx]).float()
+        def logp(hidden, rows=b_idx, cols=t_idx):  # log p(X) at positions (rows, cols) of hidden
+            logits = view.logits(hidden[rows, cols]).float()
             return torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1)
 
         # where X is next, per sequence: the controls' reruns stop after the last such position
@@ -244,28 +244,33 @@ class Ablator:
         layer = neurons[0][0] if len({l for l, _ in neurons}) == 1 else None
         whole_only = layer is None or view.positions_depend_on_length
         groups = [(np.arange(len(seqs)), T)] if whole_only else self._cut(need, T, view.n_layers - 1 - layer)
-        cuts = []  # per group: (sequences, length, block-argument trace, X-next entries in it, their rows, cut)
+        cuts = []  # per group: (its sequences, None when it is the whole trace; length; block-argument
+        #             trace; the X-next entries in it; their rows in it)
         for members, Tg in groups:
             inside = np.flatnonzero(np.isin(xb, members))
             in_group = torch.from_numpy(np.searchsorted(members, xb[inside]))
-            cut = not (len(members) == len(seqs) and Tg == T)
-            cuts.append((torch.from_numpy(members), Tg, self._shape(ids, Tg) if cut else tr, inside, in_group, cut))
+            if len(members) == len(seqs) and Tg == T:
+                cuts.append((None, T, tr, inside, in_group))
+            else:
+                cuts.append((torch.from_numpy(members), Tg, self._shape(ids, Tg), inside, in_group))
         at = np.concatenate([c[3] for c in cuts])  # the X-next entries in the groups' order
         sliced: dict = {}  # (group, layer) -> its block outputs and raw MLP outputs, cut (shared by its controls)
 
-        def ablate(l, n, g):
-            members, Tg, _, _, _, cut = cuts[g] if g is not None else (None, T, None, None, None, False)
+        def ablate(l, n, members, Tg, g):
+            """The block output, raw MLP output and the change of neuron n's mean ablation on the
+            sequences `members` cut at Tg (None: the whole trace)."""
+            def part(x):
+                return x if members is None else x[members, :Tg]
+
             m = float(means[l, n])  # NaN: an expert no held-out token was routed to (it writes nothing)
-            change = (m if np.isfinite(m) else 0.0) - (tr.acts[l][members, :Tg, n] if cut else tr.acts[l][:, :, n])
+            change = (m if np.isfinite(m) else 0.0) - part(tr.acts[l][:, :, n])
             if tr.scales is not None:  # an expert writes through its routing weight (0: not routed)
-                change = change * (tr.scales[l][members, :Tg, n] if cut else tr.scales[l][:, :, n])
+                change = change * part(tr.scales[l][:, :, n])
             delta = change[..., None] * self.W_out[l][n]  # (S, T, d)
             delta[:, :self.start] = 0  # the BOS position is not counted in the mean: leave it alone
-            if not cut:
-                return tr.outs[l], tr.mlp_raw[l], delta
             if (g, l) not in sliced:
                 raw = tr.mlp_raw[l]
-                sliced[g, l] = (tr.outs[l][members, :Tg], None if raw is None else raw[members, :Tg])
+                sliced[g, l] = (part(tr.outs[l]), None if raw is None else part(raw))
             return (*sliced[g, l], delta)
 
         with torch.inference_mode():
@@ -274,15 +279,14 @@ class Ablator:
             first = None
             for i, (l, n) in enumerate(neurons):
                 if i == 0 and elsewhere:  # the neuron itself: also at the other positions, on whole sequences
-                    hid = view.run_blocks(tr, l, view.add_to_mlp(l, *ablate(l, n, None)))
+                    hid = view.run_blocks(tr, l, view.add_to_mlp(l, *ablate(l, n, None, T, "whole")))
                     d = (logp(hid) - base).double().numpy()
                     first = d
                 else:  # where X is next only, each group of sequences cut after its last such position
                     parts = []
-                    for g, (_, _, targs, inside, in_group, _) in enumerate(cuts):
-                        hid = view.run_blocks(targs, l, view.add_to_mlp(l, *ablate(l, n, g)))
-                        logits = view.logits(hid[in_group, t_idx[:n_next][inside]]).float()
-                        parts.append(torch.logsumexp(torch.log_softmax(logits, -1)[:, tok_idx], -1))
+                    for g, (members, Tg, targs, inside, in_group) in enumerate(cuts):
+                        hid = view.run_blocks(targs, l, view.add_to_mlp(l, *ablate(l, n, members, Tg, g)))
+                        parts.append(logp(hid, in_group, t_idx[:n_next][inside]))
                     d = np.empty(n_next)
                     d[at] = (torch.cat(parts) - base[torch.from_numpy(at)]).double().numpy()
                     if i == 0:
